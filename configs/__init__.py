@@ -1,0 +1,1 @@
+"""Named experiment configs: ``tiny`` (tests/CI), ``small`` (CPU demo), ``base`` (GPU)."""

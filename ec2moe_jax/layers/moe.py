@@ -1,0 +1,89 @@
+"""The MoE block: router, stacked SwiGLU experts [E, D, F], optional shared expert.
+
+Shape legend: B batch, T time, G groups, S tokens per group, D model, F expert hidden,
+E experts, K top-k.
+
+The module only owns parameters; routing (:mod:`ec2moe_jax.routing.topk`) and dispatch
+(:mod:`ec2moe_jax.routing.dispatch`) are pure functions.
+"""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ec2moe_jax.config import MoEConfig
+from ec2moe_jax.layers.basic import SwiGLU, default_init, dense, param_with_axes
+from ec2moe_jax.routing import dispatch as dispatch_lib
+from ec2moe_jax.routing.topk import Route, top_k_route
+
+
+def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
+    """[B, T, D] -> [G, S, D]: one group per sequence, or fixed-size groups of tokens."""
+    b, t, d = x.shape
+    if group_size is None:
+        return x
+    if (b * t) % group_size:
+        raise ValueError(f"{group_size=} does not divide the {b * t} tokens of a [{b}, {t}] "
+                         "batch; choose a divisor or group_size=None")
+    return x.reshape(b * t // group_size, group_size, d)
+
+
+class MoEBlock(nn.Module):
+    """Top-k routed SwiGLU experts (plus an optional shared expert).
+
+    ``__call__(x [B, T, D], deterministic, allowed) -> (y [B, T, D], Route)``; ``allowed``
+    is a <bool>[E] mask of experts that may be chosen (hardware-aware selection uses it).
+    """
+
+    cfg: MoEConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, deterministic: bool = True, allowed: jax.Array | None = None
+    ) -> tuple[jax.Array, Route]:
+        cfg = self.cfg
+        b, t, d = x.shape
+        e, f = cfg.num_experts, cfg.expert_dim
+        router = self.param("router", param_with_axes(default_init, ("embed", None)), (d, e))
+        wg = self.param("w_gate", param_with_axes(default_init, ("expert", "embed", "expert_mlp")),
+                        (e, d, f))
+        wu = self.param("w_up", param_with_axes(default_init, ("expert", "embed", "expert_mlp")),
+                        (e, d, f))
+        wd = self.param("w_down", param_with_axes(default_init, ("expert", "expert_mlp", "embed")),
+                        (e, f, d))
+
+        xg = to_groups(x, cfg.group_size)
+        # Router maths in float32 whatever the activation dtype.
+        logits = dense(xg.astype(jnp.float32), router.astype(jnp.float32))
+        factor = cfg.eval_capacity_factor if deterministic else cfg.capacity_factor
+        if cfg.dispatch == "ragged":
+            factor = None
+        route = top_k_route(logits, top_k=cfg.top_k, capacity_factor=factor,
+                            renormalize=cfg.renormalize, allowed=allowed)
+
+        xg = xg.astype(self.dtype)
+        if cfg.dispatch == "ragged":
+            y = dispatch_lib.ragged_moe(xg, route, wg.astype(self.dtype), wu.astype(self.dtype),
+                                        wd.astype(self.dtype))
+        else:
+            def experts(xe):  # [E, N, D] -> [E, N, D], one batched matmul per weight
+                h = jax.nn.silu(jnp.einsum("end,edf->enf", xe, wg.astype(self.dtype)))
+                h = h * jnp.einsum("end,edf->enf", xe, wu.astype(self.dtype))
+                return jnp.einsum("enf,efd->end", h, wd.astype(self.dtype))
+
+            impl = {"einsum": dispatch_lib.einsum_moe, "gather": dispatch_lib.gather_moe}
+            y = impl[cfg.dispatch](xg, route, experts)
+        y = y.reshape(b, t, d)
+
+        if cfg.shared_expert_dim:
+            shared = SwiGLU(cfg.shared_expert_dim, dtype=self.dtype, name="shared_expert")(x)
+            if cfg.shared_expert_gate:
+                gate = self.param("shared_gate", param_with_axes(default_init, ("embed", None)),
+                                  (d, 1))
+                gate_value = dense(x.astype(self.dtype), gate.astype(self.dtype))
+                shared = shared * jax.nn.sigmoid(gate_value)
+            y = y + shared
+        return y, route

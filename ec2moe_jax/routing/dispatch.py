@@ -1,0 +1,130 @@
+"""Moving tokens to their experts and back: three implementations of one contract.
+
+Shape legend: G groups, S tokens per group, D model, F expert hidden, E experts, K top-k,
+C capacity.
+
+All three compute ``out[g, s] = sum_k w[g, s, k] * expert_{e[g, s, k]}(x[g, s])`` over the
+kept choices of a :class:`~ec2moe_jax.routing.topk.Route`:
+
+* ``einsum``: one-hot dispatch/combine tensors [G, S, E, C] (GShard, vmoe). Portable and
+  GSPMD-friendly, the reference; its cost grows with S * E * C.
+* ``gather``: a slot table [E * C] of token indices built by scatter, a gather into the
+  [E, C, D] expert buffers, and a gather back per choice. Same drops as ``einsum``, no
+  one-hot tensors; the fast path on CPU.
+* ``ragged``: sort the S * K choices by expert and run ``jax.lax.ragged_dot`` over the
+  group sizes (dropless; capacity is ignored). The fast path on GPU/TPU.
+
+``einsum`` and ``gather`` produce expert inputs laid out [E, G * C, D] so the expert weights
+[E, D, F] apply as one batched matmul, sharded on the logical 'expert' axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+from ec2moe_jax.routing.topk import Route
+from ec2moe_jax.sharding.mesh import constrain
+
+ExpertFn = Callable[[jax.Array], jax.Array]  # [E, N, D] -> [E, N, D]
+
+
+def _one_hot_dispatch(route: Route) -> jax.Array:
+    """<float32>[G, S, E, C], 1 where token s occupies slot c of expert e."""
+    e = jax.nn.one_hot(route.expert_index, route.num_experts, dtype=jnp.float32)
+    c = jax.nn.one_hot(route.position, route.capacity, dtype=jnp.float32)
+    mask = route.kept.astype(jnp.float32)[..., None]
+    return jnp.einsum("gske,gskc->gsec", e * mask, c)
+
+
+def einsum_moe(x: jax.Array, route: Route, expert_fn: ExpertFn) -> jax.Array:
+    """Reference dispatch with one-hot tensors. ``x``: [G, S, D] -> [G, S, D]."""
+    num_groups, _, dim = x.shape
+    dispatch = _one_hot_dispatch(route)
+    combine = jnp.einsum(
+        "gsk,gske,gskc->gsec",
+        route.combine_weights,
+        jax.nn.one_hot(route.expert_index, route.num_experts, dtype=jnp.float32),
+        jax.nn.one_hot(route.position, route.capacity, dtype=jnp.float32),
+    )
+    xe = jnp.einsum("gsd,gsec->egcd", x, dispatch.astype(x.dtype))
+    xe = constrain(xe, ("expert", "batch", None, "embed"))
+    ye = expert_fn(xe.reshape(route.num_experts, num_groups * route.capacity, dim))
+    ye = ye.reshape(route.num_experts, num_groups, route.capacity, dim)
+    ye = constrain(ye, ("expert", "batch", None, "embed"))
+    return jnp.einsum("egcd,gsec->gsd", ye, combine.astype(ye.dtype))
+
+
+def _slot_ids(route: Route) -> jax.Array:
+    """<int32>[G, S, K] flat slot ``e * C + c`` of each choice; ``E * C`` where not kept."""
+    flat = route.expert_index * route.capacity + route.position
+    return jnp.where(route.kept, flat, route.num_experts * route.capacity)
+
+
+def gather_moe(x: jax.Array, route: Route, expert_fn: ExpertFn) -> jax.Array:
+    """Slot-table dispatch: scatter token ids into slots, gather tokens, gather results back."""
+    num_groups, num_tokens, dim = x.shape
+    num_slots = route.num_experts * route.capacity
+    slots = _slot_ids(route)
+
+    def dispatch_one(xg, slots_g):
+        token = jnp.broadcast_to(jnp.arange(num_tokens, dtype=jnp.int32)[:, None], slots_g.shape)
+        # Empty slots point at an appended zero row; dropped choices write out of range and
+        # are discarded by mode="drop".
+        table = jnp.full((num_slots,), num_tokens, jnp.int32)
+        table = table.at[slots_g.reshape(-1)].set(token.reshape(-1), mode="drop")
+        padded = jnp.concatenate([xg, jnp.zeros((1, dim), xg.dtype)], axis=0)
+        return padded[table]  # [E * C, D]
+
+    xe = jax.vmap(dispatch_one)(x, slots)  # [G, E * C, D]
+    xe = xe.reshape(num_groups, route.num_experts, route.capacity, dim).transpose(1, 0, 2, 3)
+    xe = constrain(xe, ("expert", "batch", None, "embed"))
+    ye = expert_fn(xe.reshape(route.num_experts, num_groups * route.capacity, dim))
+    ye = ye.reshape(route.num_experts, num_groups, route.capacity, dim).transpose(1, 0, 2, 3)
+    ye = ye.reshape(num_groups, num_slots, dim)
+
+    def combine_one(yg, slots_g, w_g):
+        padded = jnp.concatenate([yg, jnp.zeros((1, dim), yg.dtype)], axis=0)
+        return jnp.einsum("skd,sk->sd", padded[slots_g], w_g.astype(yg.dtype))
+
+    return jax.vmap(combine_one)(ye, slots, route.combine_weights)
+
+
+def ragged_moe(
+    x: jax.Array,
+    route: Route,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+) -> jax.Array:
+    """Dropless grouped-matmul SwiGLU experts via ``jax.lax.ragged_dot``.
+
+    Args:
+      x: [G, S, D] tokens.
+      route: a dropless routing decision (``capacity_factor=None``, so ``C = S``); masked
+        choices are computed but contribute nothing (their combine weight is zero).
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+
+    Returns:
+      [G, S, D].
+    """
+    num_groups, num_tokens, dim = x.shape
+    if route.capacity < num_tokens:
+        raise ValueError(
+            f"ragged dispatch is dropless but the route has capacity={route.capacity} < "
+            f"{num_tokens} tokens per group; route with capacity_factor=None"
+        )
+    top_k = route.expert_index.shape[-1]
+    num_experts = w_gate.shape[0]
+    flat_x = x.reshape(num_groups * num_tokens, dim)
+    expert = route.expert_index.reshape(-1)  # [G*S*K]
+    order = jnp.argsort(expert, stable=True)
+    sizes = jnp.bincount(expert, length=num_experts).astype(jnp.int32)
+    xs = flat_x[order // top_k]
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
+    ys = jax.lax.ragged_dot(h, w_down, sizes)
+    y = jnp.zeros_like(ys).at[order].set(ys)  # undo the sort: row i is choice i
+    y = y.reshape(num_groups, num_tokens, top_k, dim)
+    return jnp.einsum("gskd,gsk->gsd", y, route.combine_weights.astype(y.dtype))

@@ -1,0 +1,35 @@
+"""Training: optax steps, orbax checkpoints, the resumable LM loop."""
+
+from ec2moe_jax.training.checkpoint import Checkpointer, abstract_with_shardings, write_json_atomic
+from ec2moe_jax.training.loop import (
+    Setup,
+    build,
+    evaluate,
+    load_params,
+    load_workdir_config,
+    train,
+)
+from ec2moe_jax.training.steps import (
+    TrainState,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+    token_nll,
+)
+
+__all__ = [
+    "Checkpointer",
+    "Setup",
+    "TrainState",
+    "abstract_with_shardings",
+    "build",
+    "evaluate",
+    "load_params",
+    "load_workdir_config",
+    "make_eval_step",
+    "make_optimizer",
+    "make_train_step",
+    "token_nll",
+    "train",
+    "write_json_atomic",
+]

@@ -1,0 +1,244 @@
+"""The LM training loop: sharded state, resumable orbax checkpoints, evaluation in bits/char.
+
+A run lives in a *workdir*: ``config.json`` (the experiment), ``checkpoints/`` (orbax),
+``metrics.jsonl`` (one JSON record per log/eval event) and ``result.json`` (final figures).
+Batches are a pure function of (seed, step), so a run resumed from its last checkpoint sees
+exactly the batches, and reaches exactly the parameters, of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+from tqdm.auto import tqdm
+
+from ec2moe_jax import data as data_lib
+from ec2moe_jax.config import ExperimentConfig, from_dict
+from ec2moe_jax.models import MoELM
+from ec2moe_jax.sharding import (
+    batch_sharding,
+    param_shardings,
+    replicated,
+    training_mesh,
+    unbox,
+    use_mesh,
+)
+from ec2moe_jax.training.checkpoint import (
+    Checkpointer,
+    abstract_with_shardings,
+    write_json_atomic,
+)
+from ec2moe_jax.training.steps import (
+    LN2,
+    TrainState,
+    make_eval_step,
+    make_optimizer,
+    make_train_step,
+)
+
+
+@dataclasses.dataclass
+class Setup:
+    """Everything a run needs besides data: model, optimiser, mesh, shardings, jitted steps."""
+
+    cfg: ExperimentConfig
+    mesh: Mesh
+    model: MoELM
+    state_shardings: TrainState
+    abstract_state: TrainState
+    init_state: Any  # rng -> TrainState, jitted with out_shardings
+    train_step: Any  # (state, batch) -> (state, metrics), jitted, state donated
+    eval_step: Any  # (params, batch) -> sums, jitted
+
+
+def build(cfg: ExperimentConfig, mesh: Mesh | None = None) -> Setup:
+    """Builds the model and jitted, sharded steps on ``mesh`` (default: all devices)."""
+    mesh = training_mesh(cfg.mesh) if mesh is None else mesh
+    if cfg.train.batch_size % mesh.shape["data"]:
+        raise ValueError(f"train.batch_size={cfg.train.batch_size} not divisible by the mesh "
+                         f"'data' axis of size {mesh.shape['data']}")
+    cfg.model.moe.validate(expert_shards=mesh.shape["expert"])
+    model = MoELM(cfg.model)
+    optimizer = make_optimizer(cfg.train)
+    tokens = jnp.zeros((1, min(8, cfg.model.max_seq_len)), jnp.int32)
+
+    def boxed_state(rng):
+        params = model.init(rng, tokens)["params"]
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                          opt_state=optimizer.init(params))
+
+    boxed = jax.eval_shape(boxed_state, jax.random.key(0))
+    shardings = param_shardings(boxed, mesh)
+    abstract = abstract_with_shardings(unbox(boxed), shardings)
+    init_state = jax.jit(lambda rng: unbox(boxed_state(rng)), out_shardings=shardings)
+    batch_sh = {"inputs": batch_sharding(mesh), "targets": batch_sharding(mesh)}
+    train_step = jax.jit(
+        make_train_step(model, optimizer, cfg.model.moe),
+        in_shardings=(shardings, batch_sh),
+        out_shardings=(shardings, replicated(mesh)),
+        donate_argnums=0,
+    )
+    eval_sh = {**batch_sh, "mask": batch_sharding(mesh)}
+    eval_step = jax.jit(make_eval_step(model), in_shardings=(shardings.params, eval_sh),
+                        out_shardings=replicated(mesh))
+    return Setup(cfg, mesh, model, shardings, abstract, init_state, train_step, eval_step)
+
+
+def evaluate(setup: Setup, params, tokens: np.ndarray, max_batches: int | None = None) -> float:
+    """Bits per character (byte) of ``tokens`` under ``params``, each target counted once."""
+    t = setup.cfg.train
+    total, count = 0.0, 0.0
+    with use_mesh(setup.mesh):
+        for batch in data_lib.eval_batches(tokens, batch_size=t.batch_size, seq_len=t.seq_len,
+                                           max_batches=max_batches):
+            out = setup.eval_step(params, batch)
+            total += float(out["nll_sum"])
+            count += float(out["count"])
+    return total / max(count, 1.0) / LN2
+
+
+def save_config(cfg: ExperimentConfig, workdir: str) -> None:
+    d = dataclasses.asdict(cfg)
+    name = d.pop("name")
+    write_json_atomic(os.path.join(workdir, "config.json"), {"name": name, "config": d})
+
+
+def load_workdir_config(workdir: str) -> ExperimentConfig:
+    path = os.path.join(os.path.expanduser(workdir), "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path!r} not found: {workdir!r} is not a training workdir "
+                                "(train first with python train/main.py --workdir ...)")
+    with open(path) as f:
+        saved = json.load(f)
+    return from_dict(saved["name"], saved["config"])
+
+
+def _log(workdir: str, record: dict) -> None:
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def train(
+    cfg: ExperimentConfig,
+    workdir: str,
+    *,
+    splits: data_lib.Splits | None = None,
+    mesh: Mesh | None = None,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Trains (or resumes) ``cfg`` in ``workdir``; returns the final result record.
+
+    Args:
+      cfg: the experiment.
+      workdir: run directory; an existing checkpoint there is resumed.
+      splits: tokenised data (default: prepared from ``cfg.data``).
+      mesh: training mesh (default: all devices, see :func:`training_mesh`).
+      stop_at: stop (with a checkpoint) at this step, as an interruption would.
+      progress: show a progress bar.
+
+    Returns:
+      ``{"steps", "tokens_seen", "wall_seconds", "bits_per_char_val", ...}``; after the last
+      step also ``bits_per_char_test`` (written to ``result.json`` too).
+    """
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    splits = data_lib.prepare_splits(cfg.data) if splits is None else splits
+    setup = build(cfg, mesh)
+    save_config(cfg, workdir)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    t = cfg.train
+    tokens_per_step = t.batch_size * t.seq_len
+    target = t.steps if stop_at is None else min(stop_at, t.steps)
+
+    meta = {"elapsed_seconds": jnp.zeros((), jnp.float32)}
+    if ckpt.latest_step() is not None:
+        abstract = {"state": setup.abstract_state,
+                    "meta": {"elapsed_seconds": jax.ShapeDtypeStruct((), jnp.float32)}}
+        restored = ckpt.restore(abstract)
+        state, meta = restored["state"], restored["meta"]
+    else:
+        state = setup.init_state(jax.random.key(t.seed))
+    step = int(state.step)
+    elapsed = float(meta["elapsed_seconds"])
+    last_val = None
+
+    def checkpoint(state, elapsed):
+        ckpt.save(int(state.step), {"state": state,
+                                    "meta": {"elapsed_seconds": jnp.float32(elapsed)}})
+
+    bar = tqdm(total=target, initial=step, disable=not progress, desc=f"train {cfg.name}",
+               unit="step", dynamic_ncols=True)
+    t0, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+    try:
+        with use_mesh(setup.mesh):
+            while step < target:
+                batch = data_lib.train_batch(splits.train, step, batch_size=t.batch_size,
+                                             seq_len=t.seq_len, seed=t.seed)
+                state, metrics = setup.train_step(state, batch)
+                step += 1
+                window_steps += 1
+                if step % t.log_every == 0 or step == target:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    now = time.perf_counter()
+                    rate = window_steps * tokens_per_step / max(now - window_start, 1e-9)
+                    window_start, window_steps = now, 0
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", tok_s=f"{rate:,.0f}")
+                    _log(workdir, {"step": step, **m, "tokens_per_s": rate,
+                                   "wall_seconds": elapsed + now - t0})
+                if step % t.eval_every == 0 or step == t.steps:
+                    last_val = evaluate(setup, state.params, splits.val, t.eval_batches)
+                    bar.write(f"step {step}: val bits/char {last_val:.4f}")
+                    _log(workdir, {"step": step, "val_bits_per_char": last_val,
+                                   "wall_seconds": elapsed + time.perf_counter() - t0})
+                if step % t.checkpoint_every == 0 or step == target:
+                    checkpoint(state, elapsed + time.perf_counter() - t0)
+                bar.update(1)
+    except KeyboardInterrupt:
+        checkpoint(state, elapsed + time.perf_counter() - t0)
+        bar.write(f"interrupted: checkpoint saved at step {int(state.step)}; rerun to resume")
+        raise
+    finally:
+        bar.close()
+    elapsed += time.perf_counter() - t0
+    ckpt.close()
+
+    result: dict[str, Any] = {
+        "config": cfg.name,
+        "steps": step,
+        "tokens_seen": step * tokens_per_step,
+        "wall_seconds": round(elapsed, 1),
+        "bits_per_char_val": last_val,
+        "devices": f"{len(setup.mesh.devices.flat)} x {jax.devices()[0].platform}",
+        "method": "measured",
+    }
+    if step >= t.steps:
+        result["bits_per_char_val"] = evaluate(setup, state.params, splits.val)
+        result["bits_per_char_test"] = evaluate(setup, state.params, splits.test)
+        write_json_atomic(os.path.join(workdir, "result.json"), result)
+    result["state"] = state
+    return result
+
+
+def load_params(workdir: str, mesh: Mesh | None = None) -> tuple[Setup, Any]:
+    """Loads ``(setup, params)`` from a workdir's latest checkpoint onto ``mesh``."""
+    cfg = load_workdir_config(workdir)
+    setup = build(cfg, mesh)
+    ckpt = Checkpointer(os.path.join(os.path.expanduser(workdir), "checkpoints"),
+                        keep=cfg.train.keep_checkpoints, create=False)
+    if ckpt.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint under {ckpt.directory!r}; train first")
+    abstract = {"state": setup.abstract_state,
+                "meta": {"elapsed_seconds": jax.ShapeDtypeStruct((), jnp.float32)}}
+    state = ckpt.restore(abstract)["state"]
+    ckpt.close()
+    return setup, state.params
+

@@ -1,0 +1,86 @@
+"""Pure train and eval steps for the LM; callers jit them with shardings and donation.
+
+Shape legend: B batch, T time, V vocab.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from ec2moe_jax.config import MoEConfig, TrainConfig
+from ec2moe_jax.models import MoELM
+
+LN2 = math.log(2.0)
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW with linear warmup and cosine decay; no weight decay on vectors (norm scales)."""
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=cfg.learning_rate,
+        warmup_steps=cfg.warmup_steps,
+        decay_steps=cfg.steps,
+        end_value=cfg.learning_rate * cfg.min_lr_ratio,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.clip_norm),
+        optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay,
+                    mask=decay_mask),
+    )
+
+
+def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """<float32>[B, T] negative log-likelihood in nats."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+
+
+def make_train_step(
+    model: MoELM, optimizer: optax.GradientTransformation, moe: MoEConfig
+) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
+    """``step(state, batch) -> (state, metrics)``; hyperparameters are closed over."""
+
+    def loss_fn(params, batch):
+        logits, aux = model.apply({"params": params}, batch["inputs"], deterministic=False,
+                                  return_aux=True)
+        nll = token_nll(logits, batch["targets"]).mean()
+        loss = nll + moe.aux_loss_coef * aux["aux_loss"] + moe.z_loss_coef * aux["z_loss"]
+        metrics = {"loss": loss, "nll": nll, "bits_per_char": nll / LN2,
+                   "aux_loss": aux["aux_loss"], "z_loss": aux["z_loss"]}
+        if "dropped_fraction" in aux:
+            metrics["dropped_fraction"] = aux["dropped_fraction"]
+        return loss, metrics
+
+    def step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        grads, metrics = jax.grad(loss_fn, has_aux=True)(state.params, batch)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_eval_step(model: MoELM) -> Callable[[dict, dict], dict]:
+    """``eval(params, batch) -> {'nll_sum', 'count'}`` over the batch's masked targets."""
+
+    def step(params, batch):
+        logits = model.apply({"params": params}, batch["inputs"], deterministic=True)
+        nll = token_nll(logits, batch["targets"])
+        mask = batch["mask"]
+        return {"nll_sum": jnp.sum(nll * mask), "count": jnp.sum(mask)}
+
+    return step
