@@ -57,7 +57,8 @@ def get_config() -> dict:
             "clip_norm": 1.0,
             "seed": 0,
             "eval_every": 400,
-            "eval_batches": 16,  # 16 x 16 x 128 = 32k validation bytes per evaluation
+            "eval_batches": 16,  # 16 batches of 16 windows per periodic evaluation
+            "eval_stride": 64,  # sliding-window eval: each scored byte sees >= 64 bytes before it
             "checkpoint_every": 400,
             "keep_checkpoints": 2,
             "log_every": 25,

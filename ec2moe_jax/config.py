@@ -153,6 +153,8 @@ class TrainConfig:
     seed: int = 0  # parameter init and data order
     eval_every: int = 250  # steps between held-out evaluations
     eval_batches: int = 16  # batches of the validation split per periodic evaluation
+    eval_stride: int | None = None  # sliding-window eval: scored bytes see >= T - stride
+    # bytes of context; None = non-overlapping windows (the first bytes of each see little)
     checkpoint_every: int = 250  # steps between orbax checkpoints
     keep_checkpoints: int = 2  # how many checkpoints to keep
     log_every: int = 25  # steps between JSON-lines metric records
@@ -164,6 +166,10 @@ class TrainConfig:
         _check(0 <= self.warmup_steps < self.steps, f"{self.warmup_steps=} must be < {self.steps=}")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{self.min_lr_ratio=} must lie in [0, 1]")
         _check(self.keep_checkpoints >= 1, f"{self.keep_checkpoints=} must be >= 1")
+        _check(
+            self.eval_stride is None or 1 <= self.eval_stride <= self.seq_len,
+            f"train.eval_stride={self.eval_stride} must lie in [1, seq_len={self.seq_len}]",
+        )
         return self
 
 

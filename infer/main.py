@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None):
     e = sub.add_parser("eval", help="bits/char on a held-out split")
     e.add_argument("--workdir", default="runs/small")
     e.add_argument("--split", default="test", choices=["val", "test"])
+    e.add_argument("--stride", type=int, default=-1,
+                   help="eval window stride (default: the config's; 0 = non-overlapping)")
     e.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = ap.parse_args(argv)
 
@@ -49,9 +51,11 @@ def main(argv: list[str] | None = None):
         print(text)
         return text
     splits = prepare_splits(cfg.data)
-    bpc = evaluate(setup, params, getattr(splits, args.split))
+    stride = None if args.stride == 0 else args.stride
+    bpc = evaluate(setup, params, getattr(splits, args.split), stride=stride)
+    stride = cfg.train.eval_stride if stride == -1 else stride
     record = {"workdir": args.workdir, "split": args.split, "bits_per_char": bpc,
-              "method": "measured"}
+              "window": cfg.train.seq_len, "stride": stride, "method": "measured"}
     print(json.dumps(record) if args.json else f"{args.split} bits/char: {bpc:.4f}")
     return record
 

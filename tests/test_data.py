@@ -290,6 +290,21 @@ def test_eval_batches_cover_every_target_exactly_once(n, batch, t):
     assert inputs.shape == targets.shape == mask.shape == (len(batches) * batch, t)
 
 
+@pytest.mark.parametrize("n,batch,t,stride", [(2, 1, 4, 2), (101, 4, 10, 5), (100, 3, 10, 1),
+                                              (1000, 5, 8, 3), (9, 2, 10, 10)])
+def test_sliding_eval_scores_every_target_once_with_context(n, batch, t, stride):
+    tokens = (np.arange(n) % 251 + 1).astype(np.int32)
+    batches = list(eval_batches(tokens, batch_size=batch, seq_len=t, stride=stride))
+    assert len(batches) == num_eval_batches(tokens, batch, t, stride)
+    mask = np.concatenate([b["mask"] for b in batches])
+    targets = np.concatenate([b["targets"] for b in batches])
+    np.testing.assert_array_equal(targets[mask == 1], tokens[1:])  # once each, in order
+    # Beyond the first window, every scored target has at least T - stride tokens of context.
+    assert not mask[1:, : t - stride].any()
+    with pytest.raises(ValueError, match="stride=0"):
+        eval_batches(tokens, batch_size=batch, seq_len=t, stride=0)
+
+
 def test_eval_batches_max_batches_and_errors():
     tokens = np.arange(1, 1001, dtype=np.int32)
     assert num_eval_batches(tokens, 4, 10) == 25  # ceil(999 / 10) = 100 windows

@@ -92,13 +92,24 @@ def build(cfg: ExperimentConfig, mesh: Mesh | None = None) -> Setup:
     return Setup(cfg, mesh, model, shardings, abstract, init_state, train_step, eval_step)
 
 
-def evaluate(setup: Setup, params, tokens: np.ndarray, max_batches: int | None = None) -> float:
-    """Bits per character (byte) of ``tokens`` under ``params``, each target counted once."""
+def evaluate(
+    setup: Setup,
+    params,
+    tokens: np.ndarray,
+    max_batches: int | None = None,
+    stride: int | None = -1,
+) -> float:
+    """Bits per character (byte) of ``tokens`` under ``params``, each target counted once.
+
+    ``stride``: window stride of :func:`ec2moe_jax.data.eval_batches`; the default ``-1``
+    takes ``train.eval_stride`` from the config, ``None`` means non-overlapping windows.
+    """
     t = setup.cfg.train
+    stride = t.eval_stride if stride == -1 else stride
     total, count = 0.0, 0.0
     with use_mesh(setup.mesh):
         for batch in data_lib.eval_batches(tokens, batch_size=t.batch_size, seq_len=t.seq_len,
-                                           max_batches=max_batches):
+                                           max_batches=max_batches, stride=stride):
             out = setup.eval_step(params, batch)
             total += float(out["nll_sum"])
             count += float(out["count"])
@@ -223,6 +234,14 @@ def train(
     if step >= t.steps:
         result["bits_per_char_val"] = evaluate(setup, state.params, splits.val)
         result["bits_per_char_test"] = evaluate(setup, state.params, splits.test)
+        result["bits_per_char_test_nonoverlapping"] = evaluate(setup, state.params, splits.test,
+                                                               stride=None)
+        result["eval_method"] = (
+            f"bytes of the held-out split scored once each, windows of {t.seq_len}; "
+            + (f"sliding stride {t.eval_stride} (>= {t.seq_len - t.eval_stride} bytes of "
+               "context after the first window)" if t.eval_stride else "non-overlapping")
+            + "; the _nonoverlapping figure uses disjoint windows"
+        )
         write_json_atomic(os.path.join(workdir, "result.json"), result)
     result["state"] = state
     return result

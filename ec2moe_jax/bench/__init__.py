@@ -1,0 +1,1 @@
+"""Benchmarks (measured) with JSON output; entry points live in ``infer/``."""

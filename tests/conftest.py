@@ -1,0 +1,59 @@
+"""Test setup: 8 fake CPU devices before JAX starts, shared fixtures, one tolerance helper."""
+
+import os
+
+os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+try:  # also works when JAX_NUM_CPU_DEVICES is ignored by this jax version
+    jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
+except Exception:  # noqa: BLE001 - already initialised with the env var; checked below
+    pass
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
+
+
+def tolerance(dtype="float32", backend: str | None = None) -> dict:
+    """rtol/atol for comparing two implementations of the same maths."""
+    backend = backend or jax.default_backend()
+    if np.dtype(dtype) == np.dtype("bfloat16") or str(dtype) == "bfloat16":
+        return {"rtol": 2e-2, "atol": 2e-2}
+    # GPU/TPU matmuls may use TF32-like passes; CPU is exact-ish fp32.
+    return {"rtol": 1e-5, "atol": 1e-5} if backend == "cpu" else {"rtol": 2e-3, "atol": 2e-3}
+
+
+def assert_close(a, b, dtype="float32", **overrides):
+    tol = {**tolerance(dtype), **overrides}
+    np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(b, np.float64), **tol)
+
+
+@pytest.fixture(scope="session")
+def devices():
+    devs = jax.devices()
+    assert len(devs) >= 8, (
+        f"tests need 8 devices, got {len(devs)}: set JAX_NUM_CPU_DEVICES=8 before importing jax"
+    )
+    return devs
+
+
+@pytest.fixture(scope="session")
+def fixture_splits():
+    """Tokenised splits of the committed text fixture (no network)."""
+    from ec2moe_jax.config import DataConfig
+    from ec2moe_jax.data import prepare_splits
+
+    paths = ",".join(os.path.join(FIXTURES, "corpus", n) for n in ("a.txt", "b.txt"))
+    return prepare_splits(DataConfig(source=paths, val_fraction=0.1, test_fraction=0.1))
+
+
+@pytest.fixture()
+def tiny_cfg():
+    from ec2moe_jax.config import load_config
+
+    paths = ",".join(os.path.join(FIXTURES, "corpus", n) for n in ("a.txt", "b.txt"))
+    return load_config("tiny").replace(data__source=paths, data__val_fraction=0.1,
+                                       data__test_fraction=0.1)
