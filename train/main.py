@@ -23,6 +23,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=None, help="override train.steps")
     ap.add_argument("--data", default=None, help="comma-separated UTF-8 text files to train on")
     ap.add_argument("--result", default=None, help="also write the result JSON here")
+    ap.add_argument("--plot", default=None, help="write the learning curve PNG here")
     ap.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = ap.parse_args(argv)
 
@@ -40,6 +41,10 @@ def main(argv: list[str] | None = None) -> dict:
         from ec2moe_jax.training import write_json_atomic
 
         write_json_atomic(args.result, {**result, "command": "python " + " ".join(sys.argv)})
+    if args.plot and "curve" in result:
+        from ec2moe_jax.bench.plots import plot_training_curve
+
+        plot_training_curve(result, args.plot)
     return result
 
 

@@ -132,6 +132,18 @@ def load_workdir_config(workdir: str) -> ExperimentConfig:
     return from_dict(saved["name"], saved["config"])
 
 
+def read_curve(workdir: str) -> list[dict]:
+    """The periodic validation records of a run (last record per step wins on resume)."""
+    by_step: dict[int, dict] = {}
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if "val_bits_per_char" in r:
+                by_step[r["step"]] = {k: r[k] for k in ("step", "val_bits_per_char",
+                                                        "wall_seconds")}
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def _log(workdir: str, record: dict) -> None:
     with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
         f.write(json.dumps(record) + "\n")
@@ -242,6 +254,7 @@ def train(
                "context after the first window)" if t.eval_stride else "non-overlapping")
             + "; the _nonoverlapping figure uses disjoint windows"
         )
+        result["curve"] = read_curve(workdir)
         write_json_atomic(os.path.join(workdir, "result.json"), result)
     result["state"] = state
     return result
