@@ -40,10 +40,10 @@ def main(argv: list[str] | None = None) -> str:
         cfg = load_config("small").replace(train__steps=args.steps, train__warmup_steps=50,
                                            train__eval_every=args.steps,
                                            train__checkpoint_every=args.steps)
-        result = train(cfg, workdir)
+        result = train(cfg, workdir, final_eval_batches=32)
         print(f"trained {result['steps']} steps in {result['wall_seconds']:.0f} s: "
-              f"test {result['bits_per_char_test']:.3f} bits/char (measured; the full run, "
-              "python train/main.py, reaches the figure in the README)")
+              f"{result['bits_per_char_test']:.3f} bits/char on the first 32 test batches "
+              "(measured; the full run, python train/main.py, reaches the README's figure)")
     setup, params = load_params(workdir)
     tok = ByteTokenizer()
     prompt = jnp.asarray(tok.encode(args.prompt), jnp.int32)[None]

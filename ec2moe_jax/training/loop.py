@@ -157,6 +157,7 @@ def train(
     mesh: Mesh | None = None,
     stop_at: int | None = None,
     progress: bool = True,
+    final_eval_batches: int | None = None,
 ) -> dict:
     """Trains (or resumes) ``cfg`` in ``workdir``; returns the final result record.
 
@@ -167,6 +168,7 @@ def train(
       mesh: training mesh (default: all devices, see :func:`training_mesh`).
       stop_at: stop (with a checkpoint) at this step, as an interruption would.
       progress: show a progress bar.
+      final_eval_batches: cap the final val/test evaluations (None: whole splits).
 
     Returns:
       ``{"steps", "tokens_seen", "wall_seconds", "bits_per_char_val", ...}``; after the last
@@ -244,15 +246,17 @@ def train(
         "method": "measured",
     }
     if step >= t.steps:
-        result["bits_per_char_val"] = evaluate(setup, state.params, splits.val)
-        result["bits_per_char_test"] = evaluate(setup, state.params, splits.test)
+        cap = final_eval_batches
+        result["bits_per_char_val"] = evaluate(setup, state.params, splits.val, cap)
+        result["bits_per_char_test"] = evaluate(setup, state.params, splits.test, cap)
         result["bits_per_char_test_nonoverlapping"] = evaluate(setup, state.params, splits.test,
-                                                               stride=None)
+                                                               cap, stride=None)
         result["eval_method"] = (
             f"bytes of the held-out split scored once each, windows of {t.seq_len}; "
             + (f"sliding stride {t.eval_stride} (>= {t.seq_len - t.eval_stride} bytes of "
                "context after the first window)" if t.eval_stride else "non-overlapping")
             + "; the _nonoverlapping figure uses disjoint windows"
+            + (f"; first {cap} batches of each split only" if cap else "")
         )
         result["curve"] = read_curve(workdir)
         write_json_atomic(os.path.join(workdir, "result.json"), result)

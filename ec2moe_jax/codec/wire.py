@@ -1,0 +1,150 @@
+"""The wire format of a compressed hidden state: versioned, length-prefixed, no pickle.
+
+Layout (little-endian), a 24-byte header then the body::
+
+    offset  size  field
+    0       4     magic b"EC2W"
+    4       1     version (1)
+    5       1     kind: 1 = int8 latents, 2 = int4 latents (two per byte), 3 = float16, 4 = float32
+    6       2     rank R (uint16)
+    8       4     batch B (uint32)
+    12      4     time T (uint32)
+    16      8     body length in bytes (uint64)
+    24      ...   body: per-token float32 scales [B * T] (quantised kinds only), then the
+                  latents [B, T, R] row-major (int4: low nibble first, zero-padded to a byte)
+
+A reader checks every field against the bytes it holds before touching the body, so a
+truncated, oversized, mislabelled or non-finite payload raises :class:`WireFormatError` with
+the offending value, never a crash and never silent garbage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+
+import numpy as np
+
+MAGIC = b"EC2W"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHIIQ")
+HEADER_BYTES = HEADER.size  # 24
+KINDS = {"int8": 1, "int4": 2, "float16": 3, "float32": 4}
+_KIND_NAMES = {v: k for k, v in KINDS.items()}
+MAX_BODY_BYTES = 1 << 32  # 4 GiB: far above any single hidden state we send
+
+
+class WireFormatError(ValueError):
+    """A payload that cannot be decoded; the message names the bad field and value."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Latent:
+    """A decoded payload: latents [B, T, R] (int8 or float) and scales [B, T] (or None)."""
+
+    kind: str
+    values: np.ndarray
+    scale: np.ndarray | None
+
+
+def body_bytes(kind: str, batch: int, time: int, rank: int) -> int:
+    """Exact body size of a payload: what the link carries besides the 24-byte header."""
+    n = batch * time
+    if kind == "int8":
+        return 4 * n + n * rank
+    if kind == "int4":
+        return 4 * n + (n * rank + 1) // 2
+    if kind == "float16":
+        return 2 * n * rank
+    if kind == "float32":
+        return 4 * n * rank
+    raise WireFormatError(f"unknown latent kind {kind!r}; expected one of {sorted(KINDS)}")
+
+
+def payload_bytes(kind: str, batch: int, time: int, rank: int) -> int:
+    return HEADER_BYTES + body_bytes(kind, batch, time, rank)
+
+
+def pack(values: np.ndarray, scale: np.ndarray | None, kind: str) -> bytes:
+    """Serialises latents [B, T, R] (int8 levels, or floats) and per-token scales [B, T]."""
+    values = np.asarray(values)
+    if values.ndim != 3:
+        raise WireFormatError(f"latents must be [B, T, R], got shape {values.shape}")
+    b, t, r = values.shape
+    if not 1 <= r <= 0xFFFF:
+        raise WireFormatError(f"rank={r} must lie in [1, 65535]")
+    if kind not in KINDS:
+        raise WireFormatError(f"unknown latent kind {kind!r}; expected one of {sorted(KINDS)}")
+    parts = []
+    if kind in ("int8", "int4"):
+        scale = np.asarray(scale, "<f4")
+        if scale.shape != (b, t):
+            raise WireFormatError(f"scale shape {scale.shape} must be {(b, t)}")
+        if not np.all(np.isfinite(scale)):
+            raise WireFormatError("scale contains NaN or infinity; refusing to send it")
+        parts.append(scale.tobytes())
+        levels = values.astype(np.int8).reshape(-1)
+        if kind == "int4":
+            if np.any(np.abs(levels.astype(np.int16)) > 7):
+                raise WireFormatError("int4 latents must lie in [-7, 7]")
+            nib = (levels.astype(np.int16) & 0xF).astype(np.uint8)
+            if nib.size % 2:
+                nib = np.concatenate([nib, np.zeros(1, np.uint8)])
+            parts.append((nib[0::2] | (nib[1::2] << 4)).tobytes())
+        else:
+            parts.append(levels.tobytes())
+    else:
+        parts.append(values.astype("<f2" if kind == "float16" else "<f4").tobytes())
+    body = b"".join(parts)
+    assert len(body) == body_bytes(kind, b, t, r)
+    return HEADER.pack(MAGIC, VERSION, KINDS[kind], r, b, t, len(body)) + body
+
+
+def unpack(buf: bytes, expected_rank: int | None = None) -> Latent:
+    """Parses and validates a payload; raises :class:`WireFormatError` on anything amiss."""
+    if not isinstance(buf, (bytes, bytearray, memoryview)):
+        raise WireFormatError(f"payload must be bytes, got {type(buf).__name__}")
+    buf = bytes(buf)
+    if len(buf) < HEADER_BYTES:
+        raise WireFormatError(f"truncated header: {len(buf)} bytes, need {HEADER_BYTES}")
+    magic, version, kind_code, rank, b, t, length = HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise WireFormatError(f"bad magic {magic!r}: not an ec2moe payload (expected {MAGIC!r})")
+    if version != VERSION:
+        raise WireFormatError(f"unsupported wire version {version}; this reader speaks "
+                              f"{VERSION}")
+    if kind_code not in _KIND_NAMES:
+        raise WireFormatError(f"unknown latent kind code {kind_code}")
+    kind = _KIND_NAMES[kind_code]
+    if rank == 0 or (expected_rank is not None and rank != expected_rank):
+        raise WireFormatError(f"payload rank {rank} does not match the codec's rank "
+                              f"{expected_rank}")
+    if length > MAX_BODY_BYTES:
+        raise WireFormatError(f"length field {length} exceeds the {MAX_BODY_BYTES}-byte limit")
+    if length != len(buf) - HEADER_BYTES:
+        raise WireFormatError(f"length field says {length} body bytes but "
+                              f"{len(buf) - HEADER_BYTES} follow (truncated or padded)")
+    need = body_bytes(kind, b, t, rank)
+    if length != need:
+        raise WireFormatError(f"shape [B={b}, T={t}, R={rank}] of kind {kind} needs {need} "
+                              f"body bytes, length field says {length}")
+    body = memoryview(buf)[HEADER_BYTES:]
+    n = b * t
+    if kind in ("int8", "int4"):
+        scale = np.frombuffer(body[: 4 * n], "<f4").astype(np.float32).reshape(b, t)
+        if not np.all(np.isfinite(scale)) or np.any(scale < 0):
+            raise WireFormatError("payload scale contains NaN, infinity or a negative value")
+        raw = np.frombuffer(body[4 * n:], np.uint8)
+        if kind == "int8":
+            levels = raw.view(np.int8)
+        else:
+            nib = np.stack([raw & 0xF, raw >> 4], axis=1).reshape(-1)[: n * rank]
+            levels = np.where(nib > 7, nib.astype(np.int16) - 16, nib).astype(np.int8)
+            if np.any(levels == -8):
+                raise WireFormatError("int4 payload holds -8, outside the codec's [-7, 7]")
+        return Latent(kind, levels.reshape(b, t, rank).copy(), scale)
+    dtype = "<f2" if kind == "float16" else "<f4"
+    values = np.frombuffer(body, dtype).astype(np.float32).reshape(b, t, rank)
+    if not np.all(np.isfinite(values)):
+        raise WireFormatError("payload latents contain NaN or infinity")
+    return Latent(kind, values, None)

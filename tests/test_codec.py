@@ -1,0 +1,186 @@
+"""The low-rank codec: identity at full rank, monotone in rank, int8/int4 bounds, the wire
+format (round trips, exact sizes, and every malformed payload rejected), fine-tuning."""
+
+import struct
+
+import hypothesis.extra.numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ec2moe_jax.codec import (
+    HEADER_BYTES,
+    WireFormatError,
+    compress,
+    decompress,
+    dequantize,
+    pack,
+    payload_bytes,
+    pca_init,
+    quantization_bound,
+    quantize,
+    relative_error,
+    roundtrip,
+    unpack,
+)
+from ec2moe_jax.layers.codec import LowRankCodec
+
+
+def _hidden(n=400, d=16, seed=0):
+    rng = np.random.default_rng(seed)
+    # Anisotropic data, so principal directions matter (like real residual streams).
+    return (rng.normal(size=(n, d)) * np.geomspace(5.0, 0.05, d) + 1.5).astype(np.float32)
+
+
+def _codec(h, rank):
+    p = pca_init(h, rank)
+    return {k: jnp.asarray(p[k]) for k in ("mean", "w_enc", "w_dec")}
+
+
+def test_full_rank_without_quantization_is_identity():
+    h = _hidden()
+    codec = _codec(h, h.shape[1])
+    assert_close(roundtrip(codec, jnp.asarray(h), None), h)
+    # The linen module with the same parameters computes the same thing.
+    module = LowRankCodec(d_model=16, rank=16, bits=None)
+    assert_close(module.apply({"params": codec}, jnp.asarray(h)), h)
+
+
+def test_reconstruction_error_does_not_increase_with_rank():
+    h = _hidden()
+    errors = [float(relative_error(h, roundtrip(_codec(h, r), jnp.asarray(h), None)))
+              for r in range(1, 17)]
+    assert all(b <= a + 1e-6 for a, b in zip(errors, errors[1:], strict=False)), errors
+    assert errors[-1] < 1e-5 < errors[0]
+
+
+@pytest.mark.parametrize("bits,levels", [("int8", 127), ("int4", 7)])
+def test_quantization_error_within_its_bound(bits, levels):
+    z = jax.random.normal(jax.random.key(0), (5, 7, 24)) * 3
+    q, scale = quantize(z, bits)
+    assert q.dtype == jnp.int8 and int(jnp.max(jnp.abs(q))) == levels
+    err = jnp.abs(dequantize(q, scale) - z)
+    assert bool(jnp.all(err <= quantization_bound(scale)[..., None] * (1 + 1e-6)))
+    q0, s0 = quantize(jnp.zeros((2, 3)), bits)  # all-zero tokens decode exactly
+    assert float(jnp.abs(dequantize(q0, s0)).max()) == 0.0
+
+
+@pytest.mark.parametrize("bits", ["int8", "int4", None])
+def test_payload_round_trip_and_exact_size(bits):
+    h = _hidden(n=2 * 9, d=16).reshape(2, 9, 16)
+    codec = _codec(h.reshape(-1, 16), 5)
+    payload = compress(codec, jnp.asarray(h), bits)
+    kind = bits or "float16"
+    assert len(payload) == payload_bytes(kind, 2, 9, 5)
+    assert len(payload) == HEADER_BYTES + {"int8": 18 * (4 + 5), "int4": 18 * 4 + 45,
+                                           None: 18 * 5 * 2}[bits]
+    out = decompress(codec, payload)
+    if bits is None:
+        assert_close(out, roundtrip(codec, jnp.asarray(h), None), atol=1e-2, rtol=1e-2)
+    else:
+        assert_close(out, roundtrip(codec, jnp.asarray(h), bits), atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=hnp.arrays(np.int8, hnp.array_shapes(min_dims=3, max_dims=3, max_side=5),
+                         elements=st.integers(-7, 7)),
+       kind=st.sampled_from(["int8", "int4"]))
+def test_property_pack_unpack_is_exact(values, kind):
+    scale = np.linspace(0.1, 2.0, values.shape[0] * values.shape[1], dtype=np.float32)
+    scale = scale.reshape(values.shape[:2])
+    latent = unpack(pack(values, scale, kind), expected_rank=values.shape[2])
+    np.testing.assert_array_equal(latent.values, values)
+    np.testing.assert_array_equal(latent.scale, scale)
+
+
+def _good_payload():
+    return pack(np.ones((1, 3, 4), np.int8), np.ones((1, 3), np.float32), "int8")
+
+
+def _with_header(**fields):
+    magic, version, kind, rank, b, t, length = struct.unpack_from("<4sBBHIIQ", _good_payload())
+    vals = dict(magic=magic, version=version, kind=kind, rank=rank, b=b, t=t, length=length)
+    vals.update(fields)
+    header = struct.pack("<4sBBHIIQ", *vals.values())
+    return header + _good_payload()[HEADER_BYTES:]
+
+
+def _with_scale(value):
+    buf = bytearray(_good_payload())
+    buf[HEADER_BYTES:HEADER_BYTES + 4] = struct.pack("<f", value)
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("payload,match", [
+    (b"", "truncated header: 0 bytes"),
+    (_good_payload()[:10], "truncated header"),
+    (_good_payload()[:-1], "length field says 24 body bytes but 23 follow"),
+    (_good_payload() + b"\0", "but 25 follow"),
+    (_with_header(magic=b"NOPE"), "bad magic"),
+    (_with_header(version=2), "unsupported wire version 2"),
+    (_with_header(kind=9), "unknown latent kind code 9"),
+    (_with_header(rank=5), "payload rank 5 does not match the codec's rank 4"),
+    (_with_header(t=4), r"shape \[B=1, T=4, R=4\] of kind int8 needs 32"),
+    (_with_header(length=2**40), "exceeds the"),
+    (_with_scale(float("nan")), "NaN"),
+    (_with_scale(float("inf")), "infinity"),
+    (_with_scale(-1.0), "negative"),
+    ("not bytes", "payload must be bytes"),
+])
+def test_malformed_payloads_are_rejected_clearly(payload, match):
+    with pytest.raises(WireFormatError, match=match):
+        unpack(payload, expected_rank=4)
+
+
+def test_pack_refuses_bad_input():
+    with pytest.raises(WireFormatError, match="NaN or infinity"):
+        pack(np.ones((1, 1, 2), np.int8), np.array([[np.nan]], np.float32), "int8")
+    with pytest.raises(WireFormatError, match=r"\[B, T, R\]"):
+        pack(np.ones((2, 2), np.int8), None, "int8")
+    with pytest.raises(ValueError, match="rank=17"):
+        pca_init(_hidden(), 17)
+
+
+def test_finetuning_reduces_kl_and_checkpoint_round_trips(tiny_cfg, fixture_splits, tmp_path):
+    from ec2moe_jax.models import MoELM, init_params
+    from ec2moe_jax.sharding import unbox
+    from ec2moe_jax.training.codec import (
+        collect_hidden,
+        finetune_codec,
+        load_codec,
+        make_codec_loss,
+        split_bits_per_char,
+    )
+    from ec2moe_jax.training.steps import make_eval_step
+
+    model = MoELM(tiny_cfg.model)
+    params = unbox(init_params(model, jax.random.key(0)))
+    h = collect_hidden(model, params, fixture_splits.train, 1, batches=2, batch_size=8,
+                       seq_len=32)
+    assert h.shape == (2 * 8 * 32, 32)
+    # Start from a random (not PCA) rank-4 codec so there is plenty to learn.
+    init = LowRankCodec(d_model=32, rank=4).init(jax.random.key(1), jnp.zeros((1, 32)))["params"]
+    loss = jax.jit(make_codec_loss(model, 1, "int8"))
+    fixed = jnp.asarray(fixture_splits.val[: 4 * 32].reshape(4, 32), jnp.int32)
+    codec, history = finetune_codec(model, params, init, fixture_splits.train, 1, bits="int8",
+                                    steps=40, batch_size=4, seq_len=32, learning_rate=1e-2,
+                                    checkpoint_dir=str(tmp_path / "codec"), progress=False)
+    assert float(loss(codec, params, fixed)[0]) < 0.8 * float(loss(init, params, fixed)[0])
+    restored = load_codec(str(tmp_path / "codec"), d_model=32, rank=4)
+    assert_close(restored["w_enc"], codec["w_enc"])
+    # With no transform the split evaluation equals the plain model's.
+    from ec2moe_jax import data as data_lib
+
+    ev = jax.jit(make_eval_step(model))
+    total = count = 0.0
+    for b in data_lib.eval_batches(fixture_splits.test, batch_size=4, seq_len=32):
+        out = ev(params, b)
+        total, count = total + float(out["nll_sum"]), count + float(out["count"])
+    plain = total / count / np.log(2.0)
+    split = split_bits_per_char(model, params, fixture_splits.test, 1, None, batch_size=4,
+                                seq_len=32)
+    assert split == pytest.approx(plain, rel=1e-5)
