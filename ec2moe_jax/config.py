@@ -86,6 +86,8 @@ class ModelConfig:
     rope_theta: float = 10000.0
     norm_eps: float = 1e-6
     tie_embeddings: bool = False
+    attention_bias: str = "none"  # "none", "qkv" (Qwen2-MoE) or "all" (q, k, v and output)
+    qk_norm: str = "none"  # RMSNorm on q/k: "none", "head" (per head, Qwen3) or "full" (OLMoE)
     dtype: str = "float32"  # activation dtype; router maths always runs in float32
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
@@ -116,6 +118,10 @@ class ModelConfig:
             bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
             _check(not bad, f"moe_layers {bad} outside [0, num_layers={self.num_layers})")
         _check(self.dtype in ("float32", "bfloat16"), f"{self.dtype=!r} must be float32/bfloat16")
+        _check(self.attention_bias in ("none", "qkv", "all"),
+               f"attention_bias={self.attention_bias!r} must be 'none', 'qkv' or 'all'")
+        _check(self.qk_norm in ("none", "head", "full"),
+               f"qk_norm={self.qk_norm!r} must be 'none', 'head' or 'full'")
         self.moe.validate(expert_shards)
         return self
 

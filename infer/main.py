@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None):
     g = sub.add_parser("generate", help="sample text with the KV cache")
     g.add_argument("--workdir", default="runs/small")
     g.add_argument("--prompt", default="ROMEO:\n")
+    g.add_argument("--prompt-ids", default=None,
+                   help="comma-separated token ids (for imported models with their own "
+                        "vocabulary); prints ids instead of text")
     g.add_argument("--max-new-tokens", type=int, default=300)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     g.add_argument("--seed", type=int, default=0)
@@ -43,10 +46,16 @@ def main(argv: list[str] | None = None):
     cfg, model = setup.cfg, setup.model
     if args.cmd == "generate":
         tok = ByteTokenizer()
-        prompt = jnp.asarray(tok.encode(args.prompt), jnp.int32)[None]
+        ids = ([int(i) for i in args.prompt_ids.split(",")] if args.prompt_ids
+               else tok.encode(args.prompt))
+        prompt = jnp.asarray(ids, jnp.int32)[None]
         limit = cfg.model.max_seq_len - prompt.shape[1]
         out = generate(model, params, prompt, min(args.max_new_tokens, limit),
                        temperature=args.temperature, rng=jax.random.key(args.seed))
+        if args.prompt_ids:
+            text = ",".join(str(int(i)) for i in jax.device_get(out[0]))
+            print(text)
+            return text
         text = args.prompt + tok.decode(jax.device_get(out[0]))
         print(text)
         return text

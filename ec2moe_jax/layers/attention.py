@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from ec2moe_jax.config import ModelConfig
-from ec2moe_jax.layers.basic import default_init, dense, param_with_axes, rope
+from ec2moe_jax.layers.basic import RMSNorm, default_init, dense, param_with_axes, rope
 
 
 class Attention(nn.Module):
@@ -31,7 +31,17 @@ class Attention(nn.Module):
         def proj(name, heads):
             w = self.param(name, param_with_axes(default_init, ("embed", "heads", "head_dim")),
                            (d, heads, dh))
-            return dense(x.astype(dtype), w.astype(dtype))
+            y = dense(x.astype(dtype), w.astype(dtype))
+            if cfg.attention_bias != "none":
+                bias = self.param("b" + name[1:], param_with_axes(
+                    nn.initializers.zeros, ("heads", "head_dim")), (heads, dh))
+                y = y + bias.astype(dtype)
+            if cfg.qk_norm == "full" and name in ("wq", "wk"):  # over the whole projection
+                norm = RMSNorm(cfg.norm_eps, "heads", name=f"{name[1]}_norm")
+                y = norm(y.reshape(b, t, heads * dh)).reshape(b, t, heads, dh)
+            elif cfg.qk_norm == "head" and name in ("wq", "wk"):  # per head, shared weights
+                y = RMSNorm(cfg.norm_eps, "head_dim", name=f"{name[1]}_norm")(y)
+            return y
 
         if decode:
             # The cache knows where this chunk goes; positions follow from its write index.
@@ -48,14 +58,18 @@ class Attention(nn.Module):
             k, v = jnp.repeat(k, h // hk, axis=2), jnp.repeat(v, h // hk, axis=2)
         # [B, H, T, Dh] layout: plain batched matmuls are the fastest form on XLA:CPU.
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        scores = (q @ k.transpose(0, 1, 3, 2)).astype(jnp.float32) / jnp.sqrt(dh)
+        scores = (q @ k.transpose(0, 1, 3, 2)).astype(jnp.float32) * dh**-0.5
         causal = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
         scores = jnp.where(causal[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = (probs @ v).transpose(0, 2, 1, 3)  # [B, T, H, Dh]
         wo = self.param("wo", param_with_axes(default_init, ("heads", "head_dim", "embed")),
                         (h, dh, d))
-        return dense(out.reshape(b, t, h * dh), wo.astype(dtype).reshape(h * dh, d))
+        y = dense(out.reshape(b, t, h * dh), wo.astype(dtype).reshape(h * dh, d))
+        if cfg.attention_bias == "all":
+            y = y + self.param("bo", param_with_axes(nn.initializers.zeros, ("embed",)),
+                               (d,)).astype(dtype)
+        return y
 
     def _update_cache(self, k, v, idx):
         """Writes the new keys/values at the cache index; returns the whole cache."""

@@ -33,10 +33,11 @@ class RMSNorm(nn.Module):
     """``x / rms(x) * scale``, computed in float32 (Zhang & Sennrich 2019)."""
 
     eps: float = 1e-6
+    axis_name: str = "embed"  # logical name of the normalised axis
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        scale = self.param("scale", param_with_axes(nn.initializers.ones, ("embed",)),
+        scale = self.param("scale", param_with_axes(nn.initializers.ones, (self.axis_name,)),
                            (x.shape[-1],))
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)

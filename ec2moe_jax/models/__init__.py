@@ -1,14 +1,17 @@
 """The MoE language model and generation."""
 
 from ec2moe_jax.models.generate import generate, generate_recompute, make_decoder, sample_token
+from ec2moe_jax.models.hf import UnsupportedCheckpoint, load_hf
 from ec2moe_jax.models.lm import MoELM, init_cache, init_params, summarize_routes
 
 __all__ = [
     "MoELM",
+    "UnsupportedCheckpoint",
     "generate",
     "generate_recompute",
     "init_cache",
     "init_params",
+    "load_hf",
     "make_decoder",
     "sample_token",
     "summarize_routes",

@@ -7,6 +7,7 @@ from ec2moe_jax.training.loop import (
     evaluate,
     load_params,
     load_workdir_config,
+    save_params,
     train,
 )
 from ec2moe_jax.training.steps import (
@@ -29,6 +30,7 @@ __all__ = [
     "make_eval_step",
     "make_optimizer",
     "make_train_step",
+    "save_params",
     "token_nll",
     "train",
     "write_json_atomic",

@@ -116,20 +116,36 @@ def evaluate(
     return total / max(count, 1.0) / LN2
 
 
-def save_config(cfg: ExperimentConfig, workdir: str) -> None:
+def save_config(cfg: ExperimentConfig, workdir: str, kind: str = "train_state") -> None:
+    """Writes ``config.json``; ``kind`` says what the checkpoints hold (train state/params)."""
     d = dataclasses.asdict(cfg)
     name = d.pop("name")
-    write_json_atomic(os.path.join(workdir, "config.json"), {"name": name, "config": d})
+    write_json_atomic(os.path.join(workdir, "config.json"),
+                      {"name": name, "kind": kind, "config": d})
 
 
-def load_workdir_config(workdir: str) -> ExperimentConfig:
+def _read_workdir(workdir: str) -> dict:
     path = os.path.join(os.path.expanduser(workdir), "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} not found: {workdir!r} is not a training workdir "
                                 "(train first with python train/main.py --workdir ...)")
     with open(path) as f:
-        saved = json.load(f)
+        return json.load(f)
+
+
+def load_workdir_config(workdir: str) -> ExperimentConfig:
+    saved = _read_workdir(workdir)
     return from_dict(saved["name"], saved["config"])
+
+
+def save_params(cfg: ExperimentConfig, workdir: str, params) -> None:
+    """Saves parameters alone (e.g. an imported model) as a workdir :func:`load_params` reads."""
+    workdir = os.path.abspath(os.path.expanduser(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=1)
+    ckpt.save(0, {"params": params})
+    ckpt.close()
+    save_config(cfg, workdir, kind="params")
 
 
 def read_curve(workdir: str) -> list[dict]:
@@ -266,15 +282,19 @@ def train(
 
 def load_params(workdir: str, mesh: Mesh | None = None) -> tuple[Setup, Any]:
     """Loads ``(setup, params)`` from a workdir's latest checkpoint onto ``mesh``."""
-    cfg = load_workdir_config(workdir)
+    saved = _read_workdir(workdir)
+    cfg = from_dict(saved["name"], saved["config"])
     setup = build(cfg, mesh)
     ckpt = Checkpointer(os.path.join(os.path.expanduser(workdir), "checkpoints"),
                         keep=cfg.train.keep_checkpoints, create=False)
     if ckpt.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint under {ckpt.directory!r}; train first")
-    abstract = {"state": setup.abstract_state,
-                "meta": {"elapsed_seconds": jax.ShapeDtypeStruct((), jnp.float32)}}
-    state = ckpt.restore(abstract)["state"]
+    if saved.get("kind") == "params":
+        params = ckpt.restore({"params": setup.abstract_state.params})["params"]
+    else:
+        abstract = {"state": setup.abstract_state,
+                    "meta": {"elapsed_seconds": jax.ShapeDtypeStruct((), jnp.float32)}}
+        params = ckpt.restore(abstract)["state"].params
     ckpt.close()
-    return setup, state.params
+    return setup, params
 

@@ -1,0 +1,96 @@
+"""A small, dependency-free safetensors reader and writer (numpy; no torch).
+
+Format: an 8-byte little-endian header length N, N bytes of JSON mapping each tensor name to
+``{"dtype", "shape", "data_offsets": [begin, end]}`` (offsets into the data that follows),
+then the raw little-endian data. Sharded checkpoints add ``model.safetensors.index.json``
+with a ``weight_map`` from tensor name to file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+
+import ml_dtypes
+import numpy as np
+
+_DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_MAX_HEADER = 100 << 20
+
+
+def read_file(path: str) -> dict[str, np.ndarray]:
+    """All tensors of one ``.safetensors`` file (memory-mapped, then copied per tensor)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ValueError(f"{path!r} is not a safetensors file (shorter than 8 bytes)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > min(_MAX_HEADER, size - 8):
+            raise ValueError(f"{path!r}: header length {n} exceeds the file ({size} bytes)")
+        header = json.loads(f.read(n))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in _DTYPES:
+            raise ValueError(f"{path!r}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        begin, end = info["data_offsets"]
+        dtype = _DTYPES[info["dtype"]]
+        count = int(np.prod(info["shape"], dtype=np.int64))
+        if end - begin != count * dtype.itemsize or end > data.shape[0]:
+            raise ValueError(f"{path!r}: tensor {name!r} offsets {begin}..{end} do not match "
+                             f"shape {info['shape']} of {info['dtype']}")
+        out[name] = np.frombuffer(data[begin:end].tobytes(), dtype).reshape(info["shape"])
+    return out
+
+
+def read_checkpoint(folder: str) -> dict[str, np.ndarray]:
+    """All tensors of a Hugging Face folder: one file or shards with an index."""
+    index = os.path.join(folder, "model.safetensors.index.json")
+    single = os.path.join(folder, "model.safetensors")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.exists(single):
+        files = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in "
+                                f"{folder!r} (torch .bin checkpoints are not supported)")
+    tensors: dict[str, np.ndarray] = {}
+    for name in files:
+        path = os.path.join(folder, name)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"shard {name!r} listed in the index is missing from "
+                                    f"{folder!r}")
+        tensors.update(read_file(path))
+    return tensors
+
+
+def write_file(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """Writes tensors as one safetensors file (atomically: temp file, then rename)."""
+    header, chunks, offset = {}, [], 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        if arr.dtype not in _NAMES:
+            raise ValueError(f"tensor {name!r} has unsupported dtype {arr.dtype}")
+        raw = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": _NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(raw)]}
+        chunks.append(raw)
+        offset += len(raw)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    tmp = f"{path}.tmp.{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for c in chunks:
+            f.write(c)
+    os.replace(tmp, path)
