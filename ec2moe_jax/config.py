@@ -44,6 +44,7 @@ class MoEConfig:
     expert_dim: int = 512  # F: hidden width of each SwiGLU expert
     capacity_factor: float | None = 1.25  # training capacity per expert; None = dropless
     eval_capacity_factor: float | None = None  # capacity when deterministic; None = dropless
+    # (a finite value makes KV-cache decoding differ from the full forward: groups differ)
     renormalize: bool = True  # renormalise combine weights over the chosen experts (Mixtral)
     aux_loss_coef: float = 0.01  # load-balance loss weight (Switch Transformer eq. 4)
     z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE eq. 5)
@@ -166,7 +167,8 @@ class TrainConfig:
     log_every: int = 25  # steps between JSON-lines metric records
 
     def validate(self) -> TrainConfig:
-        for name in ("batch_size", "seq_len", "steps", "eval_every", "checkpoint_every"):
+        for name in ("batch_size", "seq_len", "steps", "eval_every", "checkpoint_every",
+                     "eval_batches", "log_every"):
             _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         _check(self.learning_rate > 0, f"{self.learning_rate=} must be > 0")
         _check(0 <= self.warmup_steps < self.steps, f"{self.warmup_steps=} must be < {self.steps=}")

@@ -127,6 +127,16 @@ def test_missing_misshapen_and_unexpected_tensors_are_named(tmp_path):
         load_hf(str(tmp_path / "nowhere"))
 
 
+def test_safetensors_reader_rejects_bad_offsets(tmp_path):
+    import struct
+
+    header = json.dumps({"a": {"dtype": "F32", "shape": [2], "data_offsets": [-8, 0]}}).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + b"\0" * 16)
+    with pytest.raises(ValueError, match="bad offsets -8..0"):
+        read_file(str(path))
+
+
 def test_convert_command_and_generate_from_orbax(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1"}

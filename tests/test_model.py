@@ -92,11 +92,22 @@ def test_stage_methods_compose_to_the_full_model():
     assert_close(model.apply(v, h, method="head"), model.apply(v, tokens))
 
 
+def test_group_size_does_not_break_decoding():
+    model, params = _model(moe={"group_size": 4})  # 2 x 1 decode tokens: not divisible
+    prompt = _tokens(t=4)
+    np.testing.assert_array_equal(generate(model, params, prompt, 5),
+                                  generate_recompute(model, params, prompt, 5))
+
+
 def test_bad_input_is_named():
     model, params = _model()
     with pytest.raises(ValueError, match="exceeds max_seq_len=64"):
         model.apply({"params": params}, _tokens(t=65))
     with pytest.raises(ValueError, match="max_seq_len=64"):
         generate(model, params, _tokens(t=60), 10)
+    with pytest.raises(ValueError, match="max_new_tokens=0"):
+        generate(model, params, _tokens(t=3), 0)
+    with pytest.raises(ValueError, match="vocab_size=256"):
+        generate(model, params, jnp.array([[1, 300]]), 2)
     with pytest.raises(ValueError, match=r"\[batch, time\]"):
         model.apply({"params": params}, jnp.zeros((4,), jnp.int32))

@@ -93,6 +93,23 @@ def test_checkpoint_round_trip_and_restore_onto_another_mesh(
     assert ckpt.latest_step() == 3
 
 
+def test_resume_refuses_a_different_run_and_resaving_a_step_works(
+    tiny_cfg, fixture_splits, tmp_path
+):
+    cfg = tiny_cfg.replace(train__steps=4, train__eval_every=100)
+    train(cfg, str(tmp_path), splits=fixture_splits, progress=False, stop_at=2)
+    with pytest.raises(ValueError, match=r"different run.*learning_rate"):
+        train(cfg.replace(train__learning_rate=1e-2), str(tmp_path), splits=fixture_splits,
+              progress=False)
+    # Evaluation cadence may change between runs; the trajectory may not.
+    done = train(cfg.replace(train__eval_every=50), str(tmp_path), splits=fixture_splits,
+                 progress=False)
+    assert done["steps"] == 4
+    ckpt = Checkpointer(str(tmp_path / "checkpoints"))
+    ckpt.save(4, {"x": np.zeros(3)})  # the step exists already: replaced, not an error
+    assert ckpt.latest_step() == 4
+
+
 def test_missing_checkpoint_directory_is_named(tmp_path):
     missing = tmp_path / "nope"
     with pytest.raises(FileNotFoundError, match="nope"):

@@ -16,8 +16,11 @@ def compress(params: dict, h: jax.Array, bits: str | None = "int8") -> bytes:
     if h.ndim != 3:
         raise ValueError(f"hidden state must be [B, T, D], got shape {h.shape}")
     z = lowrank.encode(params, h)
-    if bits is None:
-        return wire.pack(np.asarray(z, np.float32), None, "float16")
+    if not bool(np.all(np.isfinite(np.asarray(z)))):
+        raise ValueError("hidden state (or its latent) contains NaN or infinity; refusing to "
+                         "encode it")
+    if bits is None:  # unquantised latents travel as float32, exactly what evaluation models
+        return wire.pack(np.asarray(z, np.float32), None, "float32")
     q, scale = lowrank.quantize(z, bits)
     return wire.pack(np.asarray(q), np.asarray(scale), bits)
 

@@ -94,7 +94,11 @@ def pack(values: np.ndarray, scale: np.ndarray | None, kind: str) -> bytes:
         else:
             parts.append(levels.tobytes())
     else:
-        parts.append(values.astype("<f2" if kind == "float16" else "<f4").tobytes())
+        cast = values.astype("<f2" if kind == "float16" else "<f4")
+        if not np.all(np.isfinite(cast)):
+            raise WireFormatError(f"latents are not finite as {kind} (NaN, infinity or "
+                                  "overflow); refusing to send them")
+        parts.append(cast.tobytes())
     body = b"".join(parts)
     assert len(body) == body_bytes(kind, b, t, r)
     return HEADER.pack(MAGIC, VERSION, KINDS[kind], r, b, t, len(body)) + body
@@ -137,7 +141,11 @@ def unpack(buf: bytes, expected_rank: int | None = None) -> Latent:
         raw = np.frombuffer(body[4 * n:], np.uint8)
         if kind == "int8":
             levels = raw.view(np.int8)
+            if np.any(levels == -128):
+                raise WireFormatError("int8 payload holds -128, outside the codec's [-127, 127]")
         else:
+            if (n * rank) % 2 and raw.size and raw[-1] >> 4:
+                raise WireFormatError("int4 payload has a non-zero padding nibble")
             nib = np.stack([raw & 0xF, raw >> 4], axis=1).reshape(-1)[: n * rank]
             levels = np.where(nib > 7, nib.astype(np.int16) - 16, nib).astype(np.int8)
             if np.any(levels == -8):

@@ -17,7 +17,9 @@ from ec2moe_jax.layers.basic import RMSNorm, default_init, dense, param_with_axe
 class Attention(nn.Module):
     """Self-attention; with ``decode=True`` it appends to and attends over the 'cache'
     collection (cached keys/values [B, M, Hk, Dh] and a scalar write index), so one call
-    can prefill a whole prompt and later calls add one token each."""
+    can prefill a whole prompt and later calls add one token each. Writing past
+    ``max_seq_len`` cannot be checked inside jit (``dynamic_update_slice`` clamps), so callers
+    must guard it, as :func:`ec2moe_jax.models.generate` does."""
 
     cfg: ModelConfig
 

@@ -55,12 +55,15 @@ class MoEBlock(nn.Module):
         wd = self.param("w_down", param_with_axes(default_init, ("expert", "expert_mlp", "embed")),
                         (e, f, d))
 
-        xg = to_groups(x, cfg.group_size)
-        # Router maths in float32 whatever the activation dtype.
-        logits = dense(xg.astype(jnp.float32), router.astype(jnp.float32))
         factor = cfg.eval_capacity_factor if deterministic else cfg.capacity_factor
         if cfg.dispatch == "ragged":
             factor = None
+        group = cfg.group_size
+        if factor is None and group and (b * t) % group:
+            group = None  # dropless routing is per token: grouping (e.g. decode steps) is moot
+        xg = to_groups(x, group)
+        # Router maths in float32 whatever the activation dtype.
+        logits = dense(xg.astype(jnp.float32), router.astype(jnp.float32))
         route = top_k_route(logits, top_k=cfg.top_k, capacity_factor=factor,
                             renormalize=cfg.renormalize, allowed=allowed)
 

@@ -57,6 +57,11 @@ def generate(
     limit = model.cfg.max_seq_len
     if p < 1:
         raise ValueError("prompt must hold at least one token")
+    if max_new_tokens < 1:
+        raise ValueError(f"{max_new_tokens=} must be >= 1")
+    vocab = model.cfg.vocab_size
+    if not bool(jnp.all((prompt >= 0) & (prompt < vocab))):
+        raise ValueError(f"prompt token ids must lie in [0, vocab_size={vocab})")
     if p + max_new_tokens > limit:
         raise ValueError(f"prompt length {p} + max_new_tokens {max_new_tokens} exceeds the "
                          f"model's max_seq_len={limit}; shorten one of them")

@@ -76,8 +76,8 @@ def model_config_from_hf(c: dict, dispatch: str = "einsum") -> ModelConfig:
     else:
         moe_layers = tuple(range(layers))
         expert_dim = int(c["intermediate_size"])
-    renormalize = True if family == "mixtral" else bool(
-        c.get("norm_topk_prob", family == "qwen3_moe"))
+    # transformers' default for norm_topk_prob is False in all three other families.
+    renormalize = True if family == "mixtral" else bool(c.get("norm_topk_prob", False))
     if family == "qwen2_moe":
         bias = "qkv" if c.get("qkv_bias", True) else "none"
     else:

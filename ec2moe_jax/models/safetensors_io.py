@@ -34,15 +34,27 @@ def read_file(path: str) -> dict[str, np.ndarray]:
         (n,) = struct.unpack("<Q", raw)
         if n > min(_MAX_HEADER, size - 8):
             raise ValueError(f"{path!r}: header length {n} exceeds the file ({size} bytes)")
-        header = json.loads(f.read(n))
+        try:
+            header = json.loads(f.read(n))
+        except ValueError as e:
+            raise ValueError(f"{path!r}: safetensors header is not valid JSON") from e
+    if not isinstance(header, dict):
+        raise ValueError(f"{path!r}: safetensors header is not a JSON object")
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
     out = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in _DTYPES:
-            raise ValueError(f"{path!r}: tensor {name!r} has unsupported dtype {info['dtype']}")
-        begin, end = info["data_offsets"]
+        try:
+            dtype_name, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path!r}: malformed header entry for tensor {name!r}") from e
+        if dtype_name not in _DTYPES:
+            raise ValueError(f"{path!r}: tensor {name!r} has unsupported dtype {dtype_name}")
+        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end
+                and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ValueError(f"{path!r}: tensor {name!r} has bad offsets {begin}..{end} or "
+                             f"shape {shape}")
         dtype = _DTYPES[info["dtype"]]
         count = int(np.prod(info["shape"], dtype=np.int64))
         if end - begin != count * dtype.itemsize or end > data.shape[0]:
@@ -66,6 +78,8 @@ def read_checkpoint(folder: str) -> dict[str, np.ndarray]:
                                 f"{folder!r} (torch .bin checkpoints are not supported)")
     tensors: dict[str, np.ndarray] = {}
     for name in files:
+        if os.path.isabs(name) or os.path.normpath(name).startswith(".."):
+            raise ValueError(f"index of {folder!r} points outside the folder: {name!r}")
         path = os.path.join(folder, name)
         if not os.path.exists(path):
             raise FileNotFoundError(f"shard {name!r} listed in the index is missing from "

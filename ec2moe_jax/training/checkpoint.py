@@ -35,6 +35,9 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, tree: Any, force: bool = True) -> None:
+        """Saves ``tree`` as ``step``; a step that already exists is replaced."""
+        if step in self.manager.all_steps():
+            self.manager.delete(step)
         self.manager.save(step, args=ocp.args.StandardSave(tree), force=force)
         self.manager.wait_until_finished()
 

@@ -97,7 +97,8 @@ def finetune_codec(
     loss_fn = make_codec_loss(model, split, bits)
 
     @jax.jit
-    def step(codec, opt_state, batch_tokens):
+    def step(codec, opt_state, lm_params, batch_tokens):  # LM params as an argument, not
+        # closed over: closed-over arrays would be baked into the program as constants
         (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(codec, lm_params,
                                                                      batch_tokens)
         updates, opt_state = tx.update(grads, opt_state, codec)
@@ -108,7 +109,7 @@ def finetune_codec(
                   leave=False):
         batch = data_lib.train_batch(tokens, i, batch_size=batch_size, seq_len=seq_len,
                                      seed=seed)
-        codec, opt_state, m = step(codec, opt_state, batch["inputs"])
+        codec, opt_state, m = step(codec, opt_state, lm_params, batch["inputs"])
         if i % 25 == 0 or i == steps - 1:
             history.append({"step": i + 1, **{k: float(v) for k, v in m.items()}})
     if checkpoint_dir is not None:
@@ -149,7 +150,7 @@ def split_bits_per_char(
     identity = transform is None
 
     @jax.jit
-    def nll(codec, batch):
+    def nll(codec, lm_params, batch):
         h = end_hidden(model, lm_params, batch["inputs"], split)
         if not identity:
             h = transform(codec, h)
@@ -160,7 +161,7 @@ def split_bits_per_char(
     total = count = 0.0
     for batch in data_lib.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
                                        max_batches=max_batches):
-        s, c = nll(codec, batch)
+        s, c = nll(codec, lm_params, batch)
         total, count = total + float(s), count + float(c)
     return total / max(count, 1.0) / np.log(2.0)
 

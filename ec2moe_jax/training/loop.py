@@ -148,6 +148,29 @@ def save_params(cfg: ExperimentConfig, workdir: str, params) -> None:
     save_config(cfg, workdir, kind="params")
 
 
+# Fields that shape the trajectory: a resumed run must agree on them (evaluation, logging and
+# checkpoint cadence, and the mesh, may change between runs).
+_TRAJECTORY_FIELDS = ("batch_size", "seq_len", "steps", "learning_rate", "warmup_steps",
+                      "min_lr_ratio", "weight_decay", "b1", "b2", "clip_norm", "seed")
+
+
+def _check_resumable(cfg: ExperimentConfig, workdir: str) -> None:
+    saved = _read_workdir(workdir)
+    if saved.get("kind") == "params":
+        raise ValueError(f"{workdir!r} holds imported parameters, not a training run; "
+                         "train in another workdir")
+    old = from_dict(saved["name"], saved["config"])
+    diffs = [f"model: {old.model} != {cfg.model}"] if old.model != cfg.model else []
+    if old.data != cfg.data:
+        diffs.append(f"data: {old.data} != {cfg.data}")
+    diffs += [f"train.{f}: {getattr(old.train, f)} != {getattr(cfg.train, f)}"
+              for f in _TRAJECTORY_FIELDS if getattr(old.train, f) != getattr(cfg.train, f)]
+    if diffs:
+        raise ValueError(f"{workdir!r} holds a checkpoint of a different run ("
+                         + "; ".join(diffs)[:600] + "); resume with the same config and "
+                         "flags, or use a new --workdir")
+
+
 def read_curve(workdir: str) -> list[dict]:
     """The periodic validation records of a run (last record per step wins on resume)."""
     by_step: dict[int, dict] = {}
@@ -194,8 +217,10 @@ def train(
     os.makedirs(workdir, exist_ok=True)
     splits = data_lib.prepare_splits(cfg.data) if splits is None else splits
     setup = build(cfg, mesh)
-    save_config(cfg, workdir)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
+    if ckpt.latest_step() is not None:
+        _check_resumable(cfg, workdir)
+    save_config(cfg, workdir)
     t = cfg.train
     tokens_per_step = t.batch_size * t.seq_len
     target = t.steps if stop_at is None else min(stop_at, t.steps)
@@ -244,8 +269,12 @@ def train(
                     checkpoint(state, elapsed + time.perf_counter() - t0)
                 bar.update(1)
     except KeyboardInterrupt:
-        checkpoint(state, elapsed + time.perf_counter() - t0)
-        bar.write(f"interrupted: checkpoint saved at step {int(state.step)}; rerun to resume")
+        try:
+            checkpoint(state, elapsed + time.perf_counter() - t0)
+            bar.write(f"interrupted: checkpoint at step {int(state.step)}; rerun to resume")
+        except Exception:  # noqa: BLE001 - interrupted inside a step: its inputs were donated
+            bar.write(f"interrupted mid-step; resume from the last checkpoint (step "
+                      f"{ckpt.latest_step()})")
         raise
     finally:
         bar.close()
