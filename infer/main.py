@@ -27,6 +27,8 @@ def main(argv: list[str] | None = None):
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate", help="sample text with the KV cache")
     g.add_argument("--workdir", default="runs/small")
+    g.add_argument("--hf", default=None,
+                   help="generate straight from a Hugging Face folder instead of a workdir")
     g.add_argument("--prompt", default="ROMEO:\n")
     g.add_argument("--prompt-ids", default=None,
                    help="comma-separated token ids (for imported models with their own "
@@ -42,14 +44,19 @@ def main(argv: list[str] | None = None):
     e.add_argument("--json", action="store_true", help="print machine-readable JSON")
     args = ap.parse_args(argv)
 
-    setup, params = load_params(args.workdir)
-    cfg, model = setup.cfg, setup.model
+    if getattr(args, "hf", None):
+        from ec2moe_jax.models import load_hf
+
+        model, params = load_hf(args.hf)
+    else:
+        setup, params = load_params(args.workdir)
+        cfg, model = setup.cfg, setup.model
     if args.cmd == "generate":
         tok = ByteTokenizer()
         ids = ([int(i) for i in args.prompt_ids.split(",")] if args.prompt_ids
                else tok.encode(args.prompt))
         prompt = jnp.asarray(ids, jnp.int32)[None]
-        limit = cfg.model.max_seq_len - prompt.shape[1]
+        limit = model.cfg.max_seq_len - prompt.shape[1]
         out = generate(model, params, prompt, min(args.max_new_tokens, limit),
                        temperature=args.temperature, rng=jax.random.key(args.seed))
         if args.prompt_ids:

@@ -155,6 +155,11 @@ def test_convert_command_and_generate_from_orbax(tmp_path):
                          check=True, capture_output=True, text=True).stdout.strip()
     expected = generate(model, ref_params, np.array([[1, 2, 3]]), 5)
     assert ids.splitlines()[-1] == ",".join(str(int(i)) for i in jax.device_get(expected[0]))
+    direct = subprocess.run([sys.executable, "infer/main.py", "generate", "--hf",
+                             os.path.join(FIX, "mixtral"), "--prompt-ids", "1,2,3",
+                             "--max-new-tokens", "5"], cwd=root, env=env, check=True,
+                            capture_output=True, text=True).stdout.strip()
+    assert direct.splitlines()[-1] == ids.splitlines()[-1]
 
 
 @pytest.mark.torch

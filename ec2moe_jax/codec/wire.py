@@ -94,7 +94,8 @@ def pack(values: np.ndarray, scale: np.ndarray | None, kind: str) -> bytes:
         else:
             parts.append(levels.tobytes())
     else:
-        cast = values.astype("<f2" if kind == "float16" else "<f4")
+        with np.errstate(over="ignore", invalid="ignore"):  # checked just below
+            cast = values.astype("<f2" if kind == "float16" else "<f4")
         if not np.all(np.isfinite(cast)):
             raise WireFormatError(f"latents are not finite as {kind} (NaN, infinity or "
                                   "overflow); refusing to send them")
