@@ -14,14 +14,16 @@ from ec2moe_jax.profiles.device import DeviceProfile
 
 def available_memory_bytes() -> float:
     """MemAvailable from /proc/meminfo (Linux), else total physical memory via sysconf."""
+    total = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return float(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+            lines = f.readlines()
+    except OSError:  # not Linux: total physical memory is the best we know
+        return total
+    for line in lines:
+        if line.startswith("MemAvailable:"):
+            return float(line.split()[1]) * 1024
+    return total
 
 
 def cpu_load() -> float:
