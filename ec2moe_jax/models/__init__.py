@@ -2,7 +2,13 @@
 
 from ec2moe_jax.models.generate import generate, generate_recompute, make_decoder, sample_token
 from ec2moe_jax.models.hf import UnsupportedCheckpoint, load_hf
-from ec2moe_jax.models.lm import MoELM, init_cache, init_params, summarize_routes
+from ec2moe_jax.models.lm import (
+    MoELM,
+    init_cache,
+    init_params,
+    routing_stats,
+    summarize_routes,
+)
 
 __all__ = [
     "MoELM",
@@ -13,6 +19,7 @@ __all__ = [
     "init_params",
     "load_hf",
     "make_decoder",
+    "routing_stats",
     "sample_token",
     "summarize_routes",
 ]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from ec2moe_jax.config import ModelConfig
 from ec2moe_jax.layers.basic import RMSNorm, default_init, dense, param_with_axes
 from ec2moe_jax.layers.block import DecoderBlock
+from ec2moe_jax.routing.stats import stats_from_routes
 from ec2moe_jax.routing.topk import Route
 
 
@@ -110,6 +111,15 @@ class MoELM(nn.Module):
         if return_aux:
             return logits, summarize_routes(routes)
         return logits
+
+
+def routing_stats(model: MoELM, params, tokens: jax.Array, allowed: jax.Array | None = None):
+    """:class:`~ec2moe_jax.routing.RoutingStats` of one forward pass over ``tokens`` [B, T]
+    (jit-able; sum the results of several batches with ``+``)."""
+    v = {"params": params}
+    x = model.apply(v, tokens, method="embed")
+    _, routes = model.apply(v, x, allowed=allowed, method="layers")
+    return stats_from_routes(routes)
 
 
 def init_params(model: MoELM, rng: jax.Array, batch_size: int = 1, seq_len: int = 8):

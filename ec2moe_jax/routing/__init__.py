@@ -1,6 +1,13 @@
 """Pure routing and dispatch functions."""
 
 from ec2moe_jax.routing.dispatch import einsum_moe, gather_moe, ragged_moe
+from ec2moe_jax.routing.stats import (
+    RoutingStats,
+    load_stats,
+    save_stats,
+    stats_from_route,
+    stats_from_routes,
+)
 from ec2moe_jax.routing.topk import (
     Route,
     compute_capacity,
@@ -11,11 +18,16 @@ from ec2moe_jax.routing.topk import (
 
 __all__ = [
     "Route",
+    "RoutingStats",
     "compute_capacity",
     "einsum_moe",
     "gather_moe",
     "load_balance_loss",
+    "load_stats",
     "ragged_moe",
     "router_z_loss",
+    "save_stats",
+    "stats_from_route",
+    "stats_from_routes",
     "top_k_route",
 ]

@@ -29,7 +29,9 @@ class Route:
       expert_index: <int32>[G, S, K] chosen experts, best first.
       combine_weights: <float32>[G, S, K] weight of each choice; 0 where dropped or masked.
       position: <int32>[G, S, K] slot of each choice in its expert's buffer.
-      kept: <bool>[G, S, K] the choice is processed (allowed and within capacity).
+      valid: <bool>[G, S, K] the chosen expert is allowed (False only when fewer than K
+        experts are allowed).
+      kept: <bool>[G, S, K] the choice is processed (valid and within capacity).
       probs: <float32>[G, S, E] unbiased router softmax over all experts.
       expert_counts: <int32>[G, E] choices of each expert before capacity (allowed only).
       expert_load: <int32>[G, E] choices each expert processes (``<= capacity``).
@@ -41,6 +43,7 @@ class Route:
     expert_index: jax.Array
     combine_weights: jax.Array
     position: jax.Array
+    valid: jax.Array
     kept: jax.Array
     probs: jax.Array
     expert_counts: jax.Array
@@ -134,6 +137,7 @@ def _route_group(
         expert_index=index.astype(jnp.int32),
         combine_weights=jnp.where(kept, weights, 0.0),
         position=position.astype(jnp.int32),
+        valid=valid,
         kept=kept,
         probs=probs,
         expert_counts=counts.astype(jnp.int32),
