@@ -9,11 +9,6 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-try:  # also works when JAX_NUM_CPU_DEVICES is ignored by this jax version
-    jax.config.update("jax_num_cpu_devices", int(os.environ["JAX_NUM_CPU_DEVICES"]))
-except Exception:  # noqa: BLE001 - already initialised with the env var; checked below
-    pass
-
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 

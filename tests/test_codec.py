@@ -170,7 +170,7 @@ def test_finetuning_reduces_kl_and_checkpoint_round_trips(tiny_cfg, fixture_spli
         make_codec_loss,
         split_bits_per_char,
     )
-    from ec2moe_jax.training.steps import make_eval_step
+    from ec2moe_jax.training.steps import bits_per_char, make_eval_step
 
     model = MoELM(tiny_cfg.model)
     params = unbox(init_params(model, jax.random.key(0)))
@@ -188,14 +188,8 @@ def test_finetuning_reduces_kl_and_checkpoint_round_trips(tiny_cfg, fixture_spli
     restored = load_codec(str(tmp_path / "codec"), d_model=32, rank=4)
     assert_close(restored["w_enc"], codec["w_enc"])
     # With no transform the split evaluation equals the plain model's.
-    from ec2moe_jax import data as data_lib
-
     ev = jax.jit(make_eval_step(model))
-    total = count = 0.0
-    for b in data_lib.eval_batches(fixture_splits.test, batch_size=4, seq_len=32):
-        out = ev(params, b)
-        total, count = total + float(out["nll_sum"]), count + float(out["count"])
-    plain = total / count / np.log(2.0)
+    plain = bits_per_char(ev, params, fixture_splits.test, batch_size=4, seq_len=32)
     split = split_bits_per_char(model, params, fixture_splits.test, 1, None, batch_size=4,
                                 seq_len=32)
     assert split == pytest.approx(plain, rel=1e-5)

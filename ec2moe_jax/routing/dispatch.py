@@ -31,24 +31,14 @@ from ec2moe_jax.sharding.mesh import constrain
 ExpertFn = Callable[[jax.Array], jax.Array]  # [E, N, D] -> [E, N, D]
 
 
-def _one_hot_dispatch(route: Route) -> jax.Array:
-    """<float32>[G, S, E, C], 1 where token s occupies slot c of expert e."""
-    e = jax.nn.one_hot(route.expert_index, route.num_experts, dtype=jnp.float32)
-    c = jax.nn.one_hot(route.position, route.capacity, dtype=jnp.float32)
-    mask = route.kept.astype(jnp.float32)[..., None]
-    return jnp.einsum("gske,gskc->gsec", e * mask, c)
-
-
 def einsum_moe(x: jax.Array, route: Route, expert_fn: ExpertFn) -> jax.Array:
     """Reference dispatch with one-hot tensors. ``x``: [G, S, D] -> [G, S, D]."""
     num_groups, _, dim = x.shape
-    dispatch = _one_hot_dispatch(route)
-    combine = jnp.einsum(
-        "gsk,gske,gskc->gsec",
-        route.combine_weights,
-        jax.nn.one_hot(route.expert_index, route.num_experts, dtype=jnp.float32),
-        jax.nn.one_hot(route.position, route.capacity, dtype=jnp.float32),
-    )
+    e = jax.nn.one_hot(route.expert_index, route.num_experts, dtype=jnp.float32)
+    c = jax.nn.one_hot(route.position, route.capacity, dtype=jnp.float32)
+    # [G, S, E, C]: 1 where token s occupies slot c of expert e; combine adds the weights.
+    dispatch = jnp.einsum("gske,gskc->gsec", e * route.kept[..., None], c)
+    combine = jnp.einsum("gske,gskc->gsec", e * route.combine_weights[..., None], c)
     xe = jnp.einsum("gsd,gsec->egcd", x, dispatch.astype(x.dtype))
     xe = constrain(xe, ("expert", "batch", None, "embed"))
     ye = expert_fn(xe.reshape(route.num_experts, num_groups * route.capacity, dim))

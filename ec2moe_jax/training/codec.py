@@ -23,7 +23,7 @@ from ec2moe_jax import data as data_lib
 from ec2moe_jax.codec import lowrank
 from ec2moe_jax.models import MoELM
 from ec2moe_jax.training.checkpoint import Checkpointer
-from ec2moe_jax.training.steps import token_nll
+from ec2moe_jax.training.steps import bits_per_char, token_nll
 
 Transform = Callable[[dict, jax.Array], jax.Array]  # (codec params, h [B,T,D]) -> [B,T,D]
 
@@ -150,20 +150,16 @@ def split_bits_per_char(
     identity = transform is None
 
     @jax.jit
-    def nll(codec, lm_params, batch):
+    def step(both, batch):
+        codec, lm_params = both
         h = end_hidden(model, lm_params, batch["inputs"], split)
         if not identity:
             h = transform(codec, h)
-        logits = cloud_logits(model, lm_params, h, split)
-        loss = token_nll(logits, batch["targets"])
-        return jnp.sum(loss * batch["mask"]), jnp.sum(batch["mask"])
+        loss = token_nll(cloud_logits(model, lm_params, h, split), batch["targets"])
+        return {"nll_sum": jnp.sum(loss * batch["mask"]), "count": jnp.sum(batch["mask"])}
 
-    total = count = 0.0
-    for batch in data_lib.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
-                                       max_batches=max_batches):
-        s, c = nll(codec, lm_params, batch)
-        total, count = total + float(s), count + float(c)
-    return total / max(count, 1.0) / np.log(2.0)
+    return bits_per_char(step, (codec, lm_params), tokens, batch_size=batch_size,
+                         seq_len=seq_len, max_batches=max_batches)
 
 
 def bf16_link(_codec, h: jax.Array) -> jax.Array:

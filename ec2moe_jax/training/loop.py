@@ -37,8 +37,8 @@ from ec2moe_jax.training.checkpoint import (
     write_json_atomic,
 )
 from ec2moe_jax.training.steps import (
-    LN2,
     TrainState,
+    bits_per_char,
     make_eval_step,
     make_optimizer,
     make_train_step,
@@ -106,14 +106,9 @@ def evaluate(
     """
     t = setup.cfg.train
     stride = t.eval_stride if stride == -1 else stride
-    total, count = 0.0, 0.0
     with use_mesh(setup.mesh):
-        for batch in data_lib.eval_batches(tokens, batch_size=t.batch_size, seq_len=t.seq_len,
-                                           max_batches=max_batches, stride=stride):
-            out = setup.eval_step(params, batch)
-            total += float(out["nll_sum"])
-            count += float(out["count"])
-    return total / max(count, 1.0) / LN2
+        return bits_per_char(setup.eval_step, params, tokens, batch_size=t.batch_size,
+                             seq_len=t.seq_len, max_batches=max_batches, stride=stride)
 
 
 def save_config(cfg: ExperimentConfig, workdir: str, kind: str = "train_state") -> None:

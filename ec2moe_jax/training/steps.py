@@ -74,6 +74,31 @@ def make_train_step(
     return step
 
 
+def bits_per_char(
+    step: Callable[[object, dict], dict],
+    params,
+    tokens,
+    *,
+    batch_size: int,
+    seq_len: int,
+    max_batches: int | None = None,
+    stride: int | None = None,
+) -> float:
+    """Bits per character (byte) of ``tokens``: each target scored once, summed over batches.
+
+    ``step(params, batch) -> {"nll_sum", "count"}`` is an eval step such as
+    :func:`make_eval_step`'s; windows follow :func:`ec2moe_jax.data.eval_batches`.
+    """
+    from ec2moe_jax import data as data_lib
+
+    total = count = 0.0
+    for batch in data_lib.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
+                                       max_batches=max_batches, stride=stride):
+        out = step(params, batch)
+        total, count = total + float(out["nll_sum"]), count + float(out["count"])
+    return total / max(count, 1.0) / LN2
+
+
 def make_eval_step(model: MoELM) -> Callable[[dict, dict], dict]:
     """``eval(params, batch) -> {'nll_sum', 'count'}`` over the batch's masked targets."""
 
