@@ -1,0 +1,128 @@
+"""The per-device candidate set of the heuristic, and the baseline plans as candidates.
+
+Shape legend: L layers, E experts, N end devices, S = L + 1 splits, R = 3 residency options,
+C codec options, B micro-batch options, K = S R C B candidates per device.
+
+Residency options per split (route-aware: always the most-used experts first):
+  0 "cover": per end MoE layer the fewest experts covering ``min_coverage`` of its routing
+    mass (at least top-k);
+  1 "fit": as many experts as memory holds, handed out by
+    :func:`ec2moe_jax.selection.selection_order` (top-k per layer first, then by mass),
+    dropping the rest;
+  2 "swap": "fit" less one slot (the swap buffer), the rest read from storage on use.
+Baselines are particular candidates, so the heuristic's search space contains them.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ec2moe_jax.scheduler.model import Instance, Plan, coverage_table, end_memory
+from ec2moe_jax.selection import selection_order
+
+COVER, FIT, SWAP = 0, 1, 2
+NUM_RESIDENCY = 3
+
+
+def cover_counts(inst: Instance) -> jax.Array:
+    """<int32>[L] fewest top experts reaching ``min_coverage`` per layer (>= top-k)."""
+    cov = coverage_table(inst.freq)
+    need = jnp.sum(cov < inst.min_coverage - 1e-6, -1)
+    return jnp.clip(jnp.maximum(need, inst.top_k.astype(jnp.int32)), 0, inst.num_experts)
+
+
+def fit_counts(inst: Instance, spare_slots: int = 0) -> jax.Array:
+    """<int32>[N, S, B, L] experts per layer that fit each device at each split and
+    micro-batch, less ``spare_slots``; greedy by routing mass over the end layers.
+
+    The greedy order of the first ``s`` layers is the global order restricted to them (the
+    priority of an expert does not depend on the others), so one ranking serves all splits.
+    """
+    L, E = inst.num_layers, inst.num_experts
+    moe = inst.is_moe > 0
+    order = selection_order(jnp.where(moe[:, None], inst.freq, -3.0),
+                            inst.top_k.astype(jnp.int32)).reshape(-1)
+    items = jnp.argsort(order)  # item at each rank
+    layer_at = items // E
+    ok_at = moe[layer_at]
+    splits = jnp.arange(L + 1)
+    in_prefix = (layer_at[None, :] < splits[:, None]) & ok_at[None, :]  # [S, L*E]
+    cum = jnp.cumsum(in_prefix, -1)
+    # cum_layer[r, l]: items of layer l among ranks < r.
+    onehot = (layer_at[:, None] == jnp.arange(L)[None, :]) & ok_at[:, None]
+    cum_layer = jnp.concatenate([jnp.zeros((1, L), jnp.int32),
+                                 jnp.cumsum(onehot, 0, dtype=jnp.int32)], 0)
+    zero = jnp.zeros((L + 1, L), jnp.int32)
+    no = jnp.zeros(L + 1, jnp.int32)
+    fixed = jax.vmap(lambda b: end_memory(inst, Plan(splits, zero, no > 0, no, no), b))(
+        inst.batch)  # [B, S]
+    slots = jnp.floor((inst.end_mem[:, None, None] - fixed[None]) / inst.expert_bytes)
+    slots = jnp.maximum(slots - spare_slots, 0).astype(jnp.int32)  # [N, B, S]
+    n, b = slots.shape[:2]
+    # Ranks admitted at split s: the longest rank prefix whose in-prefix count fits the slots.
+    r = jax.vmap(lambda c, q: jnp.searchsorted(c, q, side="right"))(
+        cum, slots.transpose(2, 0, 1).reshape(L + 1, n * b))  # [S, N*B]
+    counts = cum_layer[r] * (jnp.arange(L)[None, None, :] < splits[:, None, None])
+    return counts.reshape(L + 1, n, b, L).transpose(1, 0, 2, 3)
+
+
+def candidates(inst: Instance) -> Plan:
+    """Every device's candidate plans in broadcastable form: split [1, S, 1, 1, 1], resident
+    [N, S, R, 1, B, L], swap [1, 1, R, 1, 1], codec [1, 1, 1, C, 1], batch [1, 1, 1, 1, B].
+
+    Scoring this compact form computes the per-layer work once per (device, split,
+    residency, micro-batch) and only the cheap link and codec terms per codec option; the
+    flat candidate index is ``((s R + r) C + c) B + b`` (see :func:`flatten`).
+    """
+    L = inst.num_layers
+    n, C, B = inst.num_devices, inst.codec_bytes.shape[0], inst.batch.shape[0]
+    S, R = L + 1, NUM_RESIDENCY
+    end = jnp.arange(L)[None, :] < jnp.arange(S)[:, None]  # [S, L]
+    cover = jnp.broadcast_to(jnp.where(end, cover_counts(inst)[None, :], 0)[:, None],
+                             (n, S, B, L))
+    res = jnp.stack([cover, fit_counts(inst), fit_counts(inst, 1)], 2)  # [N, S, R, B, L]
+    i32 = jnp.int32
+    return Plan(split=jnp.arange(S, dtype=i32).reshape(1, S, 1, 1, 1),
+                resident=res[:, :, :, None],
+                swap=(jnp.arange(R) == SWAP).reshape(1, 1, R, 1, 1),
+                codec=jnp.arange(C, dtype=i32).reshape(1, 1, 1, C, 1),
+                batch=jnp.arange(B, dtype=i32).reshape(1, 1, 1, 1, B))
+
+
+def flatten(inst: Instance, tree, trailing: int = 0):
+    """Broadcasts compact candidate arrays (a Plan or Terms) to [N, S, R, C, B] (+ trailing
+    dims of ``resident``) and flattens the candidates to [N, K]."""
+    n, S = inst.num_devices, inst.num_layers + 1
+    full = (n, S, NUM_RESIDENCY, inst.codec_bytes.shape[0], inst.batch.shape[0])
+
+    def one(x):
+        extra = x.shape[5:] if x.ndim > 5 else ()
+        return jnp.broadcast_to(x, full + extra).reshape((n, -1) + extra)
+
+    return jax.tree.map(one, tree)
+
+
+def candidate_index(inst: Instance, split, residency, codec=0, batch=0):
+    """Flat candidate index of (split, residency option, codec, micro-batch)."""
+    C, B = inst.codec_bytes.shape[0], inst.batch.shape[0]
+    return ((split * NUM_RESIDENCY + residency) * C + codec) * B + batch
+
+
+def baseline_indices(inst: Instance) -> dict[str, jax.Array]:
+    """Candidate indices (same for every device) of the baselines: cloud-only, end-only with
+    non-fitting experts dropped, end-only with them swapped from storage, and every uniform
+    single split without codec (micro-batch 1, experts fitted greedily)."""
+    L = inst.num_layers
+    return {
+        "cloud_only": jnp.asarray([candidate_index(inst, 0, COVER)]),
+        "end_only_drop": jnp.asarray([candidate_index(inst, L, FIT)]),
+        "end_only_swap": jnp.asarray([candidate_index(inst, L, SWAP)]),
+        "single_split": candidate_index(inst, jnp.arange(1, L), FIT),
+    }
+
+
+def take(plans: Plan, index: jax.Array) -> Plan:
+    """Per-device selection: ``plans`` [N, K, ...] at ``index`` [N] -> [N, ...]."""
+    n = jnp.arange(index.shape[0])
+    return jax.tree.map(lambda x: x[n, index], plans)

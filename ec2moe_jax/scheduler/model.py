@@ -1,0 +1,344 @@
+"""PO-ECC cost model (*ours*): per-device plan costs and the joint objective, pure and jit-able.
+
+Shape legend: L layers, E experts, N end devices, C codec options, B micro-batch options,
+P plan candidates (any leading batch shape).
+
+A plan for one end device is ``(split s, resident experts n[L], swap, codec c, micro-batch b)``:
+layers ``[0, s)`` run on the end with the ``n[l]`` most-used experts of layer ``l`` resident
+(top-n by routing mass, the order of :func:`ec2moe_jax.selection.selection_order`), the rest
+in the cloud with every expert. ``s = 0`` is cloud-only, ``s = L`` end-only. ``swap`` reads
+non-resident experts from storage when a token needs them (EdgeMoE-style) instead of dropping
+them. Because cost depends only on the counts and coverage is maximal for the top-n, counts
+(not subsets) are the whole resident-set decision.
+
+Workload: a request is ``T`` prompt tokens then ``G`` generated tokens. ``G = 0`` is the
+single-pass workload (scoring / prefill; stages pipeline across requests). ``G > 0`` is
+autoregressive decoding: a split plan makes one end-cloud-end round trip per generated token,
+cloud-only pays the round trip once and streams tokens back.
+
+Stage time (roofline, calibrated): ``overhead + max(FLOPs / (eta_f F), bytes / (eta_b BW))``
+per job, a job being one micro-batch of ``b`` requests (prefill) or one decode step of ``b``
+sequences. Weight bytes are route-aware: a job reads an expert only if one of its ``t K``
+choices lands on it, ``P(touched) = 1 - (1 - f_e)^(t K)`` from the routing frequencies.
+
+Queueing: every end device, its uplink and the shared cloud are M/G/1 servers (Poisson
+micro-batch arrivals at ``rate / b``; Pollaczek-Khinchine wait ``sum(r S^2) / (2 (1 - rho))``).
+A request waits at a server once per visit (``1 + G`` visits when decoding), an approximation:
+decode steps of one request are not Poisson arrivals.
+
+**Objective** (minimised): the request-rate-weighted mean request latency, including
+micro-batch filling, queueing, compute, transfers and RTT, subject to stability (utilisation
+< 1 at every server), memory, the quality budget (coverage of routing mass per end MoE layer
+>= ``min_coverage`` unless swapping; codec bits/char increase <= ``codec_budget``) and privacy
+(``split >= min_end_layers``). Violations add ``INFEASIBLE`` per violated constraint and
+instability adds ``UNSTABLE * (1 + utilisation)``, so every feasible stable plan beats every
+other and among unstable ones the least loaded wins.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+UNSTABLE = 1e6  # seconds: any stable plan is better
+INFEASIBLE = 1e8  # seconds per violated constraint: any feasible plan is better
+HEADER_BYTES = 24.0  # wire header per message (ec2moe_jax.codec.wire)
+TOKEN_BYTES = 4.0  # a token id or a per-token score on the wire
+
+
+@flax.struct.dataclass
+class Instance:
+    """One scheduling problem as a pytree of arrays (float32 unless noted).
+
+    Model [L]: fixed_flops, fixed_bytes, is_moe (0/1); scalars expert_flops, expert_bytes,
+    attn_flops (per token per attended position), kv_bytes (per position per layer),
+    embed_bytes, head_bytes, head_flops, d_model, top_k.
+    freq: [L, E] routing frequencies sorted descending per layer (rows sum to 1; dense rows
+      are ignored).
+    Devices [N]: end_flops, end_bw (effective FLOP/s and bytes/s: available x calibrated
+      efficiency), end_mem (bytes for weights and KV), end_overhead (s per job), storage_bw
+      (bytes/s for swapped experts), link_bps (bits/s), rtt (s), rate (requests/s),
+      min_end_layers (<int32>, privacy: raw tokens never leave the device if > 0).
+    Cloud scalars: cloud_flops, cloud_bw, cloud_overhead.
+    Workload scalars: prompt_tokens T, gen_tokens G.
+    Options: codec_bytes [C] bytes per token on the wire (index 0 = no codec, bf16),
+      codec_rank [C], codec_quality [C] relative bits/char increase; batch [B] micro-batch
+      sizes (index 0 = 1).
+    Budgets: min_coverage, codec_budget.
+    """
+
+    fixed_flops: jax.Array
+    fixed_bytes: jax.Array
+    is_moe: jax.Array
+    expert_flops: jax.Array
+    expert_bytes: jax.Array
+    attn_flops: jax.Array
+    kv_bytes: jax.Array
+    embed_bytes: jax.Array
+    head_bytes: jax.Array
+    head_flops: jax.Array
+    d_model: jax.Array
+    top_k: jax.Array
+    freq: jax.Array
+    end_flops: jax.Array
+    end_bw: jax.Array
+    end_mem: jax.Array
+    end_overhead: jax.Array
+    storage_bw: jax.Array
+    link_bps: jax.Array
+    rtt: jax.Array
+    rate: jax.Array
+    min_end_layers: jax.Array
+    cloud_flops: jax.Array
+    cloud_bw: jax.Array
+    cloud_overhead: jax.Array
+    prompt_tokens: jax.Array
+    gen_tokens: jax.Array
+    codec_bytes: jax.Array
+    codec_rank: jax.Array
+    codec_quality: jax.Array
+    batch: jax.Array
+    min_coverage: jax.Array
+    codec_budget: jax.Array
+
+    @property
+    def num_layers(self) -> int:
+        return self.fixed_flops.shape[0]
+
+    @property
+    def num_experts(self) -> int:
+        return self.freq.shape[1]
+
+    @property
+    def num_devices(self) -> int:
+        return self.rate.shape[0]
+
+
+@flax.struct.dataclass
+class Plan:
+    """Plans of N end devices (or candidates: any leading shape instead of [N]).
+
+    split: <int32>[N] layers on the end. resident: <int32>[N, L] resident experts per layer
+    (top-n by routing mass; 0 at and after the split). swap: <bool>[N]. codec, batch:
+    <int32>[N] option indices into ``Instance.codec_*`` / ``Instance.batch``.
+    """
+
+    split: jax.Array
+    resident: jax.Array
+    swap: jax.Array
+    codec: jax.Array
+    batch: jax.Array
+
+
+@flax.struct.dataclass
+class Terms:
+    """Per-device (or per-candidate) quantities the joint objective combines.
+
+    rate: requests/s. latency: request latency excluding waits at the cloud (s). visits:
+    cloud jobs one request goes through in sequence. cloud_rho: cloud utilisation it adds.
+    cloud_s2: its ``sum(rate S^2)`` for the cloud's P-K wait. local_util: max utilisation
+    of its own end device and uplink. penalty: violated constraints (memory, quality,
+    privacy). coverage: min routing mass covered over end MoE layers (1 if none).
+    end_bytes: weights + KV the end holds. wire_bytes: uplink bytes per request.
+    """
+
+    rate: jax.Array
+    latency: jax.Array
+    visits: jax.Array
+    cloud_rho: jax.Array
+    cloud_s2: jax.Array
+    local_util: jax.Array
+    penalty: jax.Array
+    coverage: jax.Array
+    end_bytes: jax.Array
+    wire_bytes: jax.Array
+
+
+def coverage_table(freq: jax.Array) -> jax.Array:
+    """<float32>[L, E+1] routing mass covered by the top-n experts, n = 0..E."""
+    cum = jnp.cumsum(freq, axis=-1)
+    return jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum], axis=-1)
+
+
+def touched_table(freq: jax.Array, choices: jax.Array) -> jax.Array:
+    """<float32>[..., L, E+1] expected distinct experts among the top-n that a job of
+    ``choices`` [...] expert choices (tokens x K) reads, n = 0..E."""
+    c = jnp.asarray(choices, jnp.float32)[..., None, None]
+    p = 1.0 - jnp.power(jnp.clip(1.0 - freq, 0.0, 1.0), c)
+    cum = jnp.cumsum(p, axis=-1)
+    return jnp.concatenate([jnp.zeros_like(cum[..., :1]), cum], axis=-1)
+
+
+def _roofline(flops, nbytes, f, bw, overhead, active):
+    return jnp.where(active, overhead + jnp.maximum(flops / f, nbytes / bw), 0.0)
+
+
+def _mg1(arrivals, service, service2):
+    """Utilisation and P-K wait of one M/G/1 server (``inf`` wait when unstable)."""
+    rho = arrivals * service
+    wait = arrivals * service2 / (2.0 * jnp.maximum(1.0 - rho, 1e-9))
+    return rho, jnp.where(rho < 1.0, wait, jnp.inf)
+
+
+def _layer_work(inst: Instance, mask, tokens, seqs, context, res_touched, all_touched, swap):
+    """FLOPs, weight+KV bytes and storage bytes of the layers in ``mask`` [..., L] for one job
+    of ``tokens`` tokens in ``seqs`` sequences attending over ``context`` positions."""
+    moe = inst.is_moe
+    flops = tokens[..., None] * (inst.fixed_flops + moe * inst.top_k * inst.expert_flops
+                                 + inst.attn_flops * context[..., None])
+    flops = jnp.sum(mask * flops, -1)
+    kv = inst.kv_bytes * (context * seqs)[..., None]  # the job reads its KV cache once
+    nbytes = jnp.sum(mask * (inst.fixed_bytes + moe * inst.expert_bytes * res_touched + kv), -1)
+    fetched = jnp.sum(mask * moe * inst.expert_bytes * (all_touched - res_touched), -1)
+    return flops, nbytes, jnp.where(swap, fetched, 0.0)
+
+
+def _stage_times(inst: Instance, plan: Plan, dev, tokens_per_option, context):
+    """End time, cloud time, uplink bytes and downlink bytes of one job for every candidate;
+    ``tokens_per_option`` [B] tokens of a job at each micro-batch option."""
+    tokens = tokens_per_option[plan.batch]
+    seqs = inst.batch[plan.batch]
+    layers = jnp.arange(inst.num_layers)
+    s = plan.split[..., None]
+    end_mask = (layers < s).astype(jnp.float32)
+    cloud_mask = 1.0 - end_mask
+    # Tables per micro-batch option, gathered flat so no [..., L, E+1] array per candidate.
+    table = touched_table(inst.freq, tokens_per_option * inst.top_k)  # [B, L, E+1]
+    e1 = inst.num_experts + 1
+    row = (plan.batch[..., None] * inst.num_layers + layers) * e1
+    flat = table.reshape(-1)
+    res_t = flat[row + plan.resident]
+    all_t = flat[row + inst.num_experts]
+    e_fl, e_by, e_sw = _layer_work(inst, end_mask, tokens, seqs, context, res_t,
+                                   jnp.where(plan.swap[..., None], all_t, res_t), plan.swap)
+    c_fl, c_by, _ = _layer_work(inst, cloud_mask, tokens, seqs, context, all_t, all_t, False)
+    split, L = plan.split, inst.num_layers
+    end_only, cloud_only = split == L, split == 0
+    mid = (~end_only) & (~cloud_only)
+    rank = inst.codec_rank[plan.codec]
+    codec_fl = jnp.where(mid, 2.0 * tokens * inst.d_model * rank, 0.0)
+    e_fl = e_fl + jnp.where(end_only, tokens * inst.head_flops, 0.0) + codec_fl
+    e_by = e_by + jnp.where(end_only, inst.head_bytes, 0.0)
+    c_fl = c_fl + jnp.where(end_only, 0.0, tokens * inst.head_flops) + codec_fl
+    c_by = c_by + jnp.where(end_only, 0.0, inst.head_bytes)
+    t_end = _roofline(e_fl, e_by, inst.end_flops[dev], inst.end_bw[dev],
+                      inst.end_overhead[dev], split > 0) + e_sw / inst.storage_bw[dev]
+    t_cloud = _roofline(c_fl, c_by, inst.cloud_flops, inst.cloud_bw, inst.cloud_overhead,
+                        ~end_only)
+    per_token = jnp.where(cloud_only, TOKEN_BYTES, inst.codec_bytes[plan.codec])
+    up = jnp.where(end_only, 0.0, HEADER_BYTES + tokens * per_token)
+    down = jnp.where(end_only, 0.0, HEADER_BYTES + tokens * TOKEN_BYTES)
+    return t_end, t_cloud, up, down
+
+
+def plan_terms(inst: Instance, plan: Plan, dev: jax.Array) -> Terms:
+    """:class:`Terms` of plans ``plan`` (leading shape [...]) for end devices ``dev`` [...].
+
+    Pure and jit-able; the same function scores heuristic candidates, baselines and the
+    exhaustive enumeration, so their objectives are directly comparable.
+    """
+    T, G = inst.prompt_tokens, inst.gen_tokens
+    L = inst.num_layers
+    b = inst.batch[plan.batch]
+    lam = inst.rate[dev]
+    split = plan.split
+    end_only, cloud_only = split == L, split == 0
+    mid = (~end_only) & (~cloud_only)
+    zeros = jnp.zeros_like(b)
+    # Prefill job: b requests of T tokens (mean context T/2); decode step: b tokens at context
+    # T + G/2 (the mean over the G steps).
+    e_p, c_p, up_p, dn_p = _stage_times(inst, plan, dev, inst.batch * T, zeros + T / 2)
+    e_d, c_d, up_d, dn_d = _stage_times(inst, plan, dev, inst.batch, zeros + T + G / 2)
+    # Cloud-only decoding streams tokens back: nothing goes up per step, no per-step RTT.
+    up_d = jnp.where(cloud_only, 0.0, up_d)
+    bw = inst.link_bps[dev] / 8.0
+    x_p, x_d = up_p / bw, up_d / bw
+    y_p, y_d = dn_p / bw, dn_d / bw
+    rtt = inst.rtt[dev]
+    arrivals = lam / b
+    # End device and uplink: local M/G/1 servers.
+    rho_e, w_e = _mg1(arrivals, e_p + G * e_d, e_p**2 + G * e_d**2)
+    rho_l, w_l = _mg1(arrivals, x_p + G * x_d, x_p**2 + G * x_d**2)
+    has_cloud = ~end_only
+    visits = jnp.where(has_cloud, 1.0 + G, 0.0)
+    step_link = jnp.where(mid, x_d + y_d + rtt, 0.0)
+    latency = ((b - 1.0) / (2.0 * lam)
+               + (split > 0) * (1.0 + G) * jnp.where(rho_e < 1, w_e, 0.0)
+               + has_cloud * jnp.where(mid, 1.0 + G, 1.0) * jnp.where(rho_l < 1, w_l, 0.0)
+               + e_p + G * e_d + c_p + G * c_d
+               + jnp.where(has_cloud, x_p + y_p + rtt, 0.0) + G * step_link
+               + jnp.where(cloud_only, G * y_d, 0.0))
+    cloud_rho = arrivals * (c_p + G * c_d)
+    cloud_s2 = arrivals * (c_p**2 + G * c_d**2)
+    terms = _constraints(inst, plan, dev, b)
+    return Terms(rate=lam, latency=latency, visits=visits, cloud_rho=cloud_rho,
+                 cloud_s2=cloud_s2, local_util=jnp.maximum(rho_e, rho_l), penalty=terms[0],
+                 coverage=terms[1], end_bytes=terms[2],
+                 wire_bytes=jnp.where(has_cloud, up_p / b + G * up_d / b, 0.0))
+
+
+def end_memory(inst: Instance, plan: Plan, b: jax.Array) -> jax.Array:
+    """<float32>[...] bytes the end holds: embedding, fixed layer weights, resident experts,
+    LM head (end-only), one swap buffer, and the KV cache of ``b`` sequences."""
+    layers = jnp.arange(inst.num_layers)
+    mask = (layers < plan.split[..., None]).astype(jnp.float32)
+    s = plan.split
+    weights = jnp.sum(mask * (inst.fixed_bytes + inst.is_moe * inst.expert_bytes
+                              * plan.resident), -1)
+    kv = s * inst.kv_bytes * (inst.prompt_tokens + inst.gen_tokens) * b
+    return jnp.where(s > 0, inst.embed_bytes + weights + kv
+                     + jnp.where(plan.swap, inst.expert_bytes, 0.0)
+                     + jnp.where(s == inst.num_layers, inst.head_bytes, 0.0), 0.0)
+
+
+def _constraints(inst: Instance, plan: Plan, dev, b):
+    """(violations, min end coverage, end bytes) of each candidate."""
+    layers = jnp.arange(inst.num_layers)
+    end_moe = (layers < plan.split[..., None]) & (inst.is_moe > 0)
+    cov = coverage_table(inst.freq).reshape(-1)[layers * (inst.num_experts + 1) + plan.resident]
+    min_cov = jnp.min(jnp.where(end_moe & ~plan.swap[..., None], cov, 1.0), -1)
+    too_few = jnp.any(end_moe & (plan.resident < inst.top_k), -1)
+    mem = end_memory(inst, plan, b)
+    mid = (plan.split > 0) & (plan.split < inst.num_layers)
+    violations = ((mem > inst.end_mem[dev]).astype(jnp.float32)
+                  + (min_cov < inst.min_coverage - 1e-6)
+                  + too_few
+                  + (mid & (inst.codec_quality[plan.codec] > inst.codec_budget + 1e-9))
+                  + (plan.split < inst.min_end_layers[dev]))
+    return violations, min_cov, mem
+
+
+def combine(rate, latency, visits, cloud_rho, cloud_s2, local_util, penalty):
+    """Joint objective from per-device sums: (objective, mean latency, cloud utilisation).
+
+    ``rate`` etc. are totals over devices of ``rate``, ``rate * latency``, ``rate * visits``,
+    ``cloud_rho``, ``cloud_s2``; ``local_util`` the max and ``penalty`` the sum.
+    """
+    wait = cloud_s2 / (2.0 * jnp.maximum(1.0 - cloud_rho, 1e-9))
+    mean = (latency + visits * wait) / rate
+    util = jnp.maximum(cloud_rho, local_util)
+    stable = util < 1.0
+    obj = jnp.where(stable, mean, UNSTABLE * (1.0 + util)) + INFEASIBLE * penalty
+    return obj, jnp.where(stable, mean, jnp.inf), cloud_rho
+
+
+def joint_objective(terms: Terms) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(objective, mean latency, cloud utilisation) of a joint plan from its [N, ...] terms
+    (devices on axis 0)."""
+    return combine(terms.rate.sum(0), (terms.rate * terms.latency).sum(0),
+                   (terms.rate * terms.visits).sum(0), terms.cloud_rho.sum(0),
+                   terms.cloud_s2.sum(0), terms.local_util.max(0), terms.penalty.sum(0))
+
+
+def evaluate(inst: Instance, plan: Plan) -> dict[str, jax.Array]:
+    """Objective and diagnostics of a joint plan [N]: objective, mean_latency_s,
+    cloud_utilisation, throughput_rps (the rate scale at which the bottleneck server
+    saturates, times the offered rate), feasible, per-device terms."""
+    terms = plan_terms(inst, plan, jnp.arange(inst.num_devices))
+    obj, mean, rho = joint_objective(terms)
+    bottleneck = jnp.maximum(rho, terms.local_util.max())
+    return {"objective": obj, "mean_latency_s": mean, "cloud_utilisation": rho,
+            "bottleneck_utilisation": bottleneck,
+            "throughput_rps": terms.rate.sum() / jnp.maximum(bottleneck, 1e-12),
+            "feasible": terms.penalty.sum() == 0, "terms": terms}
