@@ -1,0 +1,102 @@
+"""Re-planning as an optax-style pair: ``init(instance) -> state`` and
+``update(observation, state) -> (plan, state)``, pure and jit-able.
+
+Shape legend: M MoE layers, E experts, N end devices, L layers.
+
+Routing statistics are smoothed by an exponential moving average; a new plan replaces the
+current one only when it is better by more than the hysteresis margin under the *current*
+conditions (or the current plan became infeasible or unstable), so bandwidth jitter inside
+the band does not make plans flap. Layers whose new counts are all zero keep their average
+(the documented fallback for empty statistics).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ec2moe_jax.scheduler.heuristic import schedule
+from ec2moe_jax.scheduler.model import UNSTABLE, Instance, Plan, evaluate
+
+
+@flax.struct.dataclass
+class Observation:
+    """counts: [M, E] routing counts of the last window; link_bps, rtt, rate: [N]."""
+
+    counts: jax.Array
+    link_bps: jax.Array
+    rtt: jax.Array
+    rate: jax.Array
+
+
+@flax.struct.dataclass
+class ReplanState:
+    """freq: [M, E] EMA of routing frequencies (expert identities kept, unsorted);
+    plan: the current plan [N]; objective: its objective when last checked; switches:
+    plan changes so far; steps: updates so far."""
+
+    freq: jax.Array
+    plan: Plan
+    objective: jax.Array
+    switches: jax.Array
+    steps: jax.Array
+
+
+class Replanner(NamedTuple):
+    init: callable
+    update: callable
+
+
+def make_replanner(template: Instance, *, decay: float = 0.8, hysteresis: float = 0.1,
+                   rounds: int = 3) -> Replanner:
+    """Builds ``(init, update)`` closing over the hyperparameters.
+
+    Args:
+      template: the instance whose model, devices and options stay fixed; observations
+        replace its statistics, bandwidths, RTTs and request rates.
+      decay: EMA weight of the old statistics, in [0, 1).
+      hysteresis: relative improvement a new plan needs to replace the current one.
+    """
+    if not 0 <= decay < 1:
+        raise ValueError(f"{decay=} must lie in [0, 1)")
+    if hysteresis < 0:
+        raise ValueError(f"{hysteresis=} must be >= 0")
+    moe_rows = np.flatnonzero(np.asarray(template.is_moe) > 0)
+
+    def instance(freq: jax.Array, obs: Observation | None) -> Instance:
+        full = template.freq.at[moe_rows].set(-jnp.sort(-freq, axis=-1))
+        inst = template.replace(freq=full)
+        if obs is not None:
+            inst = inst.replace(link_bps=obs.link_bps.astype(jnp.float32),
+                                rtt=obs.rtt.astype(jnp.float32),
+                                rate=obs.rate.astype(jnp.float32))
+        return inst
+
+    def init(freq: jax.Array | None = None) -> ReplanState:
+        """State planned for the template (``freq`` [M, E]: initial statistics, default the
+        template's, whose expert identities are then the sorted order)."""
+        f = template.freq[moe_rows] if freq is None else jnp.asarray(freq, jnp.float32)
+        f = f / jnp.maximum(f.sum(-1, keepdims=True), 1e-30)
+        plan, info = schedule(instance(f, None), rounds=rounds)
+        return ReplanState(f, plan, info["objective"], jnp.zeros((), jnp.int32),
+                           jnp.zeros((), jnp.int32))
+
+    def update(obs: Observation, state: ReplanState) -> tuple[Plan, ReplanState]:
+        counts = jnp.asarray(obs.counts, jnp.float32)
+        tot = counts.sum(-1, keepdims=True)
+        new = counts / jnp.maximum(tot, 1e-30)
+        freq = jnp.where(tot > 0, decay * state.freq + (1 - decay) * new, state.freq)
+        inst = instance(freq, obs)
+        cand, info = schedule(inst, rounds=rounds)
+        current = evaluate(inst, state.plan)["objective"]
+        switch = ((current > info["objective"] * (1 + hysteresis))
+                  | (current >= UNSTABLE) & (info["objective"] < current))
+        plan = jax.tree.map(lambda a, b: jnp.where(switch, a, b), cand, state.plan)
+        obj = jnp.where(switch, info["objective"], current)
+        return plan, ReplanState(freq, plan, obj, state.switches + switch, state.steps + 1)
+
+    return Replanner(init, update)
