@@ -42,8 +42,9 @@ class Calibration:
     def __post_init__(self):
         for f in ("eta_flops", "eta_bw"):
             v = getattr(self, f)
-            if not 0 < v <= 1:
-                raise ValueError(f"Calibration {f}={v} must lie in (0, 1]")
+            if not 0 < v <= 10:
+                raise ValueError(f"Calibration {f}={v} must lie in (0, 10] (a fraction of the "
+                                 "profile's roofline; above 1 only where caches beat it)")
         if self.overhead_s < 0:
             raise ValueError(f"Calibration overhead_s={self.overhead_s} must be >= 0")
 
@@ -205,3 +206,35 @@ def zipf_frequencies(num_layers: int, num_experts: int, alpha: float = 1.0,
     base = 1.0 / np.arange(1, num_experts + 1) ** alpha
     f = np.stack([rng.permutation(base) for _ in range(num_layers)])
     return f / f.sum(-1, keepdims=True)
+
+
+def random_small_instance(seed: int, max_devices: int = 3, layers: int | None = None,
+                          experts: int = 4) -> Instance:
+    """A random small instance (top-1 over ``experts`` experts, 2-3 layers) in an interesting
+    regime: skewed routing, end memory from 'nothing fits' to 'everything fits', 1-100 Mbps,
+    10-100 ms RTT, devices 0.1-10 TFLOP/s, the cloud from idle to saturated, both workloads.
+    Small enough for :func:`~ec2moe_jax.scheduler.exhaustive.optimum`."""
+    from ec2moe_jax.config import ModelConfig, MoEConfig
+    from ec2moe_jax.models.costs import model_costs
+    from ec2moe_jax.profiles import device
+
+    rng = np.random.default_rng(seed)
+    layers = layers or int(rng.integers(2, 4))
+    costs = model_costs(ModelConfig(d_model=256, num_layers=layers, num_heads=4, d_ff=512,
+                                    moe=MoEConfig(num_experts=experts, top_k=1,
+                                                  expert_dim=512)))
+    n = int(rng.integers(1, max_devices + 1))
+    freq = zipf_frequencies(layers, experts, float(rng.uniform(0, 2)), seed=seed)
+    full = costs.embed_bytes + costs.layer_bytes().sum() + costs.head_bytes
+    ends = [DeviceProfile(f"end{i}", memory_bytes=float(rng.uniform(0, 1.3) * full),
+                          peak_flops=float(10 ** rng.uniform(10, 12)),
+                          mem_bandwidth=float(10 ** rng.uniform(9.5, 11)))
+            for i in range(n)]
+    links = [LinkProfile(f"l{i}", float(10 ** rng.uniform(6, 8)), float(rng.uniform(0.01, 0.1)))
+             for i in range(n)]
+    return build_instance(costs, freq, ends, device("t4").with_load(float(rng.uniform(0, 0.99))),
+                          links, list(10 ** rng.uniform(0, 3, n)),
+                          gen_tokens=int(rng.choice([0, 8])),
+                          prompt_tokens=int(rng.choice([16, 128])),
+                          codecs=codec_options(256)[:4], batch_sizes=(1, 4),
+                          min_coverage=float(rng.uniform(0.5, 1.0)))
