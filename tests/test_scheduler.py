@@ -23,6 +23,7 @@ from ec2moe_jax.scheduler.replan import Observation, make_replanner
 from ec2moe_jax.selection import select_experts
 
 CLOUD = device("t4")
+jit_evaluate = jax.jit(evaluate)
 
 
 def small_costs(layers: int = 3, experts: int = 4, top_k: int = 1):
@@ -68,13 +69,13 @@ def test_fit_counts_match_selection():
         np.testing.assert_array_equal(counts[s, :s], want)
 
 
-@settings(max_examples=25, deadline=None, derandomize=True)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(st.integers(0, 10_000))
 def test_heuristic_feasible_and_never_worse_than_baselines(seed):
     inst = random_instance(seed)
     plan, info = schedule(inst)
-    ev = evaluate(inst, plan)
-    base = {k: float(evaluate(inst, p)["objective"]) for k, p in baseline_plans(inst).items()}
+    ev = jit_evaluate(inst, plan)
+    base = {k: float(jit_evaluate(inst, p)["objective"]) for k, p in baseline_plans(inst).items()}
     obj = float(ev["objective"])
     for name, b in base.items():
         assert obj <= b * (1 + 1e-5), (name, obj, b)
@@ -87,7 +88,7 @@ def test_heuristic_feasible_and_never_worse_than_baselines(seed):
 
 def test_heuristic_near_optimum_on_small_instances():
     gaps = []
-    for seed in range(40):
+    for seed in range(24):
         inst = random_instance(1000 + seed, max_devices=2, layers=2)
         _, info = schedule(inst)
         opt, _ = optimum(inst)

@@ -50,7 +50,7 @@ def grid(cal: Calibration, bandwidths=(1, 2, 5, 10, 20, 50, 100),
     costs = model_costs(cfg)
     freq = zipf_frequencies(int(costs.is_moe.sum()), costs.num_experts, 1.0, seed=0)
     mem = end_memory_gib * 2**30
-    names = [c.name for c in codec_options(costs.d_model)]
+    names = [c.name for c in codec_options(costs.d_model) if c.quality <= 0.02]
     out = {}
     for workload, gen in (("single_pass", 0), ("decoding", 64)):
         probe = _scenario(costs, freq, 1, 100, 1.0, gen, cal, mem, rtt)

@@ -170,6 +170,8 @@ def build_instance(
     cal = calibration or Calibration()
     ccal = cloud_calibration or cal
     codecs = list(codecs) if codecs is not None else codec_options(costs.d_model)
+    # Options over the quality budget can never be chosen: drop them (fewer candidates).
+    codecs = [c for c in codecs if c.name == "none" or c.quality <= codec_budget]
     if codecs[0].name != "none":
         raise ValueError("codec option 0 must be 'none' (the uncompressed baseline)")
     if list(batch_sizes)[0] != 1:

@@ -14,18 +14,20 @@ from ec2moe_jax.scheduler.candidates import baseline_indices, candidates, flatte
 from ec2moe_jax.scheduler.heuristic import schedule
 from ec2moe_jax.scheduler.model import Instance, Plan, evaluate, plan_terms
 
+_evaluate = jax.jit(evaluate)  # op-by-op dispatch of the cost model is slow on CPU
+
 
 def baseline_plans(inst: Instance) -> dict[str, Plan]:
     """Joint baseline plans [N]: cloud_only, end_only_drop (experts that do not fit are
     dropped; coverage < 1 may break the quality budget), end_only_swap (swapped in from
     storage) and best_split (the best uniform single split, no codec, micro-batch 1)."""
     n = inst.num_devices
-    cands = flatten(inst, candidates(inst))
+    cands = jax.jit(lambda i: flatten(i, candidates(i)))(inst)
     out = {}
     for name, idx in baseline_indices(inst).items():
         plans = [take(cands, jnp.full((n,), i)) for i in np.asarray(idx)]
         if name == "single_split":
-            objs = [float(evaluate(inst, p)["objective"]) for p in plans]
+            objs = [float(_evaluate(inst, p)["objective"]) for p in plans]
             out["best_split"] = plans[int(np.argmin(objs))]
         else:
             out[name] = plans[0]
@@ -59,7 +61,7 @@ def schedule_checked(inst: Instance, rounds: int = 3) -> tuple[Plan, dict]:
 def describe(inst: Instance, plan: Plan, codec_names: list[str] | None = None) -> dict:
     """JSON-ready summary of a joint plan: objective, latency, utilisation, throughput and
     per-device split / codec / micro-batch / coverage."""
-    ev = evaluate(inst, plan)
+    ev = _evaluate(inst, plan)
     t = ev["terms"]
     codecs = np.asarray(plan.codec).tolist()
     names = [codec_names[c] for c in codecs] if codec_names else codecs
