@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,7 @@ class DecoderBlock(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         allowed: jax.Array | None = None,
+        gate: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, Route | None]:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
@@ -35,7 +38,7 @@ class DecoderBlock(nn.Module):
                                             positions, decode)
         y = RMSNorm(cfg.norm_eps, name="ffn_norm")(h)
         if self.moe:
-            y, route = MoEBlock(cfg.moe, dtype=dtype, name="moe")(y, deterministic, allowed)
+            y, route = MoEBlock(cfg.moe, dtype=dtype, name="moe")(y, deterministic, allowed, gate)
         else:
             y, route = SwiGLU(cfg.d_ff, dtype=dtype, name="mlp")(y), None
         return h + y.astype(h.dtype), route

@@ -9,6 +9,8 @@ The module only owns parameters; routing (:mod:`ec2moe_jax.routing.topk`) and di
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -33,8 +35,11 @@ def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
 class MoEBlock(nn.Module):
     """Top-k routed SwiGLU experts (plus an optional shared expert).
 
-    ``__call__(x [B, T, D], deterministic, allowed) -> (y [B, T, D], Route)``; ``allowed``
-    is a <bool>[E] mask of experts that may be chosen (hardware-aware selection uses it).
+    ``__call__(x [B, T, D], deterministic, allowed, gate) -> (y [B, T, D], Route)``;
+    ``allowed`` is a <bool>[E] mask of experts that may be chosen (hardware-aware selection
+    uses it); ``gate``, if given, replaces the router: ``gate(x [G, S, D] float32, router
+    [D, E]) -> logits [G, S, E]`` (the HL-GGN group gate on an end device). Routing, top-k
+    among allowed experts and renormalisation stay the same.
     """
 
     cfg: MoEConfig
@@ -42,7 +47,11 @@ class MoEBlock(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, deterministic: bool = True, allowed: jax.Array | None = None
+        self,
+        x: jax.Array,
+        deterministic: bool = True,
+        allowed: jax.Array | None = None,
+        gate: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
     ) -> tuple[jax.Array, Route]:
         cfg = self.cfg
         b, t, d = x.shape
@@ -63,9 +72,13 @@ class MoEBlock(nn.Module):
             group = None  # dropless routing is per token: grouping (e.g. decode steps) is moot
         xg = to_groups(x, group)
         # Router maths in float32 whatever the activation dtype.
-        logits = dense(xg.astype(jnp.float32), router.astype(jnp.float32))
+        if gate is None:
+            logits = dense(xg.astype(jnp.float32), router.astype(jnp.float32))
+        else:
+            logits = gate(xg.astype(jnp.float32), router.astype(jnp.float32))
+        # A gate's weights are its own softmax over the chosen experts: always renormalised.
         route = top_k_route(logits, top_k=cfg.top_k, capacity_factor=factor,
-                            renormalize=cfg.renormalize, allowed=allowed)
+                            renormalize=cfg.renormalize or gate is not None, allowed=allowed)
 
         xg = xg.astype(self.dtype)
         if cfg.dispatch == "ragged":

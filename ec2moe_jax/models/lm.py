@@ -10,6 +10,8 @@ pipeline can run a layer range on one submesh (``model.apply(v, x, 0, 2, method=
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -72,8 +74,10 @@ class MoELM(nn.Module):
         deterministic: bool = True,
         decode: bool = False,
         allowed: jax.Array | None = None,
+        gates: Mapping[int, Callable[[jax.Array, jax.Array], jax.Array]] | None = None,
     ) -> tuple[jax.Array, list[Route]]:
-        """Runs blocks ``[start, stop)``; ``allowed``: <bool>[L, E] per-layer expert masks."""
+        """Runs blocks ``[start, stop)``; ``allowed``: <bool>[L, E] per-layer expert masks;
+        ``gates``: layer index -> a gate replacing that layer's router (see MoEBlock)."""
         stop = self.cfg.num_layers if stop is None else stop
         if not 0 <= start <= stop <= self.cfg.num_layers:
             raise ValueError(f"layer range [{start}, {stop}) outside [0, {self.cfg.num_layers}]")
@@ -83,8 +87,9 @@ class MoELM(nn.Module):
         routes = []
         for i in range(start, stop):
             mask = None if allowed is None else allowed[i]
+            gate = None if gates is None else gates.get(i)
             x, route = self.blocks[i](x, positions, deterministic=deterministic, decode=decode,
-                                      allowed=mask)
+                                      allowed=mask, gate=gate)
             if route is not None:
                 routes.append(route)
         return x, routes
