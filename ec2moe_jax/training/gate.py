@@ -1,0 +1,306 @@
+"""HL-GGN: initialising, training (optax, LM frozen) and evaluating the group gates of the
+end layers of a split model.
+
+Shape legend: B batch, T time, D model, E experts, K top-k, P gate inputs, L layers.
+
+The end runs layers ``[0, num_end_layers)`` with only the resident experts of a
+:class:`~ec2moe_jax.selection.Selection`; in each end MoE layer a
+:class:`~ec2moe_jax.layers.group_gate.GroupGate` replaces the router. The cloud runs the
+remaining layers with every expert. Gates start from a least-squares distillation of the
+router on real activations, then train on real text against
+
+    loss = CE(next byte) + distill_weight * KL(router over allowed || gate over allowed)
+           + aux_weight * load-balance(end layers)
+
+with every LM parameter frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm.auto import tqdm
+
+from ec2moe_jax import data as data_lib
+from ec2moe_jax.layers.group_gate import GroupGate
+from ec2moe_jax.models import MoELM
+from ec2moe_jax.routing import group_gate as gg
+from ec2moe_jax.routing.topk import Route
+from ec2moe_jax.selection import Selection
+from ec2moe_jax.training.checkpoint import Checkpointer
+from ec2moe_jax.training.steps import bits_per_char, token_nll
+
+
+@dataclasses.dataclass(frozen=True)
+class GateSpec:
+    """The static part of an end device's gates.
+
+    Attributes:
+      allowed: <bool>[L, E] routing mask of the split model (``Selection.allowed``).
+      num_end_layers: layers ``[0, num_end_layers)`` run on the end.
+      layers: the end MoE layers (each has a gate).
+      inputs: per gated layer, the P hidden coordinates its local gate reads.
+      log_prior: <float32>[L, E] log routing frequency of each expert (global router).
+    """
+
+    allowed: np.ndarray
+    num_end_layers: int
+    layers: tuple[int, ...]
+    inputs: tuple[tuple[int, ...], ...]
+    log_prior: np.ndarray
+
+    def flops_ratio(self, d_model: int) -> float:
+        """Gate FLOPs per token over the full router's, summed over the gated layers."""
+        e = self.allowed.shape[1]
+        gate = sum(gg.gate_flops(len(p), int(self.allowed[i].sum()))
+                   for i, p in zip(self.layers, self.inputs, strict=True))
+        return gate / (len(self.layers) * gg.router_flops(d_model, e))
+
+
+def router_inputs(model: MoELM, params, tokens: jax.Array, layers: tuple[int, ...],
+                  allowed: jax.Array | None = None) -> dict[int, jax.Array]:
+    """Router inputs [B, T, D] (the normed FFN input) of ``layers`` on ``tokens``."""
+    v = {"params": params}
+    x = model.apply(v, tokens, method="embed")
+    _, state = model.apply(v, x, 0, max(layers) + 1, allowed=allowed, method="layers",
+                           capture_intermediates=lambda m, _: m.name == "ffn_norm",
+                           mutable=["intermediates"])
+    return {i: state["intermediates"][f"layer_{i}"]["ffn_norm"]["__call__"][0] for i in layers}
+
+
+def init_gates(model: MoELM, lm_params, selection: Selection, frequencies: np.ndarray,
+               tokens: np.ndarray, *, num_inputs: int | None = None, batches: int = 8,
+               batch_size: int = 16, seq_len: int = 128, seed: int = 4321
+               ) -> tuple[GateSpec, dict]:
+    """Chooses each gate's inputs and distils the router onto them by least squares.
+
+    Args:
+      frequencies: <float>[M, E] routing frequencies of the MoE layers (the global prior).
+      tokens: training text; ``batches`` random windows of it are the fitting data.
+      num_inputs: P (default ``D // 4``).
+
+    Returns:
+      ``(spec, gate_params)`` with ``gate_params[f"layer_{i}"]`` a GroupGate's params.
+    """
+    cfg = model.cfg
+    if selection.num_end_layers == 0:
+        raise ValueError(f"the selection runs no layer on the end ({selection.reason}); "
+                         "there is no end gate to train")
+    p = num_inputs or cfg.d_model // 4
+    moe_rows = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
+    layers = tuple(i for i in moe_rows if i < selection.num_end_layers)
+    log_prior = np.zeros((cfg.num_layers, cfg.moe.num_experts), np.float32)
+    log_prior[moe_rows] = np.log(np.maximum(np.asarray(frequencies, np.float64), 1e-6))
+    allowed = jnp.asarray(selection.allowed)
+    fn = jax.jit(lambda prm, t: router_inputs(model, prm, t, layers, allowed))
+    xs = {i: [] for i in layers}
+    for b in range(batches):
+        batch = data_lib.train_batch(tokens, b, batch_size=batch_size, seq_len=seq_len,
+                                     seed=seed)
+        for i, x in fn(lm_params, batch["inputs"]).items():
+            xs[i].append(np.asarray(x, np.float64).reshape(-1, cfg.d_model))
+    inputs, gate_params = [], {}
+    for i in layers:
+        x = np.concatenate(xs[i])
+        router = np.asarray(lm_params[f"layer_{i}"]["moe"]["router"], np.float64)
+        idx = gg.choose_inputs(router, selection.allowed[i], p, np.sqrt((x**2).mean(0)))
+        w = gg.fit_local_gate(x[:, idx], x @ router, selection.allowed[i])
+        inputs.append(tuple(int(j) for j in idx))
+        e = cfg.moe.num_experts
+        gate_params[f"layer_{i}"] = {"w_local": jnp.asarray(w), "bias": jnp.zeros(e),
+                                     "temperature": jnp.zeros(()),
+                                     "prior_weight": jnp.zeros(())}
+    spec = GateSpec(np.asarray(selection.allowed), selection.num_end_layers, layers,
+                    tuple(inputs), log_prior)
+    return spec, gate_params
+
+
+@dataclasses.dataclass
+class _Recorder:
+    """Router and gate logits [G, S, E] per gated layer, recorded while one trace runs the
+    layers (for distillation and recall)."""
+
+    router_logits: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+    gate_logits: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+
+
+def make_gates(model: MoELM, spec: GateSpec, gate_params: dict,
+               recorder: _Recorder | None = None) -> dict[int, Callable]:
+    """Layer index -> gate callable for :meth:`MoELM.layers` (``gates=``)."""
+    e = model.cfg.moe.num_experts
+
+    def gate_for(i: int, inputs: tuple[int, ...]):
+        module = GroupGate(inputs, e)
+
+        def gate(x, router):
+            logits = module.apply({"params": gate_params[f"layer_{i}"]}, x,
+                                  jnp.asarray(spec.log_prior[i]))
+            if recorder is not None:
+                recorder.router_logits[i] = x @ router
+                recorder.gate_logits[i] = logits
+            return logits
+
+        return gate
+
+    return {i: gate_for(i, p) for i, p in zip(spec.layers, spec.inputs, strict=True)}
+
+
+def split_forward(model: MoELM, lm_params, tokens: jax.Array, spec: GateSpec,
+                  gate_params: dict | None, mode: str = "gate"
+                  ) -> tuple[jax.Array, list[Route], _Recorder]:
+    """Logits [B, T, V] of the split model, the end MoE layers' routes, and the full
+    router's (and gates') logits at the same inputs.
+
+    ``mode``: "full" (every expert everywhere), "masked" (plain top-k over resident
+    experts) or "gate" (the group gates).
+    """
+    if mode not in ("full", "masked", "gate"):
+        raise ValueError(f"{mode=!r} must be 'full', 'masked' or 'gate'")
+    v = {"params": lm_params}
+    recorder = _Recorder()
+    gates = make_gates(model, spec, gate_params, recorder) if mode == "gate" else None
+    allowed = None if mode == "full" else jnp.asarray(spec.allowed)
+    x = model.apply(v, tokens, method="embed")
+    x, routes = model.apply(v, x, 0, spec.num_end_layers, allowed=allowed, gates=gates,
+                            method="layers")
+    x, _ = model.apply(v, x, spec.num_end_layers, None, method="layers")
+    if mode != "gate":  # the router drove these routes: its log-probs are its logits
+        recorder.router_logits = {i: jnp.log(jnp.maximum(r.probs, 1e-30))
+                                  for i, r in zip(spec.layers, routes, strict=True)}
+    return model.apply(v, x, method="head"), routes, recorder
+
+
+def make_gate_loss(model: MoELM, spec: GateSpec, distill_weight: float = 0.1,
+                   aux_weight: float = 0.01):
+    """``loss(gate_params, lm_params, batch) -> (loss, metrics)``; gradients reach the gates
+    only (the LM parameters are an argument, stopped)."""
+
+    def loss_fn(gate_params, lm_params, batch):
+        lm_params = jax.lax.stop_gradient(lm_params)
+        logits, routes, rec = split_forward(model, lm_params, batch["inputs"], spec,
+                                            gate_params)
+        ce = jnp.mean(token_nll(logits, batch["targets"]))
+        kl = sum(gg.distillation_loss(rec.router_logits[i], rec.gate_logits[i],
+                                      jnp.asarray(spec.allowed[i]))
+                 for i in spec.layers) / len(spec.layers)
+        aux = sum(r.aux_loss for r in routes)
+        loss = ce + distill_weight * kl + aux_weight * aux
+        return loss, {"loss": loss, "ce": ce, "distill_kl": kl, "aux": aux}
+
+    return loss_fn
+
+
+def train_gates(
+    model: MoELM,
+    lm_params,
+    spec: GateSpec,
+    gate_params: dict,
+    tokens: np.ndarray,
+    *,
+    steps: int = 200,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    learning_rate: float = 3e-3,
+    distill_weight: float = 0.1,
+    aux_weight: float = 0.01,
+    seed: int = 77,
+    checkpoint_dir: str | None = None,
+    progress: bool = True,
+) -> tuple[dict, list[dict]]:
+    """Trains the gates with Adam (cosine decay), LM frozen; returns ``(gates, history)``.
+
+    With ``checkpoint_dir`` the result is saved with orbax (atomically) as one checkpoint.
+    """
+    tx = optax.adam(optax.cosine_decay_schedule(learning_rate, max(steps, 1), alpha=0.1))
+    opt_state = tx.init(gate_params)
+    loss_fn = make_gate_loss(model, spec, distill_weight, aux_weight)
+
+    @jax.jit
+    def step(gates, opt_state, lm_params, batch):  # LM params passed in, not baked in
+        (_, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(gates, lm_params, batch)
+        updates, opt_state = tx.update(grads, opt_state, gates)
+        return optax.apply_updates(gates, updates), opt_state, m
+
+    history = []
+    bar = tqdm(range(steps), disable=not progress, desc="group gate", leave=False)
+    for i in bar:
+        batch = data_lib.train_batch(tokens, i, batch_size=batch_size, seq_len=seq_len,
+                                     seed=seed)
+        gate_params, opt_state, m = step(gate_params, opt_state, lm_params, batch)
+        if i % 25 == 0 or i == steps - 1:
+            history.append({"step": i + 1, **{k: float(v) for k, v in m.items()}})
+            bar.set_postfix(ce=f"{history[-1]['ce']:.3f}", kl=f"{history[-1]['distill_kl']:.3f}")
+    if checkpoint_dir is not None:
+        save_gates(checkpoint_dir, gate_params, steps)
+    return gate_params, history
+
+
+def save_gates(checkpoint_dir: str, gate_params: dict, step: int = 0) -> None:
+    ckpt = Checkpointer(checkpoint_dir, keep=1)
+    ckpt.save(step, gate_params)
+    ckpt.close()
+
+
+def load_gates(checkpoint_dir: str, like: dict) -> dict:
+    """Restores gates saved by :func:`train_gates` onto the structure of ``like``."""
+    ckpt = Checkpointer(checkpoint_dir, create=False)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
+    out = ckpt.restore(abstract)
+    ckpt.close()
+    return out
+
+
+def evaluate_split(
+    model: MoELM,
+    lm_params,
+    spec: GateSpec,
+    gate_params: dict | None,
+    tokens: np.ndarray,
+    mode: str,
+    *,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Bits/char of ``tokens`` and routing agreement of the end layers, for one ``mode``.
+
+    Returns:
+      ``bits_per_char``; ``recall_at_k``: share of the full router's top-k choices (on the
+      same hidden states) that the end also makes; ``covered_mass``: the full router's
+      probability mass on the resident experts, per token, averaged.
+    """
+    sums = {"recall": 0.0, "mass": 0.0, "n": 0.0}
+    k = model.cfg.moe.top_k
+
+    @jax.jit
+    def step(both, batch):
+        gates, lm = both
+        logits, routes, rec = split_forward(model, lm, batch["inputs"], spec, gates, mode)
+        nll = token_nll(logits, batch["targets"])
+        recall = mass = 0.0
+        for i, r in zip(spec.layers, routes, strict=True):
+            full = jax.lax.top_k(rec.router_logits[i], k)[1]
+            recall += gg.recall_at_k(full, r.expert_index, r.valid)
+            mass += jnp.mean(jnp.sum(jax.nn.softmax(rec.router_logits[i], -1)
+                                     * jnp.asarray(spec.allowed[i]), -1))
+        n = max(len(spec.layers), 1)
+        return {"nll_sum": jnp.sum(nll * batch["mask"]), "count": jnp.sum(batch["mask"]),
+                "recall": recall / n, "mass": mass / n}
+
+    def counting_step(both, batch):
+        out = step(both, batch)
+        sums["recall"] += float(out["recall"])
+        sums["mass"] += float(out["mass"])
+        sums["n"] += 1
+        return out
+
+    bpc = bits_per_char(counting_step, (gate_params, lm_params), tokens,
+                        batch_size=batch_size, seq_len=seq_len, max_batches=max_batches)
+    n = max(sums["n"], 1.0)
+    return {"bits_per_char": bpc, "recall_at_k": sums["recall"] / n,
+            "covered_mass": sums["mass"] / n}
