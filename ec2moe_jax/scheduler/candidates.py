@@ -15,11 +15,12 @@ Baselines are particular candidates, so the heuristic's search space contains th
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 
 from ec2moe_jax.scheduler.model import Instance, Plan, coverage_table, end_memory
-from ec2moe_jax.selection import selection_order
 
 COVER, FIT, SWAP = 0, 1, 2
 NUM_RESIDENCY = 3
@@ -32,39 +33,74 @@ def cover_counts(inst: Instance) -> jax.Array:
     return jnp.clip(jnp.maximum(need, inst.top_k.astype(jnp.int32)), 0, inst.num_experts)
 
 
-def fit_counts(inst: Instance, spare_slots: int = 0) -> jax.Array:
-    """<int32>[N, S, B, L] experts per layer that fit each device at each split and
-    micro-batch, less ``spare_slots``; greedy by routing mass over the end layers.
+class FitRanks(NamedTuple):
+    """The greedy "fit" residency of every device in rank space.
+
+    order: <int32>[L, E] rank of each (layer, expert) in the greedy order (dense layers
+      included, never admitted). items: <int32>[L E] item at each rank; layer_at: its layer.
+    admitted: <int32>[S, L E + 1] MoE items of layers < s among the first r ranks.
+    per_layer: <int32>[L E + 1, L] items of each MoE layer among the first r ranks.
+    rank: <int32>[N, S, B, 2] ranks admitted at each split and micro-batch with 0 or 1
+      spare slots (the swap buffer).
+    fixed: <float32>[B, S] end bytes without resident experts (:func:`~.model.end_memory`).
+    """
+
+    order: jax.Array
+    items: jax.Array
+    layer_at: jax.Array
+    admitted: jax.Array
+    per_layer: jax.Array
+    rank: jax.Array
+    fixed: jax.Array
+
+
+def fit_ranks(inst: Instance) -> FitRanks:
+    """:class:`FitRanks`: experts handed out greedily by routing mass over the end layers
+    (the order of :func:`ec2moe_jax.selection.selection_order`) until each device's memory
+    is full.
 
     The greedy order of the first ``s`` layers is the global order restricted to them (the
     priority of an expert does not depend on the others), so one ranking serves all splits.
     """
     L, E = inst.num_layers, inst.num_experts
     moe = inst.is_moe > 0
-    order = selection_order(jnp.where(moe[:, None], inst.freq, -3.0),
-                            inst.top_k.astype(jnp.int32)).reshape(-1)
-    items = jnp.argsort(order)  # item at each rank
-    layer_at = items // E
+    # selection_order's ranking with one sort: rows of inst.freq are already sorted, so an
+    # expert's rank within its layer is its index (tests check the two agree).
+    prio = jnp.where(moe[:, None], inst.freq, -3.0) + 2.0 * (jnp.arange(E) < inst.top_k)
+    items = jnp.argsort(-prio.reshape(-1), stable=True)  # item at each rank
+    order = jnp.zeros(L * E, jnp.int32).at[items].set(jnp.arange(L * E, dtype=jnp.int32))
+    order = order.reshape(L, E)
+    layer_at = items // E  # layer of the item at each rank
     ok_at = moe[layer_at]
     splits = jnp.arange(L + 1)
     in_prefix = (layer_at[None, :] < splits[:, None]) & ok_at[None, :]  # [S, L*E]
-    cum = jnp.cumsum(in_prefix, -1)
-    # cum_layer[r, l]: items of layer l among ranks < r.
+    cum = jnp.cumsum(in_prefix, -1, dtype=jnp.int32)
     onehot = (layer_at[:, None] == jnp.arange(L)[None, :]) & ok_at[:, None]
-    cum_layer = jnp.concatenate([jnp.zeros((1, L), jnp.int32),
+    per_layer = jnp.concatenate([jnp.zeros((1, L), jnp.int32),
                                  jnp.cumsum(onehot, 0, dtype=jnp.int32)], 0)
     zero = jnp.zeros((L + 1, L), jnp.int32)
     no = jnp.zeros(L + 1, jnp.int32)
     fixed = jax.vmap(lambda b: end_memory(inst, Plan(splits, zero, no > 0, no, no), b))(
         inst.batch)  # [B, S]
     slots = jnp.floor((inst.end_mem[:, None, None] - fixed[None]) / inst.expert_bytes)
-    slots = jnp.maximum(slots - spare_slots, 0).astype(jnp.int32)  # [N, B, S]
-    n, b = slots.shape[:2]
+    slots = jnp.maximum(slots[..., None] - jnp.arange(2.0), 0).astype(jnp.int32)
+    n, b = slots.shape[:2]  # [N, B, S, 2]
     # Ranks admitted at split s: the longest rank prefix whose in-prefix count fits the slots.
     r = jax.vmap(lambda c, q: jnp.searchsorted(c, q, side="right"))(
-        cum, slots.transpose(2, 0, 1).reshape(L + 1, n * b))  # [S, N*B]
-    counts = cum_layer[r] * (jnp.arange(L)[None, None, :] < splits[:, None, None])
-    return counts.reshape(L + 1, n, b, L).transpose(1, 0, 2, 3)
+        cum, slots.transpose(2, 0, 1, 3).reshape(L + 1, n * b * 2))  # [S, N*B*2]
+    admitted = jnp.concatenate([jnp.zeros((L + 1, 1), jnp.int32), cum], -1)
+    return FitRanks(order, items, layer_at, admitted, per_layer,
+                    r.reshape(L + 1, n, b, 2).transpose(1, 0, 2, 3).astype(jnp.int32), fixed)
+
+
+def fit_counts(inst: Instance, spare_slots: int = 0, ranks: FitRanks | None = None
+               ) -> jax.Array:
+    """<int32>[N, S, B, L] experts per layer that fit each device at each split and
+    micro-batch, less ``spare_slots`` (0 or 1); greedy by routing mass over the end layers."""
+    fr = fit_ranks(inst) if ranks is None else ranks
+    L = inst.num_layers
+    end = jnp.arange(L) < jnp.arange(L + 1)[:, None, None]  # [S, 1, L]
+    return fr.per_layer[fr.rank[..., spare_slots]] * end
 
 
 def candidates(inst: Instance) -> Plan:
@@ -81,7 +117,8 @@ def candidates(inst: Instance) -> Plan:
     end = jnp.arange(L)[None, :] < jnp.arange(S)[:, None]  # [S, L]
     cover = jnp.broadcast_to(jnp.where(end, cover_counts(inst)[None, :], 0)[:, None],
                              (n, S, B, L))
-    res = jnp.stack([cover, fit_counts(inst), fit_counts(inst, 1)], 2)  # [N, S, R, B, L]
+    fr = fit_ranks(inst)
+    res = jnp.stack([cover, fit_counts(inst, 0, fr), fit_counts(inst, 1, fr)], 2)  # [N, S, R, B, L]
     i32 = jnp.int32
     return Plan(split=jnp.arange(S, dtype=i32).reshape(1, S, 1, 1, 1),
                 resident=res[:, :, :, None],

@@ -2,9 +2,10 @@
 
 Shape legend: N end devices, K candidates per device (see :mod:`.candidates`), L layers.
 
-1. Score every device's K candidates at once with :func:`~.model.plan_terms` (candidate
-   terms do not depend on the other devices: they couple only through the shared cloud's
-   utilisation and wait, which :func:`~.model.combine` adds).
+1. Score every device's K candidates once, outside the best-response loop, with
+   :func:`~.scoring.candidate_terms` (prefix sums; equivalent to :func:`~.model.plan_terms`).
+   Candidate terms do not depend on the other devices: they couple only through the shared
+   cloud's utilisation and wait, which :func:`~.model.combine` adds.
 2. Start from the best baseline joint plan (cloud-only, end-only drop/swap, every uniform
    single split without codec).
 3. ``rounds`` best-response rounds (``lax.fori_loop``): each device in turn takes the
@@ -20,49 +21,96 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from ec2moe_jax.scheduler.candidates import baseline_indices, candidates, flatten, take
-from ec2moe_jax.scheduler.model import Instance, Plan, Terms, combine, joint_objective, plan_terms
+from ec2moe_jax.scheduler.candidates import (
+    COVER,
+    NUM_RESIDENCY,
+    FitRanks,
+    baseline_indices,
+    cover_counts,
+)
+from ec2moe_jax.scheduler.model import Instance, Plan, Terms, combine
+from ec2moe_jax.scheduler.scoring import candidate_terms
 
 
-def _gather(terms: Terms, index: jax.Array) -> Terms:
+def _objective_of(stacked, index: jax.Array) -> jax.Array:
+    """Joint objective of candidate indices ``index`` [N]."""
+    rate, sums, util = stacked
     n = jnp.arange(index.shape[0])
-    return jax.tree.map(lambda x: x[n, index], terms)
+    tot = sums[n, :, index].sum(0)
+    return combine(rate.sum(), tot[0], tot[1], tot[2], tot[3], util[n, index].max(), tot[4])[0]
 
 
-def _objective_of(terms: Terms, index: jax.Array) -> jax.Array:
-    return joint_objective(_gather(terms, index))[0]
+def _stacked(inst: Instance, terms: Terms) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(rate [N], the summed terms [N, 5, K], local utilisation [N, K]) from compact
+    candidate terms [N, S, R, C, B]: only what the joint objective needs, flattened once."""
+    full = (inst.num_devices, inst.num_layers + 1, NUM_RESIDENCY, inst.codec_bytes.shape[0],
+            inst.batch.shape[0])
+    flat = lambda x: jnp.broadcast_to(x, full).reshape(full[0], -1)  # noqa: E731
+    sums = jnp.stack([flat(terms.rate * terms.latency), flat(terms.rate * terms.visits),
+                      flat(terms.cloud_rho), flat(terms.cloud_s2), flat(terms.penalty)], 1)
+    return terms.rate.reshape(-1), sums, flat(terms.local_util)
 
 
-def _best_response(terms: Terms, index: jax.Array, i: jax.Array) -> jax.Array:
+def _best_response(stacked, index: jax.Array, i: jax.Array) -> jax.Array:
     """Device ``i``'s candidate minimising the joint objective, the others fixed."""
-    cur = _gather(terms, index)
-    others = jnp.arange(index.shape[0]) != i
-    w = others.astype(jnp.float32)
-    mine = jax.tree.map(lambda x: x[i], terms)  # [K]
-    obj = combine(
-        (w * cur.rate).sum() + mine.rate,
-        (w * cur.rate * cur.latency).sum() + mine.rate * mine.latency,
-        (w * cur.rate * cur.visits).sum() + mine.rate * mine.visits,
-        (w * cur.cloud_rho).sum() + mine.cloud_rho,
-        (w * cur.cloud_s2).sum() + mine.cloud_s2,
-        jnp.maximum(jnp.max(jnp.where(others, cur.local_util, 0.0)), mine.local_util),
-        (w * cur.penalty).sum() + mine.penalty)[0]
+    rate, sums, util = stacked
+    n = jnp.arange(index.shape[0])
+    others = n != i
+    cur = jnp.where(others[:, None], sums[n, :, index], 0.0).sum(0)  # [5]
+    mine = sums[i]  # [5, K]
+    far = jnp.max(jnp.where(others, util[n, index], 0.0))
+    obj = combine(rate.sum(), cur[0] + mine[0], cur[1] + mine[1], cur[2] + mine[2],
+                  cur[3] + mine[3], jnp.maximum(far, util[i]), cur[4] + mine[4])[0]
     best = jnp.argmin(obj)
     # Move only on a strict improvement, so rounding cannot make the objective creep up.
     return jnp.where(obj[best] < obj[index[i]] * (1 - 1e-6), best, index[i])
 
 
-def baseline_objectives(inst: Instance, terms: Terms) -> dict[str, tuple[jax.Array, jax.Array]]:
+def _improve(stacked, index: jax.Array, rounds: int) -> jax.Array:
+    """Best-response rounds over the devices in turn, stopping early once a whole round
+    moved nobody (a fixed point: further rounds cannot change anything)."""
+    n = index.shape[0]
+
+    def cond(carry):
+        t, _, last = carry
+        return (t < rounds * n) & (t - last < n)
+
+    def body(carry):
+        t, idx, last = carry
+        i = t % n
+        new = _best_response(stacked, idx, i)
+        return t + 1, idx.at[i].set(new), jnp.where(new != idx[i], t + 1, last)
+
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.while_loop(cond, body, (zero, index, zero))[1]
+
+
+def baseline_objectives(inst: Instance, stacked) -> dict[str, tuple[jax.Array, jax.Array]]:
     """Baseline name -> (objective, candidate index [N]); "best_split" is the best uniform
     single split without codec."""
     n = inst.num_devices
     out = {}
     for name, idx in baseline_indices(inst).items():
         joint = jnp.broadcast_to(idx[:, None], (idx.shape[0], n))
-        objs = jax.vmap(lambda j: _objective_of(terms, j))(joint)
+        objs = jax.vmap(lambda j: _objective_of(stacked, j))(joint)
         k = jnp.argmin(objs)
         out["best_split" if name == "single_split" else name] = (objs[k], joint[k])
     return out
+
+
+def plan_of(inst: Instance, fr: FitRanks, index: jax.Array) -> Plan:
+    """The plans [N] at flat candidate indices ``index`` [N] (``((s R + r) C + c) B + b``)."""
+    C, B = inst.codec_bytes.shape[0], inst.batch.shape[0]
+    b, rest = index % B, index // B
+    c, rest = rest % C, rest // C
+    r, s = rest % NUM_RESIDENCY, rest // NUM_RESIDENCY
+    n = jnp.arange(index.shape[0])
+    fit = fr.per_layer[fr.rank[n, s, b, jnp.clip(r - 1, 0, 1)]]  # [N, L]
+    counts = jnp.where((r == COVER)[:, None], cover_counts(inst)[None], fit)
+    end = jnp.arange(inst.num_layers)[None] < s[:, None]
+    i32 = jnp.int32
+    return Plan(split=s.astype(i32), resident=jnp.where(end, counts, 0).astype(i32),
+                swap=r == NUM_RESIDENCY - 1, codec=c.astype(i32), batch=b.astype(i32))
 
 
 @functools.partial(jax.jit, static_argnames=("rounds",))
@@ -79,23 +127,19 @@ def schedule(inst: Instance, rounds: int = 3) -> tuple[Plan, dict[str, jax.Array
       only if no candidate of some device satisfies its constraints (e.g. privacy demands
       end layers that do not fit); :func:`~.plan.schedule_checked` turns that into an error.
     """
-    cands = candidates(inst)
-    n = inst.num_devices
-    terms = flatten(inst, plan_terms(inst, cands, jnp.arange(n).reshape(n, 1, 1, 1, 1)))
-    base = baseline_objectives(inst, terms)
+    compact, fr = candidate_terms(inst)
+    stacked = _stacked(inst, compact)
+    base = baseline_objectives(inst, stacked)
     names = list(base)
     objs = jnp.stack([base[k][0] for k in names])
     starts = jnp.stack([base[k][1] for k in names])
-    index = starts[jnp.argmin(objs)]
-    index = jax.lax.fori_loop(0, rounds * n,
-                              lambda t, idx: idx.at[t % n].set(_best_response(terms, idx, t % n)),
-                              index)
-    obj = _objective_of(terms, index)
+    index = _improve(stacked, starts[jnp.argmin(objs)], rounds)
+    obj = _objective_of(stacked, index)
     # Guard the guarantee against float rounding of the incremental sums.
     better = obj <= objs.min()
     index = jnp.where(better, index, starts[jnp.argmin(objs)])
-    chosen = _gather(terms, index)
+    penalty = stacked[1][jnp.arange(index.shape[0]), 4, index]
     info = {"objective": jnp.minimum(obj, objs.min()), "index": index,
-            "feasible": chosen.penalty.sum() == 0,
+            "feasible": penalty.sum() == 0,
             "baselines": {k: base[k][0] for k in names}}
-    return take(flatten(inst, cands), index), info
+    return plan_of(inst, fr, index), info

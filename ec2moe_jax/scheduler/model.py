@@ -194,30 +194,34 @@ def _layer_work(inst: Instance, mask, tokens, seqs, context, res_touched, all_to
     return flops, nbytes, jnp.where(swap, fetched, 0.0)
 
 
-def _stage_times(inst: Instance, plan: Plan, dev, tokens_per_option, context):
-    """End time, cloud time, uplink bytes and downlink bytes of one job for every candidate;
-    ``tokens_per_option`` [B] tokens of a job at each micro-batch option."""
+def _layer_sums(inst: Instance, plan: Plan, tokens_per_option, context):
+    """Layer work of one job for every candidate: (end FLOPs, end bytes, swapped-in bytes,
+    cloud FLOPs, cloud bytes), excluding the LM head and the codec; ``tokens_per_option``
+    [B] tokens of a job at each micro-batch option."""
     tokens = tokens_per_option[plan.batch]
     seqs = inst.batch[plan.batch]
     layers = jnp.arange(inst.num_layers)
-    s = plan.split[..., None]
-    end_mask = (layers < s).astype(jnp.float32)
-    cloud_mask = 1.0 - end_mask
+    end_mask = (layers < plan.split[..., None]).astype(jnp.float32)
     # Tables per micro-batch option, gathered flat so no [..., L, E+1] array per candidate.
     table = touched_table(inst.freq, tokens_per_option * inst.top_k)  # [B, L, E+1]
-    e1 = inst.num_experts + 1
-    row = (plan.batch[..., None] * inst.num_layers + layers) * e1
+    row = (plan.batch[..., None] * inst.num_layers + layers) * (inst.num_experts + 1)
     flat = table.reshape(-1)
     res_t = flat[row + plan.resident]
     all_t = flat[row + inst.num_experts]
     e_fl, e_by, e_sw = _layer_work(inst, end_mask, tokens, seqs, context, res_t,
                                    jnp.where(plan.swap[..., None], all_t, res_t), plan.swap)
-    c_fl, c_by, _ = _layer_work(inst, cloud_mask, tokens, seqs, context, all_t, all_t, False)
-    split, L = plan.split, inst.num_layers
-    end_only, cloud_only = split == L, split == 0
+    c_fl, c_by, _ = _layer_work(inst, 1.0 - end_mask, tokens, seqs, context, all_t, all_t,
+                                False)
+    return e_fl, e_by, e_sw, c_fl, c_by
+
+
+def _job_times(inst: Instance, split, codec, tokens, dev, work):
+    """End time, cloud time, uplink bytes and downlink bytes of one job of ``tokens`` tokens
+    from its layer work (:func:`_layer_sums`), adding the LM head, the codec and the link."""
+    e_fl, e_by, e_sw, c_fl, c_by = work
+    end_only, cloud_only = split == inst.num_layers, split == 0
     mid = (~end_only) & (~cloud_only)
-    rank = inst.codec_rank[plan.codec]
-    codec_fl = jnp.where(mid, 2.0 * tokens * inst.d_model * rank, 0.0)
+    codec_fl = jnp.where(mid, 2.0 * tokens * inst.d_model * inst.codec_rank[codec], 0.0)
     e_fl = e_fl + jnp.where(end_only, tokens * inst.head_flops, 0.0) + codec_fl
     e_by = e_by + jnp.where(end_only, inst.head_bytes, 0.0)
     c_fl = c_fl + jnp.where(end_only, 0.0, tokens * inst.head_flops) + codec_fl
@@ -226,7 +230,7 @@ def _stage_times(inst: Instance, plan: Plan, dev, tokens_per_option, context):
                       inst.end_overhead[dev], split > 0) + e_sw / inst.storage_bw[dev]
     t_cloud = _roofline(c_fl, c_by, inst.cloud_flops, inst.cloud_bw, inst.cloud_overhead,
                         ~end_only)
-    per_token = jnp.where(cloud_only, TOKEN_BYTES, inst.codec_bytes[plan.codec])
+    per_token = jnp.where(cloud_only, TOKEN_BYTES, inst.codec_bytes[codec])
     up = jnp.where(end_only, 0.0, HEADER_BYTES + tokens * per_token)
     down = jnp.where(end_only, 0.0, HEADER_BYTES + tokens * TOKEN_BYTES)
     return t_end, t_cloud, up, down
@@ -235,21 +239,33 @@ def _stage_times(inst: Instance, plan: Plan, dev, tokens_per_option, context):
 def plan_terms(inst: Instance, plan: Plan, dev: jax.Array) -> Terms:
     """:class:`Terms` of plans ``plan`` (leading shape [...]) for end devices ``dev`` [...].
 
-    Pure and jit-able; the same function scores heuristic candidates, baselines and the
-    exhaustive enumeration, so their objectives are directly comparable.
+    Pure and jit-able; it scores baselines, the chosen plan and the exhaustive enumeration.
+    The heuristic scores its candidates with the equivalent prefix-sum form
+    (:func:`~.scoring.candidate_terms`, tested against this one), so objectives compare.
     """
     T, G = inst.prompt_tokens, inst.gen_tokens
-    L = inst.num_layers
-    b = inst.batch[plan.batch]
-    lam = inst.rate[dev]
-    split = plan.split
-    end_only, cloud_only = split == L, split == 0
-    mid = (~end_only) & (~cloud_only)
-    zeros = jnp.zeros_like(b)
+    zeros = jnp.zeros_like(inst.batch[plan.batch])
     # Prefill job: b requests of T tokens (mean context T/2); decode step: b tokens at context
     # T + G/2 (the mean over the G steps).
-    e_p, c_p, up_p, dn_p = _stage_times(inst, plan, dev, inst.batch * T, zeros + T / 2)
-    e_d, c_d, up_d, dn_d = _stage_times(inst, plan, dev, inst.batch, zeros + T + G / 2)
+    work_p = _layer_sums(inst, plan, inst.batch * T, zeros + T / 2)
+    work_d = _layer_sums(inst, plan, inst.batch, zeros + T + G / 2)
+    violations, coverage, mem = _constraints(inst, plan, dev, inst.batch[plan.batch])
+    return terms_from_work(inst, plan.split, plan.codec, plan.batch, dev, work_p, work_d,
+                           violations, coverage, mem)
+
+
+def terms_from_work(inst: Instance, split, codec, batch, dev, work_p, work_d, violations,
+                    coverage, mem) -> Terms:
+    """:class:`Terms` from the layer work of a prefill job and a decode step (roofline,
+    M/G/1 queueing, link); all arguments broadcast against each other."""
+    T, G = inst.prompt_tokens, inst.gen_tokens
+    L = inst.num_layers
+    b = inst.batch[batch]
+    lam = inst.rate[dev]
+    end_only, cloud_only = split == L, split == 0
+    mid = (~end_only) & (~cloud_only)
+    e_p, c_p, up_p, dn_p = _job_times(inst, split, codec, (inst.batch * T)[batch], dev, work_p)
+    e_d, c_d, up_d, dn_d = _job_times(inst, split, codec, b, dev, work_d)
     # Cloud-only decoding streams tokens back: nothing goes up per step, no per-step RTT.
     up_d = jnp.where(cloud_only, 0.0, up_d)
     bw = inst.link_bps[dev] / 8.0
@@ -269,12 +285,11 @@ def plan_terms(inst: Instance, plan: Plan, dev: jax.Array) -> Terms:
                + e_p + G * e_d + c_p + G * c_d
                + jnp.where(has_cloud, x_p + y_p + rtt, 0.0) + G * step_link
                + jnp.where(cloud_only, G * y_d, 0.0))
-    cloud_rho = arrivals * (c_p + G * c_d)
-    cloud_s2 = arrivals * (c_p**2 + G * c_d**2)
-    terms = _constraints(inst, plan, dev, b)
-    return Terms(rate=lam, latency=latency, visits=visits, cloud_rho=cloud_rho,
-                 cloud_s2=cloud_s2, local_util=jnp.maximum(rho_e, rho_l), penalty=terms[0],
-                 coverage=terms[1], end_bytes=terms[2],
+    return Terms(rate=lam, latency=latency, visits=visits,
+                 cloud_rho=arrivals * (c_p + G * c_d),
+                 cloud_s2=arrivals * (c_p**2 + G * c_d**2),
+                 local_util=jnp.maximum(rho_e, rho_l), penalty=violations,
+                 coverage=coverage, end_bytes=mem,
                  wire_bytes=jnp.where(has_cloud, up_p / b + G * up_d / b, 0.0))
 
 
