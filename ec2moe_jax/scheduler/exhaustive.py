@@ -24,6 +24,17 @@ import numpy as np
 from ec2moe_jax.scheduler.model import Instance, Plan, combine, plan_terms
 
 MAX_JOINT = 20_000_000
+_plan_terms = jax.jit(plan_terms)  # op-by-op dispatch of the cost model is slow on CPU
+_combine = jax.jit(lambda *sums: combine(*sums)[0])
+
+
+def _joint_objective(*sums: np.ndarray) -> np.ndarray:
+    """:func:`~.model.combine`'s objective of flat joint sums, in float32 like the heuristic;
+    padded to a power of two so that few sizes compile."""
+    size = 1 << max(int(sums[0].size - 1).bit_length(), 4)
+    pad = [np.pad(np.asarray(x, np.float32), (0, size - x.size), constant_values=1.0)
+           for x in sums]
+    return np.asarray(_combine(*pad))
 
 
 def device_plans(inst: Instance) -> Plan:
@@ -71,7 +82,7 @@ def optimum(inst: Instance) -> tuple[float, Plan]:
     """
     plans = device_plans(inst)
     n = inst.num_devices
-    terms = plan_terms(inst, Plan(*(jnp.asarray(x) for x in (
+    terms = _plan_terms(inst, Plan(*(jnp.asarray(x) for x in (
         plans.split[None], plans.resident[None], plans.swap[None], plans.codec[None],
         plans.batch[None]))), jnp.arange(n)[:, None])
     terms = jax.tree.map(lambda x: np.broadcast_to(np.asarray(x, np.float64),
@@ -97,8 +108,9 @@ def optimum(inst: Instance) -> tuple[float, Plan]:
                  t["cloud_rho"], t["cloud_s2"], t["penalty"])
         sums = [a + b for a, b in zip(sums, parts, strict=True)]
         util = np.maximum(util, t["local_util"])
-    obj = np.asarray(combine(*(jnp.asarray(x, jnp.float32) for x in (
-        *sums[:5], util, sums[5])))[0])
+    shape = util.shape
+    obj = _joint_objective(*(np.broadcast_to(x, shape).reshape(-1)
+                             for x in (*sums[:5], util, sums[5])))[:util.size].reshape(shape)
     flat = int(np.argmin(obj))
     choice = np.unravel_index(flat, obj.shape)
     idx = np.asarray([kept[i][c] for i, c in enumerate(choice)])

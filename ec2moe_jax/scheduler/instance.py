@@ -214,7 +214,7 @@ def zipf_frequencies(num_layers: int, num_experts: int, alpha: float = 1.0,
 
 
 def random_small_instance(seed: int, max_devices: int = 3, layers: int | None = None,
-                          experts: int = 4) -> Instance:
+                          experts: int = 4, devices: int | None = None) -> Instance:
     """A random small instance (top-1 over ``experts`` experts, 2-3 layers) in an interesting
     regime: skewed routing, end memory from 'nothing fits' to 'everything fits', 1-100 Mbps,
     10-100 ms RTT, devices 0.1-10 TFLOP/s, the cloud from idle to saturated, both workloads.
@@ -229,6 +229,7 @@ def random_small_instance(seed: int, max_devices: int = 3, layers: int | None = 
                                     moe=MoEConfig(num_experts=experts, top_k=1,
                                                   expert_dim=512)))
     n = int(rng.integers(1, max_devices + 1))
+    n = devices or n  # a fixed shape lets tests share one compilation
     freq = zipf_frequencies(layers, experts, float(rng.uniform(0, 2)), seed=seed)
     full = costs.embed_bytes + costs.layer_bytes().sum() + costs.head_bytes
     ends = [DeviceProfile(f"end{i}", memory_bytes=float(rng.uniform(0, 1.3) * full),

@@ -31,8 +31,9 @@ micro-batch filling, queueing, compute, transfers and RTT, subject to stability 
 < 1 at every server), memory, the quality budget (coverage of routing mass per end MoE layer
 >= ``min_coverage`` unless swapping; codec bits/char increase <= ``codec_budget``) and privacy
 (``split >= min_end_layers``). Violations add ``INFEASIBLE`` per violated constraint and
-instability adds ``UNSTABLE * (1 + utilisation)``, so every feasible stable plan beats every
-other and among unstable ones the least loaded wins.
+instability scores ``UNSTABLE * (1 + u / (1 + u))`` for utilisation ``u`` (bounded below
+``INFEASIBLE``), so every feasible stable plan beats every other, every feasible plan beats
+every infeasible one, and among unstable ones the least loaded wins.
 """
 
 from __future__ import annotations
@@ -334,7 +335,9 @@ def combine(rate, latency, visits, cloud_rho, cloud_s2, local_util, penalty):
     mean = (latency + visits * wait) / rate
     util = jnp.maximum(cloud_rho, local_util)
     stable = util < 1.0
-    obj = jnp.where(stable, mean, UNSTABLE * (1.0 + util)) + INFEASIBLE * penalty
+    # Bounded in [UNSTABLE, 2 UNSTABLE) so that no utilisation outweighs a violated constraint.
+    u = jnp.minimum(util, 1e30)
+    obj = jnp.where(stable, mean, UNSTABLE * (1.0 + u / (1.0 + u))) + INFEASIBLE * penalty
     return obj, jnp.where(stable, mean, jnp.inf), cloud_rho
 
 

@@ -12,9 +12,11 @@ import numpy as np
 
 from ec2moe_jax.scheduler.candidates import baseline_indices, candidates, flatten, take
 from ec2moe_jax.scheduler.heuristic import schedule
-from ec2moe_jax.scheduler.model import Instance, Plan, evaluate, plan_terms
+from ec2moe_jax.scheduler.model import Instance, Plan, evaluate
 
-_evaluate = jax.jit(evaluate)  # op-by-op dispatch of the cost model is slow on CPU
+# Op-by-op dispatch of the cost model is slow on CPU; tests share this compilation.
+evaluate_jit = _evaluate = jax.jit(evaluate)
+_flat_candidates = jax.jit(lambda inst: flatten(inst, candidates(inst)))
 
 
 def baseline_plans(inst: Instance) -> dict[str, Plan]:
@@ -22,7 +24,7 @@ def baseline_plans(inst: Instance) -> dict[str, Plan]:
     dropped; coverage < 1 may break the quality budget), end_only_swap (swapped in from
     storage) and best_split (the best uniform single split, no codec, micro-batch 1)."""
     n = inst.num_devices
-    cands = jax.jit(lambda i: flatten(i, candidates(i)))(inst)
+    cands = _flat_candidates(inst)
     out = {}
     for name, idx in baseline_indices(inst).items():
         plans = [take(cands, jnp.full((n,), i)) for i in np.asarray(idx)]
@@ -48,8 +50,7 @@ def schedule_checked(inst: Instance, rounds: int = 3) -> tuple[Plan, dict]:
     (the documented fallback, cloud-only, is itself infeasible only under privacy)."""
     plan, info = schedule(inst, rounds=rounds)
     if not bool(info["feasible"]):
-        terms = plan_terms(inst, plan, jnp.arange(inst.num_devices))
-        bad = np.flatnonzero(np.asarray(terms.penalty) > 0).tolist()
+        bad = np.flatnonzero(np.asarray(_evaluate(inst, plan)["terms"].penalty) > 0).tolist()
         raise ValueError(
             f"no feasible plan for end devices {bad}: min_end_layers="
             f"{np.asarray(inst.min_end_layers)[bad].tolist()} layers do not fit their memory "
