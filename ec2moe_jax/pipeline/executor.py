@@ -74,7 +74,8 @@ class Report:
     tokens: int  # scored or generated tokens in all
     bytes_up: int
     bytes_down: int
-    served: dict = dataclasses.field(default_factory=dict, repr=False)
+    served: dict = dataclasses.field(default_factory=dict, repr=False)  # key -> times served
+    logits: np.ndarray | None = dataclasses.field(default=None, repr=False)  # [N, T, V]
 
     def summary(self) -> dict:
         lat = np.array([r.latency_s for r in self.requests])
@@ -148,9 +149,11 @@ def _stats(ids, latency, up=0, down=0, att=1, **kw) -> list[RequestStats]:
 
 
 def score(stages: Stages, tokens: np.ndarray, *, channel: Channel, micro_batch: int = 1,
-          timer: Timer = measured, pace: bool = False) -> tuple[np.ndarray, Report]:
+          timer: Timer = measured, pace: bool = False, keep_logits: bool = False
+          ) -> tuple[np.ndarray, Report]:
     """Single-pass split scoring of ``tokens`` [N, T + 1]: returns the log-probability of
-    each next token, <float32>[N, T], and the :class:`Report`.
+    each next token, <float32>[N, T], and the :class:`Report` (with the logits [N, T, V] if
+    ``keep_logits``: they stay in the cloud otherwise, only the scores come back).
 
     A split request sends its boundary hidden state and its T target ids up (they travel
     in the same message) and gets T float32 scores back; cloud-only sends the T input ids.
@@ -158,14 +161,14 @@ def score(stages: Stages, tokens: np.ndarray, *, channel: Channel, micro_batch: 
     tokens = _check_tokens(stages, tokens, "tokens")
     if tokens.shape[1] < 2:
         raise ValueError("scoring needs at least 2 tokens per request (input and target)")
-    clock, out, reqs = _Clock(timer, pace), [], []
+    clock, out, reqs, logits = _Clock(timer, pace), [], [], []
     end, cloud, p = stages.end_mesh, stages.cloud_mesh, stages
     for i, idx in enumerate(micro_batches(len(tokens), micro_batch)):
         x, y, b, t = tokens[idx, :-1], tokens[idx, 1:], len(idx), tokens.shape[1] - 1
         ex = None
         if stages.end_only:
-            (_, lp), dt = clock.run("end", p.score_end, p.end_params, p.end_extra,
-                                    place(x, end, b), place(y, end, b))
+            (lg, lp), dt = clock.run("end", p.score_end, p.end_params, p.end_extra,
+                                     place(x, end, b), place(y, end, b))
             done = clock.end(0.0, dt)
         else:
             ready, msg = 0.0, x
@@ -177,19 +180,22 @@ def score(stages: Stages, tokens: np.ndarray, *, channel: Channel, micro_batch: 
 
             def serve(arrival, msg=msg, y=y, b=b, result=result):
                 m, dt_hop = clock.run("hop", place, (msg, y), cloud, b)
-                (_, result["lp"]), dt = clock.run("cloud", p.score_cloud, p.cloud_params,
-                                                  p.cloud_codec, *m)
+                (result["lg"], result["lp"]), dt = clock.run(
+                    "cloud", p.score_cloud, p.cloud_params, p.cloud_codec, *m)
                 return clock.cloud(arrival, dt_hop + dt)
 
             up = stages.up_bytes(b, t) + (0 if stages.cloud_only else TOKEN_BYTES * b * t)
             ex = channel.round_trip(("score", i), ready, up, serve, token_message_bytes(b, t))
-            done, lp = clock.wait(ex.arrival), result["lp"]
+            done, lp, lg = clock.wait(ex.arrival), result["lp"], result["lg"]
         out.append(np.asarray(lp))
+        if keep_logits:
+            logits.append(np.asarray(lg))
         reqs += (_stats(idx, done) if ex is None
                  else _stats(idx, done, ex.bytes_up, ex.bytes_down, ex.attempts))
     rep = Report("score", reqs, clock.seconds, max(r.latency_s for r in reqs),
                  int(tokens.shape[0] * (tokens.shape[1] - 1)), channel.up.bytes,
-                 channel.down.bytes, dict(channel.served_count))
+                 channel.down.bytes, dict(channel.served_count),
+                 np.concatenate(logits) if keep_logits else None)
     return np.concatenate(out), rep
 
 
