@@ -1,0 +1,79 @@
+"""From a plan to runnable stages: the routing mask, the link codec (trained if one exists
+for the plan's split/rank/bits, else PCA-initialised on real activations), warm-up.
+
+Shape legend: M MoE layers, E experts, N requests, T time.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from jax.sharding import Mesh
+
+from ec2moe_jax.codec import lowrank
+from ec2moe_jax.models import MoELM
+from ec2moe_jax.pipeline import executor
+from ec2moe_jax.pipeline.link import Channel
+from ec2moe_jax.pipeline.plans import PipelinePlan
+from ec2moe_jax.pipeline.stages import Stages, build_stages
+
+
+def link_codec(model: MoELM, params, plan: PipelinePlan, *, workdir: str | None,
+               train_tokens: np.ndarray | None) -> tuple[dict | None, str]:
+    """Codec weights for ``plan`` and where they come from."""
+    from ec2moe_jax.training.codec import collect_hidden, default_codec_dir, load_codec
+
+    transport = plan.transport(model.cfg.d_model)
+    if not transport.lowrank or plan.split in (0, model.cfg.num_layers):
+        return None, "no codec"
+    bits = None if transport.kind == "lowrank-float32" else transport.kind
+    d = model.cfg.d_model
+    path = default_codec_dir(workdir, plan.split, transport.rank, bits) if workdir else None
+    if path and os.path.isdir(path):
+        return load_codec(path, d, transport.rank), f"fine-tuned ({path})"
+    if train_tokens is None:
+        raise ValueError(f"plan {plan.name!r} needs a {plan.codec} codec at split "
+                         f"{plan.split}; none is saved and no training text was given for PCA")
+    hidden = collect_hidden(model, params, train_tokens, plan.split, batches=4, batch_size=8,
+                            seq_len=min(128, model.cfg.max_seq_len))
+    codec = lowrank.pca_init(hidden, transport.rank)
+    codec.pop("explained")
+    return codec, "PCA-initialised on 4x8x128 training tokens (not fine-tuned)"
+
+
+def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh, cloud_mesh: Mesh, *,
+            frequencies: np.ndarray, workdir: str | None = None,
+            train_tokens: np.ndarray | None = None, temperature: float = 0.0
+            ) -> tuple[Stages, dict]:
+    """Stages of ``plan`` and a JSON-ready description (mask coverage, codec source)."""
+    cfg = model.cfg
+    plan.validate(cfg)
+    allowed = plan.allowed(frequencies, cfg)
+    codec, source = link_codec(model, params, plan, workdir=workdir, train_tokens=train_tokens)
+    stages = build_stages(model, params, end_mesh, cloud_mesh, split=plan.split,
+                          transport=plan.transport(cfg.d_model), allowed=allowed, codec=codec,
+                          temperature=temperature)
+    moe = [i for i in range(plan.split) if cfg.is_moe_layer(i)]
+    freq = np.asarray(frequencies, np.float64)
+    freq = freq / freq.sum(-1, keepdims=True)
+    rows = [sum(cfg.is_moe_layer(j) for j in range(i)) for i in moe]
+    covered = [float(freq[r][allowed[i]].sum()) for r, i in zip(rows, moe, strict=True)]
+    info = {**plan.to_json(), "codec_source": source,
+            "routing_mass_covered_per_end_layer": covered}
+    return stages, info
+
+
+def warm_up(stages: Stages, *, prompts: np.ndarray | None = None,
+            texts: np.ndarray | None = None, micro_batch: int = 1, link=None) -> None:
+    """Compiles every stage at the shapes a run will use (untimed), so measured stage
+    times exclude compilation: one generation of 2 tokens, one scoring pass."""
+    from ec2moe_jax.profiles import link as link_preset
+
+    profile = link or link_preset("wifi")
+    if prompts is not None:
+        executor.generate(stages, prompts, 2, channel=Channel.from_profile(profile),
+                          micro_batch=micro_batch)
+    if texts is not None:
+        executor.score(stages, texts, channel=Channel.from_profile(profile),
+                       micro_batch=micro_batch)
