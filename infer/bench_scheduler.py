@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--experts", type=int, default=64)
     ap.add_argument("--devices", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=50)
     ap.add_argument("--out", default="results/scheduler_decision_time.json")
     args = ap.parse_args(argv)
     record = run(args.layers, args.experts, args.devices, args.repeats)

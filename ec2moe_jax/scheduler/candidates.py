@@ -54,6 +54,23 @@ class FitRanks(NamedTuple):
     fixed: jax.Array
 
 
+def _count_prefix(x: jax.Array, block: int = 32) -> jax.Array:
+    """<int32>[I+1, L] exclusive prefix counts of the booleans ``x`` [I, L] along axis 0.
+
+    A blocked matmul with a triangular matrix instead of ``jnp.cumsum``, which XLA:CPU runs
+    several times slower at this size (the scheduler's decision-time budget); exact in
+    float32 for counts below 2^24.
+    """
+    i, cols = x.shape
+    nb = -(-i // block)
+    xb = jnp.pad(x.astype(jnp.float32), ((0, nb * block - i), (0, 0))).reshape(nb, block, cols)
+    tri = jnp.tril(jnp.ones((block, block), jnp.float32))
+    within = jnp.einsum("ij,njl->nil", tri, xb)
+    offsets = jnp.cumsum(within[:, -1], 0) - within[:, -1]  # [nb, L]
+    out = (within + offsets[:, None]).reshape(nb * block, cols)[:i]
+    return jnp.concatenate([jnp.zeros((1, cols), jnp.int32), jnp.round(out).astype(jnp.int32)])
+
+
 def fit_ranks(inst: Instance) -> FitRanks:
     """:class:`FitRanks`: experts handed out greedily by routing mass over the end layers
     (the order of :func:`ec2moe_jax.selection.selection_order`) until each device's memory
@@ -73,11 +90,11 @@ def fit_ranks(inst: Instance) -> FitRanks:
     layer_at = items // E  # layer of the item at each rank
     ok_at = moe[layer_at]
     splits = jnp.arange(L + 1)
-    in_prefix = (layer_at[None, :] < splits[:, None]) & ok_at[None, :]  # [S, L*E]
-    cum = jnp.cumsum(in_prefix, -1, dtype=jnp.int32)
     onehot = (layer_at[:, None] == jnp.arange(L)[None, :]) & ok_at[:, None]
-    per_layer = jnp.concatenate([jnp.zeros((1, L), jnp.int32),
-                                 jnp.cumsum(onehot, 0, dtype=jnp.int32)], 0)
+    per_layer = _count_prefix(onehot)  # [I+1, L]
+    below = (jnp.arange(L)[:, None] < splits[None, :]).astype(jnp.float32)  # [L, S]
+    admitted = jnp.round(per_layer.astype(jnp.float32) @ below).astype(jnp.int32).T
+    cum = admitted[:, 1:]  # [S, I]: MoE items of layers < s among the first r + 1 ranks
     zero = jnp.zeros((L + 1, L), jnp.int32)
     no = jnp.zeros(L + 1, jnp.int32)
     fixed = jax.vmap(lambda b: end_memory(inst, Plan(splits, zero, no > 0, no, no), b))(
@@ -88,7 +105,6 @@ def fit_ranks(inst: Instance) -> FitRanks:
     # Ranks admitted at split s: the longest rank prefix whose in-prefix count fits the slots.
     r = jax.vmap(lambda c, q: jnp.searchsorted(c, q, side="right"))(
         cum, slots.transpose(2, 0, 1, 3).reshape(L + 1, n * b * 2))  # [S, N*B*2]
-    admitted = jnp.concatenate([jnp.zeros((L + 1, 1), jnp.int32), cum], -1)
     return FitRanks(order, items, layer_at, admitted, per_layer,
                     r.reshape(L + 1, n, b, 2).transpose(1, 0, 2, 3).astype(jnp.int32), fixed)
 

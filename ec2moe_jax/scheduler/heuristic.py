@@ -51,38 +51,51 @@ def _stacked(inst: Instance, terms: Terms) -> tuple[jax.Array, jax.Array, jax.Ar
     return terms.rate.reshape(-1), sums, flat(terms.local_util)
 
 
-def _best_response(stacked, index: jax.Array, i: jax.Array) -> jax.Array:
-    """Device ``i``'s candidate minimising the joint objective, the others fixed."""
+def _best_responses(stacked, index: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Every device's best response at once: (candidate [N], joint objective [N] if that
+    device alone switched to it, the others fixed)."""
     rate, sums, util = stacked
     n = jnp.arange(index.shape[0])
-    others = n != i
-    cur = jnp.where(others[:, None], sums[n, :, index], 0.0).sum(0)  # [5]
-    mine = sums[i]  # [5, K]
-    far = jnp.max(jnp.where(others, util[n, index], 0.0))
-    obj = combine(rate.sum(), cur[0] + mine[0], cur[1] + mine[1], cur[2] + mine[2],
-                  cur[3] + mine[3], jnp.maximum(far, util[i]), cur[4] + mine[4])[0]
-    best = jnp.argmin(obj)
-    # Move only on a strict improvement, so rounding cannot make the objective creep up.
-    return jnp.where(obj[best] < obj[index[i]] * (1 - 1e-6), best, index[i])
+    own = sums[n, :, index]  # [N, 5]
+    others = own.sum(0) - own  # [N, 5]
+    cur_u = util[n, index]
+    top = jnp.argmax(cur_u)
+    second = jnp.max(jnp.where(n == top, -jnp.inf, cur_u))
+    far = jnp.where(n == top, second, cur_u[top])  # max utilisation of the other devices
+    part = [others[:, j, None] + sums[:, j] for j in range(5)]  # [N, K] each
+    obj = combine(rate.sum(), *part[:4], jnp.maximum(far[:, None], util), part[4])[0]
+    best = jnp.argmin(obj, -1)
+    return best, obj[n, best]
 
 
 def _improve(stacked, index: jax.Array, rounds: int) -> jax.Array:
-    """Best-response rounds over the devices in turn, stopping early once a whole round
-    moved nobody (a fixed point: further rounds cannot change anything)."""
+    """Best-response dynamics, vectorised over devices: each step computes every device's
+    best response, then moves all improving devices at once if that lowers the joint
+    objective, else only the single best mover. Every accepted step lowers the exactly
+    recomputed objective, so the result is never worse than the start; it stops at a point
+    where no single device can improve (or after ``rounds * N`` steps)."""
     n = index.shape[0]
 
     def cond(carry):
-        t, _, last = carry
-        return (t < rounds * n) & (t - last < n)
+        t, _, _, moved = carry
+        return moved & (t < rounds * n)
 
     def body(carry):
-        t, idx, last = carry
-        i = t % n
-        new = _best_response(stacked, idx, i)
-        return t + 1, idx.at[i].set(new), jnp.where(new != idx[i], t + 1, last)
+        t, idx, cur, _ = carry
+        best, obj = _best_responses(stacked, idx)
+        better = obj < cur * (1 - 1e-6)
+        joint = jnp.where(better, best, idx)
+        i = jnp.argmin(obj)
+        single = idx.at[i].set(jnp.where(better[i], best[i], idx[i]))
+        o_joint, o_single = _objective_of(stacked, joint), _objective_of(stacked, single)
+        new, o_new = jax.lax.cond(o_joint <= o_single, lambda: (joint, o_joint),
+                                  lambda: (single, o_single))
+        # Move only on a strict improvement, so rounding cannot make the objective creep up.
+        moved = o_new < cur * (1 - 1e-6)
+        return t + 1, jnp.where(moved, new, idx), jnp.where(moved, o_new, cur), moved
 
-    zero = jnp.zeros((), jnp.int32)
-    return jax.lax.while_loop(cond, body, (zero, index, zero))[1]
+    start = (jnp.zeros((), jnp.int32), index, _objective_of(stacked, index), jnp.array(True))
+    return jax.lax.while_loop(cond, body, start)[1]
 
 
 def baseline_objectives(inst: Instance, stacked) -> dict[str, tuple[jax.Array, jax.Array]]:
