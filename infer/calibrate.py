@@ -26,10 +26,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--config", default="small")
     ap.add_argument("--tokens", default="1,16,64,256")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=15)
     ap.add_argument("--out", default="results/calibration_cpu.json")
     args = ap.parse_args(argv)
     start = time.time()
+    load_before = os.getloadavg()
     profile = measure()
     rows = time_stages(load_config(args.config).model,
                        tuple(int(t) for t in args.tokens.split(",")), args.repeats)
@@ -37,13 +38,18 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "scheduler_calibration",
         "method": f"measured on this CPU ({platform.processor() or platform.machine()}, "
                   f"{os.cpu_count()} cores, jax {jax.__version__}); the CPU is shared with "
-                  "another job, so every timing is the median of repeats",
+                  "another engineer's niced jobs, so every timing is the median of repeats "
+                  "(round-robin over stages) after two warm-up calls",
         "model": args.config,
         "stage_model": "seconds = overhead + max(FLOPs / (eta_flops * F), weight bytes / "
                        "(eta_bw * BW)); F, BW = this machine's live profile",
+        "holdout": "validation rows never enter the fit: the first half of the stack (a stage "
+                   "size the fit never saw) at every token count, and every stage at 64 tokens",
         "profile": {"peak_flops": profile.peak_flops, "mem_bandwidth": profile.mem_bandwidth,
                     "load": profile.load, "source": profile.source},
         "fit": fit(rows, profile),
+        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+                                   "after": [round(x, 2) for x in os.getloadavg()]},
         "timings": rows,
         "wall_seconds": round(time.time() - start, 1),
         "command": "python infer/calibrate.py " + " ".join(argv or sys.argv[1:]),
