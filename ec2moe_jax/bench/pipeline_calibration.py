@@ -1,0 +1,189 @@
+"""Measured pipeline stage and end-to-end times on this machine vs the scheduler's cost model.
+
+For single-request runs of several plans (splits 0..L, every expert resident, bf16 hidden
+state, micro-batch 1) the executor measures each stage's compute (block_until_ready) and
+composes the end-to-end latency with the emulated link. The cost model's own work
+accounting (FLOPs and bytes of each stage job, :mod:`ec2moe_jax.scheduler.model`) and its
+roofline ``overhead + max(FLOPs / (eta_f F), bytes / (eta_b BW))`` then predict them with
+two calibrations: (a) ``results/calibration_cpu.json``, fitted on single-device stage
+timings (what the scheduler uses by default, efficiencies unclamped), and (b) a refit of
+(eta_f, eta_b, overhead) per submesh on the pipeline's own stages at the *fit* splits,
+validated on the other splits and on every end-to-end latency.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import numpy as np
+
+from ec2moe_jax.bench.pipeline_demo import instance, this_cpu
+from ec2moe_jax.pipeline import Channel, executor, runtime
+from ec2moe_jax.pipeline.plans import PipelinePlan
+from ec2moe_jax.profiles import LinkProfile
+from ec2moe_jax.scheduler import Calibration, Plan, evaluate
+from ec2moe_jax.scheduler import model as cost_model
+
+STAGE_NAMES = {"score": ("end", "cloud"), "prefill": ("end_prefill", "cloud_prefill"),
+               "step": ("end_step", "cloud_step")}
+
+
+def _sched_plan(split: int, num_layers: int, num_experts: int) -> Plan:
+    res = [num_experts if i < split else 0 for i in range(num_layers)]
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
+    return Plan(split=i32([split]), resident=i32([res]), swap=jnp.zeros(1, bool),
+                codec=i32([0]), batch=i32([0]))
+
+
+def stage_work(inst, plan: Plan, tokens: float, context: float) -> dict[str, float]:
+    """FLOPs and bytes of one job of ``tokens`` tokens (micro-batch 1) on each side, by the
+    cost model's own accounting (its roofline probed with unit speeds)."""
+    zeros = jnp.zeros_like(inst.batch[plan.batch])
+    work = cost_model._layer_sums(inst, plan, inst.batch * tokens, zeros + context)
+    dev = jnp.arange(1)
+    one, big, nil = jnp.ones(1), jnp.full(1, 1e30), jnp.zeros(1)
+    out = {}
+    for what, (f, bw) in {"flops": (one, big), "bytes": (big, one)}.items():
+        probe = inst.replace(end_flops=f, end_bw=bw, end_overhead=nil, cloud_flops=f[0],
+                             cloud_bw=bw[0], cloud_overhead=nil[0])
+        t_end, t_cloud, _, _ = cost_model._job_times(probe, plan.split, plan.codec,
+                                                     jnp.float32(tokens), dev, work)
+        out[f"end_{what}"], out[f"cloud_{what}"] = float(t_end[0]), float(t_cloud[0])
+    return out
+
+
+def roofline(rows, F: float, BW: float, ef, eb, oh) -> np.ndarray:
+    fl = np.array([r["flops"] for r in rows])
+    by = np.array([r["bytes"] for r in rows])
+    return oh + np.maximum(fl / (ef * F), by / (eb * BW))
+
+
+def fit_side(rows, F: float, BW: float) -> tuple[float, float, float]:
+    """Grid search of (eta_f, eta_b, overhead) minimising squared log error on ``rows``."""
+    meas = np.array([r["measured_s"] for r in rows])
+    fl = np.array([r["flops"] for r in rows])[None, None, None]
+    by = np.array([r["bytes"] for r in rows])[None, None, None]
+    ef = np.logspace(-3, 1, 49)[:, None, None, None]
+    eb = np.logspace(-3, 1.5, 49)[None, :, None, None]
+    oh = np.concatenate([[0.0], np.logspace(-5, -1.3, 45)])[None, None, :, None]
+    pred = oh + np.maximum(fl / (ef * F), by / (eb * BW))
+    err = np.mean(np.log(pred / meas) ** 2, -1)
+    i, j, k = np.unravel_index(np.argmin(err), err.shape)
+    return float(ef[i, 0, 0, 0]), float(eb[0, j, 0, 0]), float(oh[0, 0, k, 0])
+
+
+def measure_plan(model, params, split, meshes, link, *, freq, prompt, texts, gen_tokens,
+                 repeats: int) -> dict:
+    """Median stage times and single-request latencies of one split (measured)."""
+    cfg = model.cfg
+    plan = PipelinePlan(f"split{split}", split, (cfg.moe.num_experts,) * cfg.num_layers)
+    stages, _ = runtime.prepare(model, params, plan, *meshes, frequencies=freq)
+    runtime.warm_up(stages, prompts=prompt, texts=texts[:1], link=link)
+    secs: dict[str, list] = {}
+    lat = {"score": [], "generate": []}
+    for r in range(repeats):
+        _, rep = executor.score(stages, texts[r % len(texts)][None],
+                                channel=Channel.from_profile(link))
+        lat["score"].append(rep.requests[0].latency_s)
+        for k, v in rep.stage_seconds.items():
+            secs.setdefault(k, []).extend(v)
+        _, rep = executor.generate(stages, prompt, gen_tokens, channel=Channel.from_profile(link))
+        lat["generate"].append(rep.requests[0].latency_s)
+        for k, v in rep.stage_seconds.items():
+            secs.setdefault(k, []).extend(v)
+    return {"stage_s": {k: float(np.median(v)) for k, v in secs.items()},
+            "latency_s": {k: float(np.median(v)) for k, v in lat.items()}}
+
+
+def _stage_rows(inst_by_kind, meas, split, L, E, P, G, T) -> list[dict]:
+    plan = _sched_plan(split, L, E)
+    jobs = {"score": (inst_by_kind["score"], T, T / 2), "prefill": (inst_by_kind["gen"], P, P / 2),
+            "step": (inst_by_kind["gen"], 1, P + G / 2)}
+    rows = []
+    for kind, (inst, tokens, ctx) in jobs.items():
+        work = stage_work(inst, plan, tokens, ctx)
+        for side, name in zip(("end", "cloud"), STAGE_NAMES[kind], strict=True):
+            if name not in meas["stage_s"]:
+                continue
+            t = meas["stage_s"][name] + (meas["stage_s"].get("hop", 0.0) if side == "cloud"
+                                         else 0.0)
+            rows.append({"split": split, "side": side, "job": kind, "tokens": tokens,
+                         "measured_s": t, "flops": work[f"{side}_flops"],
+                         "bytes": work[f"{side}_bytes"]})
+    return rows
+
+
+def calibrate(model, params, meshes, link: LinkProfile, *, freq, prompt, texts, gen_tokens=32,
+              fit_splits=(1, 3), repeats=3) -> dict:
+    """The calibration record (see the module docstring); ``prompt`` [1, P], ``texts``
+    [R, T + 1]."""
+    cfg = model.cfg
+    L, E = cfg.num_layers, cfg.moe.num_experts
+    P, T = prompt.shape[1], texts.shape[1] - 1
+    dev, cal0 = this_cpu(cfg, expert_fraction=1.0)
+    F, BW = dev.available_flops, dev.available_bandwidth
+
+    def insts(end_cal, cloud_cal):
+        mk = lambda p, g: instance(cfg, freq, dev, link, end_cal, prompt_tokens=p,  # noqa: E731
+                                   gen_tokens=g)
+        a, b = mk(T, 0), mk(P, gen_tokens)
+        if cloud_cal is not end_cal:
+            fix = dict(cloud_flops=jnp.float32(F * cloud_cal.eta_flops),
+                       cloud_bw=jnp.float32(BW * cloud_cal.eta_bw),
+                       cloud_overhead=jnp.float32(cloud_cal.overhead_s))
+            a, b = a.replace(**fix), b.replace(**fix)
+        return {"score": a, "gen": b}
+
+    base = insts(cal0, cal0)
+    measured, rows = {}, []
+    for s in range(L + 1):
+        measured[s] = measure_plan(model, params, s, meshes, link, freq=freq, prompt=prompt,
+                                   texts=texts, gen_tokens=gen_tokens, repeats=repeats)
+        rows += _stage_rows(base, measured[s], s, L, E, P, gen_tokens, T)
+    fits = {}
+    for side in ("end", "cloud"):
+        fit_rows = [r for r in rows if r["side"] == side and r["split"] in fit_splits]
+        fits[side] = Calibration(*fit_side(fit_rows, F, BW),
+                                 f"refit on pipeline stages at splits {list(fit_splits)}")
+    refit = insts(fits["end"], fits["cloud"])
+    for r in rows:
+        c = fits[r["side"]]
+        r["predicted_cpu_calibration_s"] = float(roofline([r], F, BW, cal0.eta_flops,
+                                                          cal0.eta_bw, cal0.overhead_s)[0])
+        r["predicted_refit_s"] = float(roofline([r], F, BW, c.eta_flops, c.eta_bw,
+                                                c.overhead_s)[0])
+        r["role"] = "fit" if r["split"] in fit_splits else "validate"
+    e2e = []
+    for s, m in measured.items():
+        plan = _sched_plan(s, L, E)
+        for kind, key in (("score", "score"), ("generate", "gen")):
+            e2e.append({"split": s, "workload": kind, "measured_s": m["latency_s"][kind],
+                        "predicted_cpu_calibration_s": float(
+                            evaluate(base[key], plan)["mean_latency_s"]),
+                        "predicted_refit_s": float(evaluate(refit[key], plan)["mean_latency_s"])})
+    return _record(rows, e2e, fits, cal0, dev, link, P, T, gen_tokens, repeats)
+
+
+def _errors(items, key) -> dict:
+    e = np.array([abs(r[key] / r["measured_s"] - 1) for r in items])
+    return {"median_rel_error": float(np.median(e)), "max_rel_error": float(e.max()),
+            "within_25pct": int((e <= 0.25).sum()), "count": int(e.size)}
+
+
+def _record(rows, e2e, fits, cal0, dev, link, P, T, G, repeats) -> dict:
+    val = [r for r in rows if r["role"] == "validate"]
+    summary = {}
+    for key in ("predicted_cpu_calibration_s", "predicted_refit_s"):
+        summary[key] = {"stages_validate": _errors(val, key), "stages_all": _errors(rows, key),
+                        "end_to_end": _errors(e2e, key)}
+    return {"benchmark": "pipeline_calibration",
+            "method": "measured on this CPU (2 cores shared, 8 fake devices: end 2, cloud 6), "
+                      f"single requests, medians of {repeats} runs; link emulated "
+                      f"({link.name}); predictions by the scheduler's cost model",
+            "workload": {"score_tokens": T, "prompt_tokens": P, "gen_tokens": G},
+            "device_profile": dataclasses.asdict(dev),
+            "calibrations": {"cpu": dataclasses.asdict(cal0),
+                             "refit_end": dataclasses.asdict(fits["end"]),
+                             "refit_cloud": dataclasses.asdict(fits["cloud"])},
+            "summary": summary, "stages": rows, "end_to_end": e2e}
