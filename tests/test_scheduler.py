@@ -21,7 +21,7 @@ from ec2moe_jax.scheduler import build_instance, plan_terms, schedule
 from ec2moe_jax.scheduler.candidates import candidates, fit_counts, flatten
 from ec2moe_jax.scheduler.exhaustive import optimum
 from ec2moe_jax.scheduler.instance import random_small_instance, zipf_frequencies
-from ec2moe_jax.scheduler.model import end_memory
+from ec2moe_jax.scheduler.model import combine, end_memory
 from ec2moe_jax.scheduler.plan import (
     baseline_plans,
     evaluate_jit,
@@ -256,3 +256,13 @@ def test_more_bandwidth_never_hurts_a_fixed_plan():
         slow = float(jit_evaluate(inst, p)["objective"])
         fast = float(jit_evaluate(inst.replace(link_bps=inst.link_bps * 10), p)["objective"])
         assert fast <= slow * (1 + 1e-6)
+
+
+def test_any_feasible_plan_beats_any_infeasible_one():
+    # A feasible but hopelessly overloaded plan (utilisation 1e6) must still score below a
+    # stable plan that violates one constraint: the instability score is bounded.
+    one = jnp.ones(())
+    overloaded = combine(one, one, one, 1e6 * one, one, 0 * one, 0 * one)[0]
+    violating = combine(one, one, one, 0.1 * one, 0 * one, 0 * one, one)[0]
+    slightly = combine(one, one, one, 1.5 * one, one, 0 * one, 0 * one)[0]
+    assert float(slightly) < float(overloaded) < float(violating)
