@@ -6,8 +6,9 @@ Shape legend: N end devices, K candidates per device (see :mod:`.candidates`), L
    :func:`~.scoring.candidate_terms` (prefix sums; equivalent to :func:`~.model.plan_terms`).
    Candidate terms do not depend on the other devices: they couple only through the shared
    cloud's utilisation and wait, which :func:`~.model.combine` adds.
-2. Start from the best baseline joint plan (cloud-only, end-only drop/swap, every uniform
-   single split without codec).
+2. Start from the best of the baseline joint plans (cloud-only, end-only drop/swap, every
+   uniform single split without codec) and of all uniform joint plans (every device on the
+   same candidate).
 3. ``rounds`` best-response rounds (``lax.fori_loop``): each device in turn takes the
    candidate minimising the *joint* objective with the others fixed. Each move only ever
    lowers the objective, so the result is never worse than any baseline, and cloud-only or
@@ -144,8 +145,15 @@ def schedule(inst: Instance, rounds: int = 3) -> tuple[Plan, dict[str, jax.Array
     stacked = _stacked(inst, compact)
     base = baseline_objectives(inst, stacked)
     names = list(base)
-    objs = jnp.stack([base[k][0] for k in names])
-    starts = jnp.stack([base[k][1] for k in names])
+    rate, sums, util = stacked
+    # Every uniform joint plan (all devices on candidate k) at once: one more start, so
+    # e.g. "everyone micro-batches" is reachable when no single device can get there alone.
+    tot = sums.sum(0)
+    uniform = combine(rate.sum(), tot[0], tot[1], tot[2], tot[3], util.max(0), tot[4])[0]
+    best_u = jnp.argmin(uniform)
+    objs = jnp.stack([base[name][0] for name in names] + [uniform[best_u]])
+    starts = jnp.stack([base[name][1] for name in names]
+                       + [jnp.full_like(base[names[0]][1], best_u)])
     index = _improve(stacked, starts[jnp.argmin(objs)], rounds)
     obj = _objective_of(stacked, index)
     # Guard the guarantee against float rounding of the incremental sums.
