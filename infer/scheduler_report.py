@@ -21,9 +21,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--calibration", default="results/calibration_cpu.json")
     ap.add_argument("--gap-instances", type=int, default=200)
+    ap.add_argument("--routing-stats", default=None, metavar="WORKDIR",
+                    help="also compare routing statistics measured through this trained model "
+                         "(e.g. runs/small) with synthetic ones; optional")
+    ap.add_argument("--plot", default="results/scheduler.png",
+                    help="PNG path ('' to skip; needs matplotlib)")
     ap.add_argument("--out", default="results/scheduler.json")
     args = ap.parse_args(argv)
-    record = run(load_calibration(args.calibration), args.gap_instances)
+    record = run(load_calibration(args.calibration), args.gap_instances, args.routing_stats,
+                 args.plot or None)
     record["command"] = "python infer/scheduler_report.py " + " ".join(argv or sys.argv[1:])
     write_json_atomic(args.out, record)
     print(json.dumps(record["gap_vs_optimum"], indent=2))

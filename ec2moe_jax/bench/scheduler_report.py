@@ -42,21 +42,29 @@ def _scenario(costs, freq, n, mbps, rate, gen, cal, mem, rtt):
                           prompt_tokens=128, gen_tokens=gen, calibration=cal)
 
 
+def _rate_for(costs, freq, gen, cal, mem, rtt, saturate_at):
+    """Per-device request rate at which cloud-only saturates the cloud at ``saturate_at``."""
+    probe = _scenario(costs, freq, 1, 100, 1.0, gen, cal, mem, rtt)
+    per_request = float(evaluate(probe, baseline_plans(probe)["cloud_only"])
+                        ["cloud_utilisation"])
+    return 1.0 / (saturate_at * per_request), per_request
+
+
 def grid(cal: Calibration, bandwidths=(1, 2, 5, 10, 20, 50, 100),
          devices=(1, 2, 4, 8, 16, 32, 64), rtt: float = 0.03, end_memory_gib: float = 1.5,
-         saturate_at: int = 24) -> dict:
-    """EC2MoE and baseline objectives at every (workload, bandwidth, devices) point."""
-    cfg = load_config("base").model
-    costs = model_costs(cfg)
-    freq = zipf_frequencies(int(costs.is_moe.sum()), costs.num_experts, 1.0, seed=0)
+         saturate_at: int = 24, costs=None, freq=None, workloads=(("single_pass", 0),
+                                                                  ("decoding", 64))) -> dict:
+    """EC2MoE and baseline objectives at every (workload, bandwidth, devices) point (the
+    base model with Zipf(1) statistics unless ``costs``/``freq`` are given)."""
+    if costs is None:
+        costs = model_costs(load_config("base").model)
+    if freq is None:
+        freq = zipf_frequencies(int(costs.is_moe.sum()), costs.num_experts, 1.0, seed=0)
     mem = end_memory_gib * 2**30
     names = [c.name for c in codec_options(costs.d_model) if c.quality <= 0.02]
     out = {}
-    for workload, gen in (("single_pass", 0), ("decoding", 64)):
-        probe = _scenario(costs, freq, 1, 100, 1.0, gen, cal, mem, rtt)
-        per_request = float(evaluate(probe, baseline_plans(probe)["cloud_only"])
-                            ["cloud_utilisation"])
-        rate = 1.0 / (saturate_at * per_request)
+    for workload, gen in workloads:
+        rate, per_request = _rate_for(costs, freq, gen, cal, mem, rtt, saturate_at)
         rows = []
         for n in devices:
             for mbps in bandwidths:
@@ -79,6 +87,22 @@ def grid(cal: Calibration, bandwidths=(1, 2, 5, 10, 20, 50, 100),
                          "cloud_only_utilisation_per_device": per_request * rate,
                          "rows": rows}
     return out
+
+
+def measured_routing(cal: Calibration, workdir: str) -> dict:
+    """The trained model's own scenario (its costs) with routing statistics measured through
+    it vs synthetic Zipf(1) statistics of the same shape; end memory = half its weights."""
+    from ec2moe_jax.bench.scheduler_trace import measured_frequencies
+
+    counts, info, model_cfg = measured_frequencies(workdir)
+    costs = model_costs(model_cfg)
+    weights = costs.embed_bytes + costs.layer_bytes().sum() + costs.head_bytes
+    kw = dict(bandwidths=(1, 10, 100), devices=(1, 8, 32), costs=costs,
+              end_memory_gib=0.5 * weights / 2**30, workloads=(("single_pass", 0),))
+    zipf = zipf_frequencies(counts.shape[0], counts.shape[1], 1.0, seed=0)
+    return {"statistics": info, "end_memory_bytes": 0.5 * weights,
+            "measured": grid(cal, freq=counts, **kw)["single_pass"]["rows"],
+            "synthetic_zipf1": grid(cal, freq=zipf, **kw)["single_pass"]["rows"]}
 
 
 def gap_distribution(num: int = 200, seed: int = 0) -> dict:
@@ -108,7 +132,8 @@ def gap_distribution(num: int = 200, seed: int = 0) -> dict:
     }
 
 
-def run(cal: Calibration, gap_instances: int = 200) -> dict:
+def run(cal: Calibration, gap_instances: int = 200, stats_workdir: str | None = None,
+        plot_path: str | None = None) -> dict:
     start = time.time()
     record = {
         "benchmark": "scheduler_report",
@@ -121,11 +146,43 @@ def run(cal: Calibration, gap_instances: int = 200) -> dict:
                     "statistics (synthetic); min_coverage 0.9, codec budget +2% bits/char "
                     "(codec table: results/codec_sweep.json, measured at D=256, rank scaled "
                     "with D)",
+        "routing_statistics": "synthetic Zipf(1) for the base-model grid: no base model is "
+                              "trained here, and measured statistics belong to the model they "
+                              "were measured on (see measured_routing for the small model)",
         "optimum_note": "exhaustive search is infeasible at this size (31^11 resident-count "
                         "choices per device); see gap_vs_optimum for small instances",
         "workloads": grid(cal),
         "gap_vs_optimum": gap_distribution(gap_instances),
         "jax": jax.__version__,
     }
+    if stats_workdir:
+        record["measured_routing"] = measured_routing(cal, stats_workdir)
+    else:
+        record["measured_routing"] = None
+        record["measured_routing_note"] = ("not run: pass --routing-stats WORKDIR (a trained "
+                                           "model, e.g. runs/small) to add it")
+    record["replan_trace"] = _trace(cal)
+    if plot_path:
+        from ec2moe_jax.bench.scheduler_trace import plot
+
+        record["plot"] = plot(record, plot_path) or "not written: matplotlib not installed"
     record["wall_seconds"] = round(time.time() - start, 1)
     return record
+
+
+def _trace(cal: Calibration, devices: int = 32, mbps: float = 50.0) -> dict:
+    """Re-planning trace on the base scenario (single-pass, ``devices`` ends at ``mbps``)."""
+    from ec2moe_jax.bench.scheduler_trace import replan_trace
+
+    costs = model_costs(load_config("base").model)
+    freq = zipf_frequencies(int(costs.is_moe.sum()), costs.num_experts, 1.0, seed=0)
+    rate, _ = _rate_for(costs, freq, 0, cal, 1.5 * 2**30, 0.03, 24)
+    inst = _scenario(costs, freq, devices, mbps, rate, 0, cal, 1.5 * 2**30, 0.03)
+    out = replan_trace(inst)
+    out["scenario"] = (f"base scenario, single-pass, {devices} end devices at {mbps} Mbps "
+                       "+-3% (inside the 10% hysteresis band), dropping to 1% of it at step "
+                       f"{out['drop_at_step']} (same jitter); statistics fixed. At 0.5 Mbps no "
+                       "plan is stable at this load, so the re-planner moves to the least "
+                       "loaded one (end-only); a drop to 5% raises the objective by 60% but no "
+                       "plan beats the current one by the 10% margin, so it keeps it")
+    return out
