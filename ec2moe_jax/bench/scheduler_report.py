@@ -179,10 +179,10 @@ def _trace(cal: Calibration, devices: int = 32, mbps: float = 50.0) -> dict:
     rate, _ = _rate_for(costs, freq, 0, cal, 1.5 * 2**30, 0.03, 24)
     inst = _scenario(costs, freq, devices, mbps, rate, 0, cal, 1.5 * 2**30, 0.03)
     out = replan_trace(inst)
+    first = {r["step"]: (r["kinds"], r["splits"]) for r in out["steps"]}
     out["scenario"] = (f"base scenario, single-pass, {devices} end devices at {mbps} Mbps "
                        "+-3% (inside the 10% hysteresis band), dropping to 1% of it at step "
-                       f"{out['drop_at_step']} (same jitter); statistics fixed. At 0.5 Mbps no "
-                       "plan is stable at this load, so the re-planner moves to the least "
-                       "loaded one (end-only); a drop to 5% raises the objective by 60% but no "
-                       "plan beats the current one by the 10% margin, so it keeps it")
+                       f"{out['drop_at_step']} (same jitter); statistics fixed")
+    out["summary"] = (f"plan {first[0]} before the drop; changes at steps "
+                      f"{out['switch_steps']} only; {first[len(first) - 1]} after")
     return out
