@@ -139,7 +139,8 @@ def run(cal: Calibration, gap_instances: int = 200, stats_workdir: str | None = 
         "benchmark": "scheduler_report",
         "method": f"simulated (cost model calibrated on this CPU: {cal.source}; eta_flops="
                   f"{cal.eta_flops:.3g}, eta_bw={cal.eta_bw:.3g}, overhead={cal.overhead_s:.2g}"
-                  " s; presets scaled by their spec-sheet roofline)",
+                  f" s per job + {cal.layer_overhead_s:.2g} s per layer; presets scaled by "
+                  "their spec-sheet roofline)",
         "objective": OBJECTIVE,
         "scenario": "base model (12 layers, d=1024, 32 experts top-2, bf16); ends: Jetson Orin "
                     "Nano with 1.5 GiB for weights; cloud: one T4; RTT 30 ms; Zipf(1) routing "

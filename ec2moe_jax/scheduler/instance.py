@@ -26,18 +26,22 @@ BATCH_SIZES = (1, 2, 4, 8)
 
 @dataclasses.dataclass(frozen=True)
 class Calibration:
-    """Achieved fractions of a device's roofline and a fixed cost per stage call.
+    """Achieved fractions of a device's roofline and fixed costs per stage call and per layer
+    (the coefficients of :func:`~ec2moe_jax.scheduler.model.stage_time`).
 
     ``eta_flops`` scales available FLOP/s, ``eta_bw`` available memory bandwidth,
-    ``overhead_s`` is paid once per job (dispatch, kernel launches). Defaults are the values
-    fitted on the development CPU (``results/calibration_cpu.json``) rounded; load the file
-    with :func:`load_calibration` to use the exact fit.
+    ``overhead_s`` is paid once per job (dispatch, kernel launches), ``layer_overhead_s`` once
+    per transformer layer of a job (its XLA ops; collectives on a sharded mesh). It comes last
+    so that positional ``Calibration(eta_flops, eta_bw, overhead_s, source)`` keeps working
+    (with no per-layer cost). Defaults are round values of the development CPU's fit; load
+    ``results/calibration_cpu.json`` with :func:`load_calibration` to use the exact fit.
     """
 
     eta_flops: float = 0.3
     eta_bw: float = 0.5
     overhead_s: float = 2e-4
     source: str = "default (rounded CPU fit)"
+    layer_overhead_s: float = 0.0
 
     def __post_init__(self):
         for f in ("eta_flops", "eta_bw"):
@@ -45,8 +49,9 @@ class Calibration:
             if not 0 < v <= 10:
                 raise ValueError(f"Calibration {f}={v} must lie in (0, 10] (a fraction of the "
                                  "profile's roofline; above 1 only where caches beat it)")
-        if self.overhead_s < 0:
-            raise ValueError(f"Calibration overhead_s={self.overhead_s} must be >= 0")
+        if self.overhead_s < 0 or self.layer_overhead_s < 0:
+            raise ValueError(f"Calibration overhead_s={self.overhead_s} and layer_overhead_s="
+                             f"{self.layer_overhead_s} must be >= 0")
 
 
 def load_calibration(path: str = os.path.join(ROOT, "results", "calibration_cpu.json")
@@ -60,7 +65,8 @@ def load_calibration(path: str = os.path.join(ROOT, "results", "calibration_cpu.
     # contention; a spec-sheet preset's peak is a hard ceiling, so clamp to it.
     ef, eb = min(fit["eta_flops"], 1.0), min(fit["eta_bw"], 1.0)
     return Calibration(ef, eb, fit["overhead_s"],
-                       f"fitted on this CPU ({os.path.basename(path)}), clamped to <= 1")
+                       f"fitted on this CPU ({os.path.basename(path)}), clamped to <= 1",
+                       fit.get("layer_overhead_s", 0.0))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,12 +194,13 @@ def build_instance(
         end_flops=f32([d.available_flops * cal.eta_flops for d in ends]),
         end_bw=f32([d.available_bandwidth * cal.eta_bw for d in ends]),
         end_mem=f32([d.memory_bytes for d in ends]),
-        end_overhead=f32([cal.overhead_s] * n), storage_bw=f32([storage_bw] * n),
+        end_overhead=f32([cal.overhead_s] * n),
+        end_layer_overhead=f32([cal.layer_overhead_s] * n), storage_bw=f32([storage_bw] * n),
         link_bps=f32([lk.bandwidth_bps for lk in links]), rtt=f32([lk.rtt_s for lk in links]),
         rate=f32(rates), min_end_layers=jnp.asarray(priv, jnp.int32),
         cloud_flops=f32(cloud.available_flops * ccal.eta_flops),
         cloud_bw=f32(cloud.available_bandwidth * ccal.eta_bw),
-        cloud_overhead=f32(ccal.overhead_s),
+        cloud_overhead=f32(ccal.overhead_s), cloud_layer_overhead=f32(ccal.layer_overhead_s),
         prompt_tokens=f32(prompt_tokens), gen_tokens=f32(gen_tokens),
         codec_bytes=f32([c.bytes_per_token for c in codecs]),
         codec_rank=f32([c.rank for c in codecs]),
@@ -243,4 +250,6 @@ def random_small_instance(seed: int, max_devices: int = 3, layers: int | None = 
                           gen_tokens=int(rng.choice([0, 8])),
                           prompt_tokens=int(rng.choice([16, 128])),
                           codecs=codec_options(256)[:4], batch_sizes=(1, 4),
-                          min_coverage=float(rng.uniform(0.5, 1.0)))
+                          min_coverage=float(rng.uniform(0.5, 1.0)),
+                          calibration=Calibration(layer_overhead_s=1e-4,
+                                                  source="default + 0.1 ms per layer"))

@@ -16,10 +16,13 @@ single-pass workload (scoring / prefill; stages pipeline across requests). ``G >
 autoregressive decoding: a split plan makes one end-cloud-end round trip per generated token,
 cloud-only pays the round trip once and streams tokens back.
 
-Stage time (roofline, calibrated): ``overhead + max(FLOPs / (eta_f F), bytes / (eta_b BW))``
-per job, a job being one micro-batch of ``b`` requests (prefill) or one decode step of ``b``
-sequences. Weight bytes are route-aware: a job reads an expert only if one of its ``t K``
-choices lands on it, ``P(touched) = 1 - (1 - f_e)^(t K)`` from the routing frequencies.
+Stage time (additive roofline, calibrated; :func:`stage_time`, the one definition used by the
+cost model, the fast scorer and the calibration fits): ``overhead + layers * layer_overhead +
+FLOPs / (eta_f F) + bytes / (eta_b BW)`` per job, a job being one micro-batch of ``b`` requests
+(prefill) or one decode step of ``b`` sequences and ``layers`` the transformer layers the stage
+runs (each is several XLA ops, plus collectives on a sharded mesh). Weight bytes are
+route-aware: a job reads an expert only if one of its ``t K`` choices lands on it,
+``P(touched) = 1 - (1 - f_e)^(t K)`` from the routing frequencies.
 
 Queueing: every end device, its uplink and the shared cloud are M/G/1 servers (Poisson
 micro-batch arrivals at ``rate / b``; Pollaczek-Khinchine wait ``sum(r S^2) / (2 (1 - rho))``).
@@ -58,10 +61,11 @@ class Instance:
     freq: [L, E] routing frequencies sorted descending per layer (rows sum to 1; dense rows
       are ignored).
     Devices [N]: end_flops, end_bw (effective FLOP/s and bytes/s: available x calibrated
-      efficiency), end_mem (bytes for weights and KV), end_overhead (s per job), storage_bw
+      efficiency), end_mem (bytes for weights and KV), end_overhead (s per job),
+      end_layer_overhead (s per layer of a job), storage_bw
       (bytes/s for swapped experts), link_bps (bits/s), rtt (s), rate (requests/s),
       min_end_layers (<int32>, privacy: raw tokens never leave the device if > 0).
-    Cloud scalars: cloud_flops, cloud_bw, cloud_overhead.
+    Cloud scalars: cloud_flops, cloud_bw, cloud_overhead, cloud_layer_overhead.
     Workload scalars: prompt_tokens T, gen_tokens G.
     Options: codec_bytes [C] bytes per token on the wire (index 0 = no codec, bf16),
       codec_rank [C], codec_quality [C] relative bits/char increase; batch [B] micro-batch
@@ -86,6 +90,7 @@ class Instance:
     end_bw: jax.Array
     end_mem: jax.Array
     end_overhead: jax.Array
+    end_layer_overhead: jax.Array
     storage_bw: jax.Array
     link_bps: jax.Array
     rtt: jax.Array
@@ -94,6 +99,7 @@ class Instance:
     cloud_flops: jax.Array
     cloud_bw: jax.Array
     cloud_overhead: jax.Array
+    cloud_layer_overhead: jax.Array
     prompt_tokens: jax.Array
     gen_tokens: jax.Array
     codec_bytes: jax.Array
@@ -171,8 +177,16 @@ def touched_table(freq: jax.Array, choices: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(cum[..., :1]), cum], axis=-1)
 
 
-def _roofline(flops, nbytes, f, bw, overhead, active):
-    return jnp.where(active, overhead + jnp.maximum(flops / f, nbytes / bw), 0.0)
+def stage_time(flops, nbytes, layers, f, bw, overhead, layer_overhead):
+    """Seconds of one stage job: ``overhead + layers * layer_overhead + flops / f + nbytes / bw``
+    (``f``, ``bw``: effective FLOP/s and bytes/s, i.e. available x calibrated efficiency).
+
+    Additive rather than ``max(compute, memory)``: on the measured CPU stages, compute and
+    weight reads do not overlap well enough for the max form (``results/calibration_cpu.json``),
+    and a fixed cost per layer (several XLA ops, collectives on a sharded mesh) separates
+    deep from shallow stages of equal work. Works on jax and numpy arrays alike.
+    """
+    return overhead + layers * layer_overhead + flops / f + nbytes / bw
 
 
 def _mg1(arrivals, service, service2):
@@ -216,9 +230,9 @@ def _layer_sums(inst: Instance, plan: Plan, tokens_per_option, context):
     return e_fl, e_by, e_sw, c_fl, c_by
 
 
-def _job_times(inst: Instance, split, codec, tokens, dev, work):
-    """End time, cloud time, uplink bytes and downlink bytes of one job of ``tokens`` tokens
-    from its layer work (:func:`_layer_sums`), adding the LM head, the codec and the link."""
+def _job_work(inst: Instance, split, codec, tokens, work):
+    """Layer work (:func:`_layer_sums`) plus the LM head and the codec of one job of ``tokens``
+    tokens: (end FLOPs, end bytes, swapped-in bytes, cloud FLOPs, cloud bytes)."""
     e_fl, e_by, e_sw, c_fl, c_by = work
     end_only, cloud_only = split == inst.num_layers, split == 0
     mid = (~end_only) & (~cloud_only)
@@ -227,14 +241,46 @@ def _job_times(inst: Instance, split, codec, tokens, dev, work):
     e_by = e_by + jnp.where(end_only, inst.head_bytes, 0.0)
     c_fl = c_fl + jnp.where(end_only, 0.0, tokens * inst.head_flops) + codec_fl
     c_by = c_by + jnp.where(end_only, 0.0, inst.head_bytes)
-    t_end = _roofline(e_fl, e_by, inst.end_flops[dev], inst.end_bw[dev],
-                      inst.end_overhead[dev], split > 0) + e_sw / inst.storage_bw[dev]
-    t_cloud = _roofline(c_fl, c_by, inst.cloud_flops, inst.cloud_bw, inst.cloud_overhead,
-                        ~end_only)
+    return e_fl, e_by, e_sw, c_fl, c_by
+
+
+def _job_times(inst: Instance, split, codec, tokens, dev, work):
+    """End time, cloud time, uplink bytes and downlink bytes of one job of ``tokens`` tokens
+    from its layer work (:func:`_layer_sums`), adding the LM head, the codec and the link."""
+    e_fl, e_by, e_sw, c_fl, c_by = _job_work(inst, split, codec, tokens, work)
+    end_only, cloud_only = split == inst.num_layers, split == 0
+    t_end = jnp.where(split > 0, stage_time(e_fl, e_by, split, inst.end_flops[dev],
+                                            inst.end_bw[dev], inst.end_overhead[dev],
+                                            inst.end_layer_overhead[dev]), 0.0)
+    t_end = t_end + e_sw / inst.storage_bw[dev]
+    t_cloud = jnp.where(~end_only, stage_time(c_fl, c_by, inst.num_layers - split,
+                                              inst.cloud_flops, inst.cloud_bw,
+                                              inst.cloud_overhead, inst.cloud_layer_overhead),
+                        0.0)
     per_token = jnp.where(cloud_only, TOKEN_BYTES, inst.codec_bytes[codec])
     up = jnp.where(end_only, 0.0, HEADER_BYTES + tokens * per_token)
     down = jnp.where(end_only, 0.0, HEADER_BYTES + tokens * TOKEN_BYTES)
     return t_end, t_cloud, up, down
+
+
+def stage_work(inst: Instance, plan: Plan, tokens, context) -> dict[str, jax.Array]:
+    """Work of one job of each plan's end and cloud stage, by the cost model's own accounting:
+    a job of ``inst.batch[plan.batch]`` sequences of ``tokens`` tokens each attending over
+    ``context`` positions. Returns ``{end,cloud}_{flops,bytes,layers}`` and
+    ``end_swap_bytes`` [...]; the stage's seconds are :func:`stage_time` of these (plus
+    ``end_swap_bytes / storage_bw`` on the end). Public for calibration against measurements.
+    """
+    b = inst.batch[plan.batch]
+    ctx = jnp.zeros_like(b) + context
+    work = _layer_sums(inst, plan, inst.batch * tokens, ctx)
+    e_fl, e_by, e_sw, c_fl, c_by = _job_work(inst, plan.split, plan.codec, b * tokens, work)
+    end_only = plan.split == inst.num_layers
+    f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+    return {"end_flops": e_fl, "end_bytes": e_by, "end_swap_bytes": e_sw,
+            "end_layers": f32(plan.split),
+            "cloud_flops": jnp.where(end_only, 0.0, c_fl),
+            "cloud_bytes": jnp.where(end_only, 0.0, c_by),
+            "cloud_layers": f32(inst.num_layers - plan.split)}
 
 
 def plan_terms(inst: Instance, plan: Plan, dev: jax.Array) -> Terms:
