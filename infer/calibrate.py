@@ -41,8 +41,10 @@ def main(argv: list[str] | None = None) -> dict:
                   "another engineer's niced jobs, so every timing is the median of repeats "
                   "(round-robin over stages) after two warm-up calls",
         "model": args.config,
-        "stage_model": "seconds = overhead + max(FLOPs / (eta_flops * F), weight bytes / "
-                       "(eta_bw * BW)); F, BW = this machine's live profile",
+        "stage_model": "seconds = overhead + layers * layer_overhead + FLOPs / (eta_flops * F)"
+                       " + weight bytes / (eta_bw * BW) (ec2moe_jax.scheduler.model."
+                       "stage_time); F, BW = this machine's live profile; fitted by least "
+                       "squares on relative error (coefficients >= 0, efficiencies <= 10)",
         "holdout": "validation rows never enter the fit: the first half of the stack (a stage "
                    "size the fit never saw) at every token count, and every stage at 64 tokens",
         "profile": {"peak_flops": profile.peak_flops, "mem_bandwidth": profile.mem_bandwidth,

@@ -34,7 +34,7 @@ def main(argv=None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="runs/small")
     ap.add_argument("--link", default="lte")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=os.path.join("results", "pipeline_calibration.json"))
     args = ap.parse_args(argv)
     cfg = load_config("small")

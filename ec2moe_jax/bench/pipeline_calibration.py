@@ -3,27 +3,32 @@
 For single-request runs of several plans (splits 0..L, every expert resident, bf16 hidden
 state, micro-batch 1) the executor measures each stage's compute (block_until_ready) and
 composes the end-to-end latency with the emulated link. The cost model's own work
-accounting (FLOPs and bytes of each stage job, :mod:`ec2moe_jax.scheduler.model`) and its
-roofline ``overhead + max(FLOPs / (eta_f F), bytes / (eta_b BW))`` then predict them with
+accounting (FLOPs, bytes and layers of each stage job, :func:`ec2moe_jax.scheduler.model.
+stage_work`) and its stage time (:func:`~ec2moe_jax.scheduler.model.stage_time`, ``overhead
++ layers * layer_overhead + FLOPs / (eta_f F) + bytes / (eta_b BW)``) then predict them with
 two calibrations: (a) ``results/calibration_cpu.json``, fitted on single-device stage
-timings (what the scheduler uses by default, efficiencies unclamped), and (b) a refit of
-(eta_f, eta_b, overhead) per submesh on the pipeline's own stages at the *fit* splits,
-validated on the other splits and on every end-to-end latency.
+timings (what the scheduler uses by default, efficiencies unclamped), and (b) a refit of the
+four coefficients per submesh (the end's 2 devices, the cloud's 6 with experts sharded: a
+calibration is per device) on the pipeline's own stages at the *fit* splits
+(:func:`~ec2moe_jax.scheduler.calibrate.fit_stage_model`), validated on the other splits and
+on every end-to-end latency (the end-to-end figures are never fitted).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
 
-from ec2moe_jax.bench.pipeline_demo import instance, this_cpu
+from ec2moe_jax.bench.pipeline_demo import CALIBRATION, instance, this_cpu
 from ec2moe_jax.pipeline import Channel, executor, runtime
 from ec2moe_jax.pipeline.plans import PipelinePlan
 from ec2moe_jax.profiles import LinkProfile
 from ec2moe_jax.scheduler import Calibration, Plan, evaluate
-from ec2moe_jax.scheduler import model as cost_model
+from ec2moe_jax.scheduler.calibrate import fit_stage_model
+from ec2moe_jax.scheduler.model import stage_time, stage_work
 
 STAGE_NAMES = {"score": ("end", "cloud"), "prefill": ("end_prefill", "cloud_prefill"),
                "step": ("end_step", "cloud_step")}
@@ -36,41 +41,19 @@ def _sched_plan(split: int, num_layers: int, num_experts: int) -> Plan:
                 codec=i32([0]), batch=i32([0]))
 
 
-def stage_work(inst, plan: Plan, tokens: float, context: float) -> dict[str, float]:
-    """FLOPs and bytes of one job of ``tokens`` tokens (micro-batch 1) on each side, by the
-    cost model's own accounting (its roofline probed with unit speeds)."""
-    zeros = jnp.zeros_like(inst.batch[plan.batch])
-    work = cost_model._layer_sums(inst, plan, inst.batch * tokens, zeros + context)
-    dev = jnp.arange(1)
-    one, big, nil = jnp.ones(1), jnp.full(1, 1e30), jnp.zeros(1)
-    out = {}
-    for what, (f, bw) in {"flops": (one, big), "bytes": (big, one)}.items():
-        probe = inst.replace(end_flops=f, end_bw=bw, end_overhead=nil, cloud_flops=f[0],
-                             cloud_bw=bw[0], cloud_overhead=nil[0])
-        t_end, t_cloud, _, _ = cost_model._job_times(probe, plan.split, plan.codec,
-                                                     jnp.float32(tokens), dev, work)
-        out[f"end_{what}"], out[f"cloud_{what}"] = float(t_end[0]), float(t_cloud[0])
-    return out
+def predict(rows, F: float, BW: float, cal: Calibration) -> np.ndarray:
+    """Seconds of each stage row under the cost model's stage time with ``cal``."""
+    col = lambda k: np.array([r[k] for r in rows], np.float64)  # noqa: E731
+    return stage_time(col("flops"), col("bytes"), col("layers"), cal.eta_flops * F,
+                      cal.eta_bw * BW, cal.overhead_s, cal.layer_overhead_s)
 
 
-def roofline(rows, F: float, BW: float, ef, eb, oh) -> np.ndarray:
-    fl = np.array([r["flops"] for r in rows])
-    by = np.array([r["bytes"] for r in rows])
-    return oh + np.maximum(fl / (ef * F), by / (eb * BW))
-
-
-def fit_side(rows, F: float, BW: float) -> tuple[float, float, float]:
-    """Grid search of (eta_f, eta_b, overhead) minimising squared log error on ``rows``."""
-    meas = np.array([r["measured_s"] for r in rows])
-    fl = np.array([r["flops"] for r in rows])[None, None, None]
-    by = np.array([r["bytes"] for r in rows])[None, None, None]
-    ef = np.logspace(-3, 1, 49)[:, None, None, None]
-    eb = np.logspace(-3, 1.5, 49)[None, :, None, None]
-    oh = np.concatenate([[0.0], np.logspace(-5, -1.3, 45)])[None, None, :, None]
-    pred = oh + np.maximum(fl / (ef * F), by / (eb * BW))
-    err = np.mean(np.log(pred / meas) ** 2, -1)
-    i, j, k = np.unravel_index(np.argmin(err), err.shape)
-    return float(ef[i, 0, 0, 0]), float(eb[0, j, 0, 0]), float(oh[0, 0, k, 0])
+def fit_side(rows, F: float, BW: float, source: str) -> Calibration:
+    """The stage-time coefficients fitted on ``rows`` (relative least squares)."""
+    col = lambda k: np.array([r[k] for r in rows], np.float64)  # noqa: E731
+    c = fit_stage_model(col("flops"), col("bytes"), col("layers"), col("measured_s"), F, BW)
+    return Calibration(c["eta_flops"], c["eta_bw"], c["overhead_s"], source,
+                       c["layer_overhead_s"])
 
 
 def measure_plan(model, params, split, meshes, link, *, freq, prompt, texts, gen_tokens,
@@ -102,7 +85,7 @@ def _stage_rows(inst_by_kind, meas, split, L, E, P, G, T) -> list[dict]:
             "step": (inst_by_kind["gen"], 1, P + G / 2)}
     rows = []
     for kind, (inst, tokens, ctx) in jobs.items():
-        work = stage_work(inst, plan, tokens, ctx)
+        work = {k: float(v[0]) for k, v in stage_work(inst, plan, tokens, ctx).items()}
         for side, name in zip(("end", "cloud"), STAGE_NAMES[kind], strict=True):
             if name not in meas["stage_s"]:
                 continue
@@ -110,7 +93,7 @@ def _stage_rows(inst_by_kind, meas, split, L, E, P, G, T) -> list[dict]:
                                          else 0.0)
             rows.append({"split": split, "side": side, "job": kind, "tokens": tokens,
                          "measured_s": t, "flops": work[f"{side}_flops"],
-                         "bytes": work[f"{side}_bytes"]})
+                         "bytes": work[f"{side}_bytes"], "layers": work[f"{side}_layers"]})
     return rows
 
 
@@ -122,6 +105,9 @@ def calibrate(model, params, meshes, link: LinkProfile, *, freq, prompt, texts, 
     L, E = cfg.num_layers, cfg.moe.num_experts
     P, T = prompt.shape[1], texts.shape[1] - 1
     dev, cal0 = this_cpu(cfg, expert_fraction=1.0)
+    with open(CALIBRATION) as f:  # this_cpu predates the per-layer overhead
+        cal0 = dataclasses.replace(cal0, layer_overhead_s=json.load(f)["fit"].get(
+            "layer_overhead_s", 0.0))
     F, BW = dev.available_flops, dev.available_bandwidth
 
     def insts(end_cal, cloud_cal):
@@ -131,7 +117,8 @@ def calibrate(model, params, meshes, link: LinkProfile, *, freq, prompt, texts, 
         if cloud_cal is not end_cal:
             fix = dict(cloud_flops=jnp.float32(F * cloud_cal.eta_flops),
                        cloud_bw=jnp.float32(BW * cloud_cal.eta_bw),
-                       cloud_overhead=jnp.float32(cloud_cal.overhead_s))
+                       cloud_overhead=jnp.float32(cloud_cal.overhead_s),
+                       cloud_layer_overhead=jnp.float32(cloud_cal.layer_overhead_s))
             a, b = a.replace(**fix), b.replace(**fix)
         return {"score": a, "gen": b}
 
@@ -144,15 +131,12 @@ def calibrate(model, params, meshes, link: LinkProfile, *, freq, prompt, texts, 
     fits = {}
     for side in ("end", "cloud"):
         fit_rows = [r for r in rows if r["side"] == side and r["split"] in fit_splits]
-        fits[side] = Calibration(*fit_side(fit_rows, F, BW),
-                                 f"refit on pipeline stages at splits {list(fit_splits)}")
+        fits[side] = fit_side(fit_rows, F, BW, f"refit on the {side} submesh's pipeline "
+                              f"stages at splits {list(fit_splits)} (measured on this CPU)")
     refit = insts(fits["end"], fits["cloud"])
     for r in rows:
-        c = fits[r["side"]]
-        r["predicted_cpu_calibration_s"] = float(roofline([r], F, BW, cal0.eta_flops,
-                                                          cal0.eta_bw, cal0.overhead_s)[0])
-        r["predicted_refit_s"] = float(roofline([r], F, BW, c.eta_flops, c.eta_bw,
-                                                c.overhead_s)[0])
+        r["predicted_cpu_calibration_s"] = float(predict([r], F, BW, cal0)[0])
+        r["predicted_refit_s"] = float(predict([r], F, BW, fits[r["side"]])[0])
         r["role"] = "fit" if r["split"] in fit_splits else "validate"
     e2e = []
     for s, m in measured.items():
@@ -173,15 +157,29 @@ def _errors(items, key) -> dict:
 
 def _record(rows, e2e, fits, cal0, dev, link, P, T, G, repeats) -> dict:
     val = [r for r in rows if r["role"] == "validate"]
+    fit = [r for r in rows if r["role"] == "fit"]
     summary = {}
     for key in ("predicted_cpu_calibration_s", "predicted_refit_s"):
-        summary[key] = {"stages_validate": _errors(val, key), "stages_all": _errors(rows, key),
-                        "end_to_end": _errors(e2e, key)}
+        summary[key] = {"stages_validate": _errors(val, key), "stages_fit": _errors(fit, key),
+                        "stages_all": _errors(rows, key), "end_to_end": _errors(e2e, key)}
+        for side in ("end", "cloud"):
+            summary[key][f"stages_validate_{side}"] = _errors(
+                [r for r in val if r["side"] == side], key)
     return {"benchmark": "pipeline_calibration",
             "method": "measured on this CPU (2 cores shared, 8 fake devices: end 2, cloud 6), "
                       f"single requests, medians of {repeats} runs; link emulated "
                       f"({link.name}); predictions by the scheduler's cost model",
             "workload": {"score_tokens": T, "prompt_tokens": P, "gen_tokens": G},
+            "stage_model": "seconds = overhead + layers * layer_overhead + FLOPs / (eta_flops "
+                           "* F) + bytes / (eta_bw * BW) (ec2moe_jax.scheduler.model."
+                           "stage_time); F, BW = this CPU's measured profile; FLOPs, bytes, "
+                           "layers from the cost model (scheduler.model.stage_work)",
+            "calibration_used": "predicted_refit_s: one calibration per submesh (end: 2 fake "
+                                "devices; cloud: 6, experts sharded, the end->cloud hop "
+                                "included), fitted on the stages at the fit splits only; the "
+                                "validate stages (other splits) and every end-to-end latency "
+                                "are held out. predicted_cpu_calibration_s: the single-device "
+                                "fit of results/calibration_cpu.json, for comparison",
             "device_profile": dataclasses.asdict(dev),
             "calibrations": {"cpu": dataclasses.asdict(cal0),
                              "refit_end": dataclasses.asdict(fits["end"]),
