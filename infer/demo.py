@@ -78,8 +78,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{g['latency_p50_s']:8.3f} {g['ttft_mean_s']:7.3f} {g['tpot_mean_s']:7.4f} "
               f"{g['bytes_up_per_request']:9.0f} {s['latency_p50_s']:9.3f} "
               f"{r['bits_per_char']:9.3f} {r['predicted_generate_s']:8.3f}")
-    print("seconds; measured compute on this CPU + emulated link; 'pred gen' = scheduler "
-          "cost model (calibrated on this CPU)")
+    print(f"seconds; measured compute on this CPU + emulated link; the {len(work.prompts)} "
+          "requests take turns on the same devices, so each latency holds the others' steps; "
+          "'pred gen' = scheduler cost model for one request alone (calibrated per submesh)")
     write_json_atomic(args.out + ".json", result)
     png = demo.plot(result["rows"], args.out + ".png")
     print(f"wrote {args.out}.json" + (f" and {png}" if png else " (no matplotlib: no PNG)"))

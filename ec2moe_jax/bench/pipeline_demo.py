@@ -26,14 +26,27 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 CALIBRATION = os.path.join(ROOT, "results", "calibration_cpu.json")
 
 
-def this_cpu(cfg, expert_fraction: float = 0.5) -> tuple[DeviceProfile, Calibration]:
-    """This CPU as an end (or cloud) device: the profile measured by ``infer/calibrate.py``
-    with its fitted roofline efficiencies *unclamped* (we model this very machine, where
-    caches beat the copy bandwidth), and memory for the fixed weights plus
-    ``expert_fraction`` of the experts (what an app may get on a phone)."""
+PIPELINE_CALIBRATION = os.path.join(ROOT, "results", "pipeline_calibration.json")
+
+
+def _calibration(fit: dict, source: str) -> Calibration:
+    return Calibration(fit["eta_flops"], fit["eta_bw"], fit["overhead_s"], source,
+                       fit.get("layer_overhead_s", 0.0))
+
+
+def this_cpu(cfg, expert_fraction: float = 0.5
+             ) -> tuple[DeviceProfile, Calibration, Calibration]:
+    """This CPU as the end and the cloud device: the profile measured by
+    ``infer/calibrate.py``, memory for the fixed weights plus ``expert_fraction`` of the
+    experts (what an app may get on a phone), and the end's and the cloud's calibrations.
+
+    The calibrations are the per-submesh refits of ``results/pipeline_calibration.json``
+    (end: 2 fake devices; cloud: 6, experts sharded) when present, else the single-device
+    fit of ``results/calibration_cpu.json`` *unclamped* for both (we model this very
+    machine, where caches beat the copy bandwidth)."""
     with open(CALIBRATION) as f:
         cal = json.load(f)
-    prof, fit = cal["profile"], cal["fit"]
+    prof = cal["profile"]
     costs = model_costs(cfg)
     mem = (costs.embed_bytes + costs.head_bytes + costs.fixed_bytes.sum()
            + expert_fraction * costs.is_moe.sum() * costs.num_experts * costs.expert_bytes
@@ -42,16 +55,25 @@ def this_cpu(cfg, expert_fraction: float = 0.5) -> tuple[DeviceProfile, Calibrat
                            mem_bandwidth=prof["mem_bandwidth"],
                            source=f"measured ({prof['source']}); memory budget: fixed weights "
                                   f"+ {expert_fraction:.0%} of the experts")
-    return device, Calibration(fit["eta_flops"], fit["eta_bw"], fit["overhead_s"],
-                               "fitted on this CPU (results/calibration_cpu.json), unclamped")
+    if os.path.exists(PIPELINE_CALIBRATION):
+        with open(PIPELINE_CALIBRATION) as f:
+            fits = json.load(f)["calibrations"]
+        src = "per-submesh refit (results/pipeline_calibration.json)"
+        return (device, _calibration(fits["refit_end"], f"end {src}"),
+                _calibration(fits["refit_cloud"], f"cloud {src}"))
+    single = _calibration(cal["fit"], "fitted on this CPU (results/calibration_cpu.json), "
+                                      "unclamped")
+    return device, single, single
 
 
 def instance(cfg, freq, end: DeviceProfile, link: LinkProfile, cal: Calibration, *,
-             prompt_tokens: int, gen_tokens: int, rate: float = 0.05):
+             prompt_tokens: int, gen_tokens: int, rate: float = 0.05,
+             cloud_cal: Calibration | None = None):
     """A one-device scheduling instance; the low rate makes queueing negligible, so the
     predicted latency is one request's (what the executor measures)."""
     return build_instance(model_costs(cfg), freq, [end], end, [link], [rate],
-                          prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, calibration=cal)
+                          prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, calibration=cal,
+                          cloud_calibration=cloud_cal)
 
 
 def scheduled_plans(cfg, inst) -> dict[str, tuple[PipelinePlan, object]]:
@@ -152,10 +174,12 @@ def run_demo(workdir: str, link: LinkProfile, work: Workload, *, temperature: fl
     setup, params, splits, freq = load_run(workdir)
     cfg = setup.cfg.model
     meshes = split_end_cloud(setup.cfg.mesh)
-    end, cal = this_cpu(cfg, expert_fraction)
+    end, cal, cloud_cal = this_cpu(cfg, expert_fraction)
     p, g, t = work.prompts.shape[1], work.max_new_tokens, work.texts.shape[1] - 1
-    inst_gen = instance(cfg, freq, end, link, cal, prompt_tokens=p, gen_tokens=g)
-    inst_score = instance(cfg, freq, end, link, cal, prompt_tokens=t, gen_tokens=0)
+    inst_gen = instance(cfg, freq, end, link, cal, prompt_tokens=p, gen_tokens=g,
+                        cloud_cal=cloud_cal)
+    inst_score = instance(cfg, freq, end, link, cal, prompt_tokens=t, gen_tokens=0,
+                          cloud_cal=cloud_cal)
     rows, tokens, seen = [], {}, {}
     for name, (plan, sched) in scheduled_plans(cfg, inst_gen).items():
         key = (plan.split, plan.resident, plan.codec, plan.micro_batch, plan.swap)
@@ -174,9 +198,10 @@ def run_demo(workdir: str, link: LinkProfile, work: Workload, *, temperature: fl
         rows.append(row)
     return {"benchmark": "end_cloud_demo", "workdir": workdir, "link": dataclasses.asdict(link),
             "end_device": dataclasses.asdict(end), "calibration": dataclasses.asdict(cal),
+            "cloud_calibration": dataclasses.asdict(cloud_cal),
             "workload": {"requests": len(work.prompts), "prompt_tokens": p,
                          "max_new_tokens": g, "scored_windows": len(work.texts),
                          "scored_tokens_per_window": t},
             "predicted_method": "scheduler cost model (one request, no queueing), calibrated "
-                                "on this CPU; end and cloud both = this CPU",
+                                "per submesh on this CPU; end and cloud both = this CPU",
             "rows": rows, "_tokens": tokens}

@@ -24,11 +24,11 @@ def resolve_plan(name: str, cfg, freq, link, end_device: str, *, prompt_tokens: 
     from ec2moe_jax.bench import pipeline_demo as demo
     from ec2moe_jax.profiles import device
 
-    dev, cal = demo.this_cpu(cfg)
+    dev, cal, cloud_cal = demo.this_cpu(cfg)
     if end_device != "this-cpu":
         dev = device(end_device)
     inst = demo.instance(cfg, freq, dev, link, cal, prompt_tokens=prompt_tokens,
-                         gen_tokens=gen_tokens)
+                         gen_tokens=gen_tokens, cloud_cal=cloud_cal)
     if name == "ec2moe":
         return demo.scheduled_plans(cfg, inst)["ec2moe"][0]
     return baseline(name, cfg, inst)
