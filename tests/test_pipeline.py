@@ -66,6 +66,35 @@ def test_split_scoring_equals_unsplit_model(world, split):
     assert sorted(r.id for r in rep.requests) == [0, 1, 2, 3]
 
 
+def test_group_gate_runs_in_the_end_stage(world, tmp_path):
+    # A plan that drops experts: layer 0 (the end) keeps 4 of 8 experts and routes with a
+    # trained-shape HL-GGN gate; the pipeline equals the split forward of the gate library,
+    # and the runtime reloads the gate saved for that mask instead of the router.
+    from ec2moe_jax.pipeline.runtime import group_gates
+    from ec2moe_jax.training import gate as gate_lib
+
+    model, params = world["model"], world["params"]
+    cfg = model.cfg
+    allowed = np.ones((cfg.num_layers, cfg.moe.num_experts), bool)
+    allowed[0, 4:] = False
+    freq = np.full((cfg.num_layers, cfg.moe.num_experts), 1 / cfg.moe.num_experts)
+    text = np.asarray(jax.random.randint(jax.random.key(5), (2048,), 0, 256), np.uint8)
+    gates, source = group_gates(model, params, allowed, 1, freq, workdir=str(tmp_path),
+                                train_tokens=text, steps=2)
+    assert "trained here" in source
+    spec, gp = gates
+    st = build_stages(model, params, world["end"], world["cloud"], split=1, allowed=allowed,
+                      gates=gates)
+    _, rep = score(st, world["tokens"], channel=_channel(), micro_batch=2, keep_logits=True,
+                   timer=fixed_times(TIMES))
+    want, _, _ = gate_lib.split_forward(model, params, world["tokens"][:, :-1], spec, gp)
+    assert_close(rep.logits, want, rtol=1e-4, atol=1e-4)
+    again, source = group_gates(model, params, allowed, 1, freq, workdir=str(tmp_path),
+                                train_tokens=text)
+    assert "gates/mask-" in source
+    jax.tree.map(np.testing.assert_array_equal, again[1], gp)
+
+
 def test_full_rank_float_codec_is_lossless_and_bytes_match_the_wire(world):
     # An identity low-rank codec at R = D with float latents is the identity map.
     d = world["model"].cfg.d_model

@@ -101,12 +101,15 @@ class Workload:
 
 
 def run_plan(model, params, plan: PipelinePlan, meshes, work: Workload, link: LinkProfile, *,
-             freq, workdir, train_tokens, temperature=0.0, on_token=None) -> dict:
+             freq, workdir, train_tokens, temperature=0.0, on_token=None,
+             gate_steps: int = 0) -> dict:
     """Runs one plan on both workloads (after an untimed warm-up); returns measured
-    summaries, bits/char of the scored text and the generated tokens."""
+    summaries, bits/char of the scored text and the generated tokens. A plan that drops
+    experts routes its end layers with the HL-GGN group gate when one is saved for its mask
+    (``gate_steps > 0`` trains one first)."""
     stages, info = runtime.prepare(model, params, plan, *meshes, frequencies=freq,
                                    workdir=workdir, train_tokens=train_tokens,
-                                   temperature=temperature)
+                                   temperature=temperature, gate_steps=gate_steps)
     runtime.warm_up(stages, prompts=work.prompts, texts=work.texts,
                     micro_batch=plan.micro_batch, link=link)
     tokens, gen = executor.generate(stages, work.prompts, work.max_new_tokens,
@@ -182,14 +185,18 @@ def run_demo(workdir: str, link: LinkProfile, work: Workload, *, temperature: fl
                           cloud_cal=cloud_cal)
     rows, tokens, seen = [], {}, {}
     for name, (plan, sched) in scheduled_plans(cfg, inst_gen).items():
-        key = (plan.split, plan.resident, plan.codec, plan.micro_batch, plan.swap)
+        # EC2MoE's own plan routes dropped-expert layers with the group gate; baselines use
+        # plain masked top-k, so a gated plan is never reused for a baseline of equal shape.
+        drops = not plan.allowed(freq, cfg)[: plan.split].all()
+        gate_steps = 60 if name == "ec2moe" and drops else 0
+        key = (plan.split, plan.resident, plan.codec, plan.micro_batch, plan.swap, gate_steps)
         if key in seen:  # the same plan under another name: reuse its measurement
             row = {**seen[key], "name": name, "same_as": seen[key]["name"]}
         else:
             cb = on_token if name == "ec2moe" else None
             row = run_plan(setup.model, params, plan, meshes, work, link, freq=freq,
                            workdir=workdir, train_tokens=splits.train,
-                           temperature=temperature, on_token=cb)
+                           temperature=temperature, on_token=cb, gate_steps=gate_steps)
             row = {"name": name, **row}
             tokens[name] = row.pop("tokens")
             seen[key] = row

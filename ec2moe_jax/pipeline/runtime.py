@@ -6,6 +6,7 @@ Shape legend: M MoE layers, E experts, N requests, T time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import numpy as np
@@ -42,24 +43,53 @@ def link_codec(model: MoELM, params, plan: PipelinePlan, *, workdir: str | None,
     return codec, "PCA-initialised on 4x8x128 training tokens (not fine-tuned)"
 
 
+def group_gates(model: MoELM, params, allowed: np.ndarray, split: int,
+                frequencies: np.ndarray, *, workdir: str | None,
+                train_tokens: np.ndarray | None, steps: int = 0) -> tuple[tuple | None, str]:
+    """HL-GGN gates for the end layers of a plan that drops experts: loaded from
+    ``<workdir>/gates/mask-<hash of the mask>`` if trained before, else trained for ``steps``
+    (LM frozen) and saved there, else None (the router, i.e. plain masked top-k)."""
+    from ec2moe_jax.training import gate as gate_lib
+
+    if split == 0 or allowed[:split].all():
+        return None, "router (every expert reachable)"
+    key = hashlib.sha1(np.packbits(allowed[:split]).tobytes()).hexdigest()[:12]
+    path = os.path.join(workdir, "gates", f"mask-{key}") if workdir else None
+    if train_tokens is None or not ((path and os.path.isdir(path)) or steps > 0):
+        return None, "router (masked top-k: no trained group gate for this mask)"
+    seq_len = min(128, model.cfg.max_seq_len)
+    spec, gates = gate_lib.init_gates(model, params, (allowed, split), frequencies,
+                                      train_tokens, seq_len=seq_len)
+    if path and os.path.isdir(path):
+        return (spec, gate_lib.load_gates(path, gates)), f"group gate ({path})"
+    gates, _ = gate_lib.train_gates(model, params, spec, gates, train_tokens, steps=steps,
+                                    seq_len=seq_len, checkpoint_dir=path, progress=False)
+    return (spec, gates), f"group gate trained here ({steps} steps, LM frozen)"
+
+
 def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh, cloud_mesh: Mesh, *,
             frequencies: np.ndarray, workdir: str | None = None,
-            train_tokens: np.ndarray | None = None, temperature: float = 0.0
-            ) -> tuple[Stages, dict]:
-    """Stages of ``plan`` and a JSON-ready description (mask coverage, codec source)."""
+            train_tokens: np.ndarray | None = None, temperature: float = 0.0,
+            gate_steps: int = 0) -> tuple[Stages, dict]:
+    """Stages of ``plan`` and a JSON-ready description (mask coverage, codec and gate
+    sources). End layers of a plan that drops experts use the HL-GGN group gate when one is
+    saved for its mask (or ``gate_steps > 0`` trains one), else masked top-k."""
     cfg = model.cfg
     plan.validate(cfg)
     allowed = plan.allowed(frequencies, cfg)
     codec, source = link_codec(model, params, plan, workdir=workdir, train_tokens=train_tokens)
+    gates, gate_source = group_gates(model, params, allowed, plan.split, frequencies,
+                                     workdir=workdir, train_tokens=train_tokens,
+                                     steps=gate_steps)
     stages = build_stages(model, params, end_mesh, cloud_mesh, split=plan.split,
                           transport=plan.transport(cfg.d_model), allowed=allowed, codec=codec,
-                          temperature=temperature)
+                          gates=gates, temperature=temperature)
     moe = [i for i in range(plan.split) if cfg.is_moe_layer(i)]
     freq = np.asarray(frequencies, np.float64)
     freq = freq / freq.sum(-1, keepdims=True)
     rows = [sum(cfg.is_moe_layer(j) for j in range(i)) for i in moe]
     covered = [float(freq[r][allowed[i]].sum()) for r, i in zip(rows, moe, strict=True)]
-    info = {**plan.to_json(), "codec_source": source,
+    info = {**plan.to_json(), "codec_source": source, "gate": gate_source,
             "routing_mass_covered_per_end_layer": covered}
     return stages, info
 

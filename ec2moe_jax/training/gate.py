@@ -73,13 +73,14 @@ def router_inputs(model: MoELM, params, tokens: jax.Array, layers: tuple[int, ..
     return {i: state["intermediates"][f"layer_{i}"]["ffn_norm"]["__call__"][0] for i in layers}
 
 
-def init_gates(model: MoELM, lm_params, selection: Selection, frequencies: np.ndarray,
-               tokens: np.ndarray, *, num_inputs: int | None = None, batches: int = 8,
-               batch_size: int = 16, seq_len: int = 128, seed: int = 4321
+def init_gates(model: MoELM, lm_params, selection: Selection | tuple[np.ndarray, int],
+               frequencies: np.ndarray, tokens: np.ndarray, *, num_inputs: int | None = None,
+               batches: int = 8, batch_size: int = 16, seq_len: int = 128, seed: int = 4321
                ) -> tuple[GateSpec, dict]:
     """Chooses each gate's inputs and distils the router onto them by least squares.
 
     Args:
+      selection: a :class:`Selection`, or ``(allowed [L, E], num_end_layers)``.
       frequencies: <float>[M, E] routing frequencies of the MoE layers (the global prior).
       tokens: training text; ``batches`` random windows of it are the fitting data.
       num_inputs: P (default ``D // 4``).
@@ -88,15 +89,19 @@ def init_gates(model: MoELM, lm_params, selection: Selection, frequencies: np.nd
       ``(spec, gate_params)`` with ``gate_params[f"layer_{i}"]`` a GroupGate's params.
     """
     cfg = model.cfg
-    if selection.num_end_layers == 0:
-        raise ValueError(f"the selection runs no layer on the end ({selection.reason}); "
-                         "there is no end gate to train")
+    if isinstance(selection, Selection):
+        allowed_np, num_end = np.asarray(selection.allowed), selection.num_end_layers
+    else:
+        allowed_np, num_end = np.asarray(selection[0], bool), int(selection[1])
+    if num_end == 0:
+        raise ValueError("the selection runs no layer on the end; there is no end gate to "
+                         "train")
     p = num_inputs or cfg.d_model // 4
     moe_rows = [i for i in range(cfg.num_layers) if cfg.is_moe_layer(i)]
-    layers = tuple(i for i in moe_rows if i < selection.num_end_layers)
+    layers = tuple(i for i in moe_rows if i < num_end)
     log_prior = np.zeros((cfg.num_layers, cfg.moe.num_experts), np.float32)
     log_prior[moe_rows] = np.log(np.maximum(np.asarray(frequencies, np.float64), 1e-6))
-    allowed = jnp.asarray(selection.allowed)
+    allowed = jnp.asarray(allowed_np)
     fn = jax.jit(lambda prm, t: router_inputs(model, prm, t, layers, allowed))
     xs = {i: [] for i in layers}
     for b in range(batches):
@@ -108,15 +113,14 @@ def init_gates(model: MoELM, lm_params, selection: Selection, frequencies: np.nd
     for i in layers:
         x = np.concatenate(xs[i])
         router = np.asarray(lm_params[f"layer_{i}"]["moe"]["router"], np.float64)
-        idx = gg.choose_inputs(router, selection.allowed[i], p, np.sqrt((x**2).mean(0)))
-        w = gg.fit_local_gate(x[:, idx], x @ router, selection.allowed[i])
+        idx = gg.choose_inputs(router, allowed_np[i], p, np.sqrt((x**2).mean(0)))
+        w = gg.fit_local_gate(x[:, idx], x @ router, allowed_np[i])
         inputs.append(tuple(int(j) for j in idx))
         e = cfg.moe.num_experts
         gate_params[f"layer_{i}"] = {"w_local": jnp.asarray(w), "bias": jnp.zeros(e),
                                      "temperature": jnp.zeros(()),
                                      "prior_weight": jnp.zeros(())}
-    spec = GateSpec(np.asarray(selection.allowed), selection.num_end_layers, layers,
-                    tuple(inputs), log_prior)
+    spec = GateSpec(allowed_np, num_end, layers, tuple(inputs), log_prior)
     return spec, gate_params
 
 
