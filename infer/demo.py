@@ -1,6 +1,6 @@
 """The README's main command: the end-cloud demo on 8 fake CPU devices (end 2, cloud 6).
 
-  python infer/demo.py                 # about 7.5 minutes on 2 CPU cores the first time, 1 after
+  python infer/demo.py                 # about 6 minutes on 2 CPU cores the first time, 1 after
 
 Uses the fully trained small model in runs/small if present, else trains the small config
 briefly into runs/demo (once). Then it schedules EC2MoE for this CPU as the end device over
