@@ -57,6 +57,22 @@ class Checkpointer:
         self.manager.close()
 
 
+def save_tree(directory: str, tree: Any, step: int = 0) -> None:
+    """Saves one pytree as the only checkpoint of ``directory`` (atomically)."""
+    ckpt = Checkpointer(directory, keep=1)
+    ckpt.save(step, tree)
+    ckpt.close()
+
+
+def restore_tree(directory: str, abstract_tree: Any) -> Any:
+    """Restores the latest checkpoint of ``directory`` onto ``abstract_tree`` (see
+    :meth:`Checkpointer.restore`)."""
+    ckpt = Checkpointer(directory, create=False)
+    out = ckpt.restore(abstract_tree)
+    ckpt.close()
+    return out
+
+
 def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     """ShapeDtypeStructs of ``tree`` carrying ``shardings`` (a matching tree)."""
     return jax.tree.map(

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from ec2moe_jax import data as data_lib
 from ec2moe_jax.codec import lowrank
 from ec2moe_jax.models import MoELM
-from ec2moe_jax.training.checkpoint import Checkpointer
+from ec2moe_jax.training.checkpoint import restore_tree, save_tree
 from ec2moe_jax.training.steps import bits_per_char, token_nll
 
 Transform = Callable[[dict, jax.Array], jax.Array]  # (codec params, h [B,T,D]) -> [B,T,D]
@@ -113,21 +113,16 @@ def finetune_codec(
         if i % 25 == 0 or i == steps - 1:
             history.append({"step": i + 1, **{k: float(v) for k, v in m.items()}})
     if checkpoint_dir is not None:
-        ckpt = Checkpointer(checkpoint_dir, keep=1)
-        ckpt.save(steps, codec)
-        ckpt.close()
+        save_tree(checkpoint_dir, codec, steps)
     return codec, history
 
 
 def load_codec(checkpoint_dir: str, d_model: int, rank: int) -> dict:
     """Restores a codec saved by :func:`finetune_codec`."""
-    ckpt = Checkpointer(checkpoint_dir, create=False)
     abstract = {"mean": jax.ShapeDtypeStruct((d_model,), jnp.float32),
                 "w_dec": jax.ShapeDtypeStruct((rank, d_model), jnp.float32),
                 "w_enc": jax.ShapeDtypeStruct((d_model, rank), jnp.float32)}
-    out = ckpt.restore(abstract)
-    ckpt.close()
-    return out
+    return restore_tree(checkpoint_dir, abstract)
 
 
 def split_bits_per_char(

@@ -32,7 +32,7 @@ from ec2moe_jax.models import MoELM
 from ec2moe_jax.routing import group_gate as gg
 from ec2moe_jax.routing.topk import Route
 from ec2moe_jax.selection import Selection
-from ec2moe_jax.training.checkpoint import Checkpointer
+from ec2moe_jax.training.checkpoint import restore_tree, save_tree
 from ec2moe_jax.training.steps import bits_per_char, token_nll
 
 
@@ -245,18 +245,13 @@ def train_gates(
 
 
 def save_gates(checkpoint_dir: str, gate_params: dict, step: int = 0) -> None:
-    ckpt = Checkpointer(checkpoint_dir, keep=1)
-    ckpt.save(step, gate_params)
-    ckpt.close()
+    save_tree(checkpoint_dir, gate_params, step)
 
 
 def load_gates(checkpoint_dir: str, like: dict) -> dict:
     """Restores gates saved by :func:`train_gates` onto the structure of ``like``."""
-    ckpt = Checkpointer(checkpoint_dir, create=False)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like)
-    out = ckpt.restore(abstract)
-    ckpt.close()
-    return out
+    return restore_tree(checkpoint_dir,
+                        jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), like))
 
 
 def evaluate_split(
