@@ -25,14 +25,16 @@ from ec2moe_jax.scheduler import build_instance, schedule, zipf_frequencies
 
 
 def _cpu_model() -> str:
+    fallback = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+            lines = f.readlines()
+    except OSError:  # not Linux: the platform's own name is the best we know
+        return fallback
+    for line in lines:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return fallback
 
 
 def _time(inst, repeats: int) -> list[float]:
