@@ -29,6 +29,7 @@ MAGIC = b"EC2W"
 VERSION = 1
 HEADER = struct.Struct("<4sBBHIIQ")
 HEADER_BYTES = HEADER.size  # 24
+TOKEN_BYTES = 4  # a token id (int32) or a per-token float32 score on the wire
 KINDS = {"int8": 1, "int4": 2, "float16": 3, "float32": 4}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 MAX_BODY_BYTES = 1 << 32  # 4 GiB: far above any single hidden state we send

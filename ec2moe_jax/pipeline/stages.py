@@ -28,7 +28,7 @@ from ec2moe_jax.models.generate import sample_token
 from ec2moe_jax.models.lm import MoELM, init_cache
 from ec2moe_jax.sharding import param_shardings, unbox, use_mesh
 
-TOKEN_BYTES = 4  # a token id or a per-token float32 score on the wire
+TOKEN_BYTES = wire.TOKEN_BYTES
 RAW_KINDS = ("float32", "bfloat16")
 LOWRANK_BITS = {"int8": "int8", "int4": "int4", "lowrank-float32": None}
 

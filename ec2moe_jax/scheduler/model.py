@@ -45,10 +45,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from ec2moe_jax.codec import wire
+
 UNSTABLE = 1e6  # seconds: any stable plan is better
 INFEASIBLE = 1e8  # seconds per violated constraint: any feasible plan is better
-HEADER_BYTES = 24.0  # wire header per message (ec2moe_jax.codec.wire)
-TOKEN_BYTES = 4.0  # a token id or a per-token score on the wire
+HEADER_BYTES = float(wire.HEADER_BYTES)  # per message, the real wire format's header
+TOKEN_BYTES = float(wire.TOKEN_BYTES)  # a token id or a per-token score on the wire
 
 
 @flax.struct.dataclass
