@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--workdir", default="runs/small")
     ap.add_argument("--end-layers", type=int, default=2, help="layers run on the end device")
-    ap.add_argument("--gate-steps", type=int, default=150)
+    ap.add_argument("--gate-steps", type=int, default=100)
     ap.add_argument("--eval-batches", type=int, default=30, help="test batches of 16 x 128")
     ap.add_argument("--adapt-steps", type=int, default=400,
                     help="residency-aware LM fine-tune steps for the extra rows (0: skip)")

@@ -104,7 +104,7 @@ def train_for_profile(workdir: str, profile: DeviceProfile, *, num_end_layers: i
     return summary, metrics
 
 
-def run(workdir: str, *, num_end_layers: int = 2, gate_steps: int = 150,
+def run(workdir: str, *, num_end_layers: int = 2, gate_steps: int = 100,
         eval_batches: int = 30, adapt_steps: int = 400, progress: bool = True) -> list[dict]:
     """The HL-GGN table: one dict per profile (see README for the keys)."""
     setup, params, splits, freq = load_run(workdir)
