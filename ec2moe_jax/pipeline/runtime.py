@@ -45,14 +45,19 @@ def link_codec(model: MoELM, params, plan: PipelinePlan, *, workdir: str | None,
 
 def group_gates(model: MoELM, params, allowed: np.ndarray, split: int,
                 frequencies: np.ndarray, *, workdir: str | None,
-                train_tokens: np.ndarray | None, steps: int = 0) -> tuple[tuple | None, str]:
+                train_tokens: np.ndarray | None, steps: int = 0,
+                use_gate: bool = True) -> tuple[tuple | None, str]:
     """HL-GGN gates for the end layers of a plan that drops experts: loaded from
     ``<workdir>/gates/mask-<hash of the mask>`` if trained before, else trained for ``steps``
-    (LM frozen) and saved there, else None (the router, i.e. plain masked top-k)."""
+    (LM frozen) and saved there, else None (the router, i.e. plain masked top-k).
+    ``use_gate=False`` always gives the router, even when a gate is saved for the mask (the
+    masked top-k ablation)."""
     from ec2moe_jax.training import gate as gate_lib
 
     if split == 0 or allowed[:split].all():
         return None, "router (every expert reachable)"
+    if not use_gate:
+        return None, "router (masked top-k, gate disabled)"
     key = hashlib.sha1(np.packbits(allowed[:split]).tobytes()).hexdigest()[:12]
     path = os.path.join(workdir, "gates", f"mask-{key}") if workdir else None
     if train_tokens is None or not ((path and os.path.isdir(path)) or steps > 0):
@@ -70,17 +75,18 @@ def group_gates(model: MoELM, params, allowed: np.ndarray, split: int,
 def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh, cloud_mesh: Mesh, *,
             frequencies: np.ndarray, workdir: str | None = None,
             train_tokens: np.ndarray | None = None, temperature: float = 0.0,
-            gate_steps: int = 0) -> tuple[Stages, dict]:
+            gate_steps: int = 0, use_gate: bool = True) -> tuple[Stages, dict]:
     """Stages of ``plan`` and a JSON-ready description (mask coverage, codec and gate
     sources). End layers of a plan that drops experts use the HL-GGN group gate when one is
-    saved for its mask (or ``gate_steps > 0`` trains one), else masked top-k."""
+    saved for its mask (or ``gate_steps > 0`` trains one), else masked top-k; ``use_gate=False``
+    forces masked top-k."""
     cfg = model.cfg
     plan.validate(cfg)
     allowed = plan.allowed(frequencies, cfg)
     codec, source = link_codec(model, params, plan, workdir=workdir, train_tokens=train_tokens)
     gates, gate_source = group_gates(model, params, allowed, plan.split, frequencies,
                                      workdir=workdir, train_tokens=train_tokens,
-                                     steps=gate_steps)
+                                     steps=gate_steps, use_gate=use_gate)
     stages = build_stages(model, params, end_mesh, cloud_mesh, split=plan.split,
                           transport=plan.transport(cfg.d_model), allowed=allowed, codec=codec,
                           gates=gates, temperature=temperature)
