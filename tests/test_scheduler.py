@@ -280,8 +280,14 @@ def test_more_bandwidth_never_hurts_a_fixed_plan():
 def test_any_feasible_plan_beats_any_infeasible_one():
     # A feasible but hopelessly overloaded plan (utilisation 1e6) must still score below a
     # stable plan that violates one constraint: the instability score is bounded.
-    one = jnp.ones(())
-    overloaded = combine(one, one, one, 1e6 * one, one, 0 * one, 0 * one)[0]
-    violating = combine(one, one, one, 0.1 * one, 0 * one, 0 * one, one)[0]
-    slightly = combine(one, one, one, 1.5 * one, one, 0 * one, 0 * one)[0]
+    one, zero = jnp.ones(()), jnp.zeros(())
+    overloaded = combine(one, one, one, 1e6 * one, one, one, zero, zero)[0]
+    violating = combine(one, one, one, 0.1 * one, zero, one, zero, one)[0]
+    slightly = combine(one, one, one, 1.5 * one, one, one, zero, zero)[0]
     assert float(slightly) < float(overloaded) < float(violating)
+    # A locally overloaded device (serving half its requests) is unstable too, and serving
+    # more of the offered requests is better.
+    stable = combine(one, one, one, 0.5 * one, zero, one, zero, zero)[0]
+    half = combine(one, one, one, 0.5 * one, zero, 0.5 * one, one, zero)[0]
+    tenth = combine(one, one, one, 0.5 * one, zero, 0.1 * one, one, zero)[0]
+    assert float(stable) < float(half) < float(tenth) < float(violating)

@@ -97,20 +97,21 @@ def optimum(inst: Instance) -> tuple[float, Plan]:
     if size > MAX_JOINT:
         raise ValueError(f"exhaustive search over {size} joint plans (after pruning) exceeds "
                          f"{MAX_JOINT}; use a smaller instance (fewer devices/layers/experts)")
-    sums = [np.zeros(()) for _ in range(6)]
-    util = np.zeros(())
+    sums = [np.zeros(()) for _ in range(8)]
     for i, k in enumerate(kept):
         shape = [1] * n
         shape[i] = len(k)
         t = {f: getattr(terms, f)[i, k].reshape(shape) for f in
              ("rate", "latency", "visits", "cloud_rho", "cloud_s2", "local_util", "penalty")}
+        util = t["local_util"]
         parts = (t["rate"], t["rate"] * t["latency"], t["rate"] * t["visits"],
-                 t["cloud_rho"], t["cloud_s2"], t["penalty"])
+                 t["cloud_rho"], t["cloud_s2"], t["rate"] / np.maximum(util, 1.0),
+                 (util >= 1.0).astype(np.float64), t["penalty"])
         sums = [a + b for a, b in zip(sums, parts, strict=True)]
-        util = np.maximum(util, t["local_util"])
-    shape = util.shape
+    shape = np.broadcast_shapes(*(x.shape for x in sums))
+    size = int(np.prod(shape))
     obj = _joint_objective(*(np.broadcast_to(x, shape).reshape(-1)
-                             for x in (*sums[:5], util, sums[5])))[:util.size].reshape(shape)
+                             for x in sums))[:size].reshape(shape)
     flat = int(np.argmin(obj))
     choice = np.unravel_index(flat, obj.shape)
     idx = np.asarray([kept[i][c] for i, c in enumerate(choice)])

@@ -29,42 +29,40 @@ from ec2moe_jax.scheduler.candidates import (
     baseline_indices,
     cover_counts,
 )
-from ec2moe_jax.scheduler.model import Instance, Plan, Terms, combine
+from ec2moe_jax.scheduler.model import Instance, Plan, Terms, combine, served_terms
 from ec2moe_jax.scheduler.scoring import candidate_terms
 
 
 def _objective_of(stacked, index: jax.Array) -> jax.Array:
     """Joint objective of candidate indices ``index`` [N]."""
-    rate, sums, util = stacked
+    rate, sums = stacked
     n = jnp.arange(index.shape[0])
     tot = sums[n, :, index].sum(0)
-    return combine(rate.sum(), tot[0], tot[1], tot[2], tot[3], util[n, index].max(), tot[4])[0]
+    return combine(rate.sum(), *tot)[0]
 
 
-def _stacked(inst: Instance, terms: Terms) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """(rate [N], the summed terms [N, 5, K], local utilisation [N, K]) from compact
-    candidate terms [N, S, R, C, B]: only what the joint objective needs, flattened once."""
+def _stacked(inst: Instance, terms: Terms) -> tuple[jax.Array, jax.Array]:
+    """(rate [N], the summed terms [N, 7, K]) from compact candidate terms [N, S, R, C, B]:
+    only what the joint objective (:func:`~.model.combine`) needs, flattened once."""
     full = (inst.num_devices, inst.num_layers + 1, NUM_RESIDENCY, inst.codec_bytes.shape[0],
             inst.batch.shape[0])
     flat = lambda x: jnp.broadcast_to(x, full).reshape(full[0], -1)  # noqa: E731
+    served, over = served_terms(terms)
     sums = jnp.stack([flat(terms.rate * terms.latency), flat(terms.rate * terms.visits),
-                      flat(terms.cloud_rho), flat(terms.cloud_s2), flat(terms.penalty)], 1)
-    return terms.rate.reshape(-1), sums, flat(terms.local_util)
+                      flat(terms.cloud_rho), flat(terms.cloud_s2), flat(served), flat(over),
+                      flat(terms.penalty)], 1)
+    return terms.rate.reshape(-1), sums
 
 
 def _best_responses(stacked, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Every device's best response at once: (candidate [N], joint objective [N] if that
     device alone switched to it, the others fixed)."""
-    rate, sums, util = stacked
+    rate, sums = stacked
     n = jnp.arange(index.shape[0])
-    own = sums[n, :, index]  # [N, 5]
-    others = own.sum(0) - own  # [N, 5]
-    cur_u = util[n, index]
-    top = jnp.argmax(cur_u)
-    second = jnp.max(jnp.where(n == top, -jnp.inf, cur_u))
-    far = jnp.where(n == top, second, cur_u[top])  # max utilisation of the other devices
-    part = [others[:, j, None] + sums[:, j] for j in range(5)]  # [N, K] each
-    obj = combine(rate.sum(), *part[:4], jnp.maximum(far[:, None], util), part[4])[0]
+    own = sums[n, :, index]  # [N, 7]
+    others = own.sum(0) - own  # [N, 7]
+    part = [others[:, j, None] + sums[:, j] for j in range(7)]  # [N, K] each
+    obj = combine(rate.sum(), *part)[0]
     best = jnp.argmin(obj, -1)
     return best, obj[n, best]
 
@@ -145,11 +143,11 @@ def schedule(inst: Instance, rounds: int = 3) -> tuple[Plan, dict[str, jax.Array
     stacked = _stacked(inst, compact)
     base = baseline_objectives(inst, stacked)
     names = list(base)
-    rate, sums, util = stacked
+    rate, sums = stacked
     # Every uniform joint plan (all devices on candidate k) at once: one more start, so
     # e.g. "everyone micro-batches" is reachable when no single device can get there alone.
     tot = sums.sum(0)
-    uniform = combine(rate.sum(), tot[0], tot[1], tot[2], tot[3], util.max(0), tot[4])[0]
+    uniform = combine(rate.sum(), *tot)[0]
     best_u = jnp.argmin(uniform)
     objs = jnp.stack([base[name][0] for name in names] + [uniform[best_u]])
     starts = jnp.stack([base[name][1] for name in names]
@@ -159,7 +157,7 @@ def schedule(inst: Instance, rounds: int = 3) -> tuple[Plan, dict[str, jax.Array
     # Guard the guarantee against float rounding of the incremental sums.
     better = obj <= objs.min()
     index = jnp.where(better, index, starts[jnp.argmin(objs)])
-    penalty = stacked[1][jnp.arange(index.shape[0]), 4, index]
+    penalty = stacked[1][jnp.arange(index.shape[0]), 6, index]
     info = {"objective": jnp.minimum(obj, objs.min()), "index": index,
             "feasible": penalty.sum() == 0,
             "baselines": {k: base[k][0] for k in names}}

@@ -33,10 +33,14 @@ decode steps of one request are not Poisson arrivals.
 micro-batch filling, queueing, compute, transfers and RTT, subject to stability (utilisation
 < 1 at every server), memory, the quality budget (coverage of routing mass per end MoE layer
 >= ``min_coverage`` unless swapping; codec bits/char increase <= ``codec_budget``) and privacy
-(``split >= min_end_layers``). Violations add ``INFEASIBLE`` per violated constraint and
-instability scores ``UNSTABLE * (1 + u / (1 + u))`` for utilisation ``u`` (bounded below
-``INFEASIBLE``), so every feasible stable plan beats every other, every feasible plan beats
-every infeasible one, and among unstable ones the least loaded wins.
+(``split >= min_end_layers``). Violations add ``INFEASIBLE`` per violated constraint. An
+unstable plan (the shared cloud or some end device or uplink at utilisation >= 1) scores
+``UNSTABLE * (1 + lost)`` on top of its latency, ``lost`` being the share of the offered
+requests it cannot serve: a device at local utilisation ``u`` serves ``rate / max(1, u)``
+and an overloaded cloud scales everyone's service by ``1 / rho``. So every feasible stable
+plan beats every other, every feasible plan beats every infeasible one, among unstable plans
+the one serving the most requests wins (throughput), and devices that are not overloaded
+still minimise latency (a device whose link dropped does not drag the others with it).
 """
 
 from __future__ import annotations
@@ -246,9 +250,10 @@ def _job_work(inst: Instance, split, codec, tokens, work):
     return e_fl, e_by, e_sw, c_fl, c_by
 
 
-def _job_times(inst: Instance, split, codec, tokens, dev, work):
+def _job_times(inst: Instance, split, codec, tokens, dev, work, reply_tokens=None):
     """End time, cloud time, uplink bytes and downlink bytes of one job of ``tokens`` tokens
-    from its layer work (:func:`_layer_sums`), adding the LM head, the codec and the link."""
+    from its layer work (:func:`_layer_sums`), adding the LM head, the codec and the link.
+    The reply carries ``reply_tokens`` ids or scores (default one per token of the job)."""
     e_fl, e_by, e_sw, c_fl, c_by = _job_work(inst, split, codec, tokens, work)
     end_only, cloud_only = split == inst.num_layers, split == 0
     t_end = jnp.where(split > 0, stage_time(e_fl, e_by, split, inst.end_flops[dev],
@@ -261,7 +266,8 @@ def _job_times(inst: Instance, split, codec, tokens, dev, work):
                         0.0)
     per_token = jnp.where(cloud_only, TOKEN_BYTES, inst.codec_bytes[codec])
     up = jnp.where(end_only, 0.0, HEADER_BYTES + tokens * per_token)
-    down = jnp.where(end_only, 0.0, HEADER_BYTES + tokens * TOKEN_BYTES)
+    reply = tokens if reply_tokens is None else reply_tokens
+    down = jnp.where(end_only, 0.0, HEADER_BYTES + reply * TOKEN_BYTES)
     return t_end, t_cloud, up, down
 
 
@@ -283,6 +289,25 @@ def stage_work(inst: Instance, plan: Plan, tokens, context) -> dict[str, jax.Arr
             "cloud_flops": jnp.where(end_only, 0.0, c_fl),
             "cloud_bytes": jnp.where(end_only, 0.0, c_by),
             "cloud_layers": f32(inst.num_layers - plan.split)}
+
+
+def job_costs(inst: Instance, plan: Plan, tokens, context, reply_tokens=None
+              ) -> dict[str, jax.Array]:
+    """Seconds and bytes of one job of each end device's plan [N] (device ``i`` uses plan
+    ``i``): ``inst.batch[plan.batch]`` sequences of ``tokens`` new tokens each, attending over
+    ``context`` positions (any shape broadcasting against [N], e.g. [G, 1] for every decode
+    step). The reply carries ``reply_tokens`` ids or scores per sequence (default
+    ``tokens``: scoring). Returns ``end_s`` (compute plus swap reads), ``cloud_s``,
+    ``up_bytes``, ``down_bytes``: the per-job quantities :func:`plan_terms` combines, for an
+    event-driven simulator that composes jobs itself instead of using M/G/1 formulas.
+    """
+    dev = jnp.arange(plan.split.shape[0])
+    b = inst.batch[plan.batch]
+    ctx = jnp.zeros_like(b) + context
+    work = _layer_sums(inst, plan, inst.batch * tokens, ctx)
+    reply = tokens if reply_tokens is None else reply_tokens
+    e, c, up, down = _job_times(inst, plan.split, plan.codec, b * tokens, dev, work, b * reply)
+    return {"end_s": e, "cloud_s": c, "up_bytes": up, "down_bytes": down}
 
 
 def plan_terms(inst: Instance, plan: Plan, dev: jax.Array) -> Terms:
@@ -313,7 +338,9 @@ def terms_from_work(inst: Instance, split, codec, batch, dev, work_p, work_d, vi
     lam = inst.rate[dev]
     end_only, cloud_only = split == L, split == 0
     mid = (~end_only) & (~cloud_only)
-    e_p, c_p, up_p, dn_p = _job_times(inst, split, codec, (inst.batch * T)[batch], dev, work_p)
+    # A prefill reply carries T scores per request (scoring) or one sampled token (decoding).
+    e_p, c_p, up_p, dn_p = _job_times(inst, split, codec, (inst.batch * T)[batch], dev, work_p,
+                                      jnp.where(G > 0, b, b * T))
     e_d, c_d, up_d, dn_d = _job_times(inst, split, codec, b, dev, work_d)
     # Cloud-only decoding streams tokens back: nothing goes up per step, no per-step RTT.
     up_d = jnp.where(cloud_only, 0.0, up_d)
@@ -373,28 +400,36 @@ def _constraints(inst: Instance, plan: Plan, dev, b):
     return violations, min_cov, mem
 
 
-def combine(rate, latency, visits, cloud_rho, cloud_s2, local_util, penalty):
+def combine(rate, latency, visits, cloud_rho, cloud_s2, served, overloaded, penalty):
     """Joint objective from per-device sums: (objective, mean latency, cloud utilisation).
 
-    ``rate`` etc. are totals over devices of ``rate``, ``rate * latency``, ``rate * visits``,
-    ``cloud_rho``, ``cloud_s2``; ``local_util`` the max and ``penalty`` the sum.
+    Arguments are totals over devices of ``rate``, ``rate * latency``, ``rate * visits``,
+    ``cloud_rho``, ``cloud_s2``, ``rate / max(1, local_util)`` (requests the device and its
+    uplink can serve), ``local_util >= 1`` (overloaded devices) and ``penalty``.
     """
-    wait = cloud_s2 / (2.0 * jnp.maximum(1.0 - cloud_rho, 1e-9))
+    cloud_stable = cloud_rho < 1.0
+    wait = jnp.where(cloud_stable, cloud_s2 / (2.0 * jnp.maximum(1.0 - cloud_rho, 1e-9)), 0.0)
     mean = (latency + visits * wait) / rate
-    util = jnp.maximum(cloud_rho, local_util)
-    stable = util < 1.0
-    # Bounded in [UNSTABLE, 2 UNSTABLE) so that no utilisation outweighs a violated constraint.
-    u = jnp.minimum(util, 1e30)
-    obj = jnp.where(stable, mean, UNSTABLE * (1.0 + u / (1.0 + u))) + INFEASIBLE * penalty
+    stable = cloud_stable & (overloaded == 0)
+    lost = 1.0 - served / (rate * jnp.maximum(cloud_rho, 1.0))
+    obj = (mean + jnp.where(stable, 0.0, UNSTABLE * (1.0 + jnp.clip(lost, 0.0, 1.0)))
+           + INFEASIBLE * penalty)
     return obj, jnp.where(stable, mean, jnp.inf), cloud_rho
+
+
+def served_terms(terms: Terms) -> tuple[jax.Array, jax.Array]:
+    """Per-device (requests served, overloaded 0/1) from the local utilisation."""
+    return (terms.rate / jnp.maximum(terms.local_util, 1.0),
+            (terms.local_util >= 1.0).astype(jnp.float32))
 
 
 def joint_objective(terms: Terms) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(objective, mean latency, cloud utilisation) of a joint plan from its [N, ...] terms
     (devices on axis 0)."""
+    served, over = served_terms(terms)
     return combine(terms.rate.sum(0), (terms.rate * terms.latency).sum(0),
                    (terms.rate * terms.visits).sum(0), terms.cloud_rho.sum(0),
-                   terms.cloud_s2.sum(0), terms.local_util.max(0), terms.penalty.sum(0))
+                   terms.cloud_s2.sum(0), served.sum(0), over.sum(0), terms.penalty.sum(0))
 
 
 def evaluate(inst: Instance, plan: Plan) -> dict[str, jax.Array]:

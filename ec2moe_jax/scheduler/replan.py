@@ -12,6 +12,7 @@ the band does not make plans flap. Layers whose new counts are all zero keep the
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import flax.struct
@@ -65,38 +66,55 @@ def make_replanner(template: Instance, *, decay: float = 0.8, hysteresis: float 
         raise ValueError(f"{decay=} must lie in [0, 1)")
     if hysteresis < 0:
         raise ValueError(f"{hysteresis=} must be >= 0")
-    moe_rows = np.flatnonzero(np.asarray(template.is_moe) > 0)
-
-    def instance(freq: jax.Array, obs: Observation | None) -> Instance:
-        full = template.freq.at[moe_rows].set(-jnp.sort(-freq, axis=-1))
-        inst = template.replace(freq=full)
-        if obs is not None:
-            inst = inst.replace(link_bps=obs.link_bps.astype(jnp.float32),
-                                rtt=obs.rtt.astype(jnp.float32),
-                                rate=obs.rate.astype(jnp.float32))
-        return inst
+    moe_rows = tuple(int(r) for r in np.flatnonzero(np.asarray(template.is_moe) > 0))
+    hyper = dict(moe_rows=moe_rows, decay=float(decay), hysteresis=float(hysteresis),
+                 rounds=int(rounds))
 
     def init(freq: jax.Array | None = None) -> ReplanState:
         """State planned for the template (``freq`` [M, E]: initial statistics, default the
         template's, whose expert identities are then the sorted order)."""
-        f = template.freq[moe_rows] if freq is None else jnp.asarray(freq, jnp.float32)
+        f = template.freq[np.asarray(moe_rows)] if freq is None else jnp.asarray(freq,
+                                                                                 jnp.float32)
         f = f / jnp.maximum(f.sum(-1, keepdims=True), 1e-30)
-        plan, info = schedule(instance(f, None), rounds=rounds)
+        plan, info = schedule(_instance(template, f, None, moe_rows), rounds=rounds)
         return ReplanState(f, plan, info["objective"], jnp.zeros((), jnp.int32),
                            jnp.zeros((), jnp.int32))
 
     def update(obs: Observation, state: ReplanState) -> tuple[Plan, ReplanState]:
-        counts = jnp.asarray(obs.counts, jnp.float32)
-        tot = counts.sum(-1, keepdims=True)
-        new = counts / jnp.maximum(tot, 1e-30)
-        freq = jnp.where(tot > 0, decay * state.freq + (1 - decay) * new, state.freq)
-        inst = instance(freq, obs)
-        cand, info = schedule(inst, rounds=rounds)
-        current = evaluate(inst, state.plan)["objective"]
-        switch = ((current > info["objective"] * (1 + hysteresis))
-                  | (current >= UNSTABLE) & (info["objective"] < current))
-        plan = jax.tree.map(lambda a, b: jnp.where(switch, a, b), cand, state.plan)
-        obj = jnp.where(switch, info["objective"], current)
-        return plan, ReplanState(freq, plan, obj, state.switches + switch, state.steps + 1)
+        return _update(template, obs, state, **hyper)
 
     return Replanner(init, update)
+
+
+def _instance(template: Instance, freq: jax.Array, obs: Observation | None,
+              moe_rows: tuple[int, ...]) -> Instance:
+    """The template with statistics ``freq`` [M, E] (sorted per layer) and, if given, the
+    observed bandwidths, RTTs and request rates."""
+    rows = np.asarray(moe_rows)
+    inst = template.replace(freq=template.freq.at[rows].set(-jnp.sort(-freq, axis=-1)))
+    if obs is not None:
+        inst = inst.replace(link_bps=obs.link_bps.astype(jnp.float32),
+                            rtt=obs.rtt.astype(jnp.float32),
+                            rate=obs.rate.astype(jnp.float32))
+    return inst
+
+
+@functools.partial(jax.jit, static_argnames=("moe_rows", "decay", "hysteresis", "rounds"))
+def _update(template: Instance, obs: Observation, state: ReplanState, *,
+            moe_rows: tuple[int, ...], decay: float, hysteresis: float, rounds: int
+            ) -> tuple[Plan, ReplanState]:
+    """One re-planning step. The template is an argument, not a closed-over constant, so
+    one compilation serves every instance of the same shape (an evaluation harness builds
+    hundreds)."""
+    counts = jnp.asarray(obs.counts, jnp.float32)
+    tot = counts.sum(-1, keepdims=True)
+    new = counts / jnp.maximum(tot, 1e-30)
+    freq = jnp.where(tot > 0, decay * state.freq + (1 - decay) * new, state.freq)
+    inst = _instance(template, freq, obs, moe_rows)
+    cand, info = schedule(inst, rounds=rounds)
+    current = evaluate(inst, state.plan)["objective"]
+    switch = ((current > info["objective"] * (1 + hysteresis))
+              | (current >= UNSTABLE) & (info["objective"] < current))
+    plan = jax.tree.map(lambda a, b: jnp.where(switch, a, b), cand, state.plan)
+    obj = jnp.where(switch, info["objective"], current)
+    return plan, ReplanState(freq, plan, obj, state.switches + switch, state.steps + 1)
