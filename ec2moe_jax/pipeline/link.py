@@ -51,6 +51,19 @@ class BandwidthTrace:
     def constant(cls, bps: float) -> BandwidthTrace:
         return cls((0.0,), (float(bps),))
 
+    def mean_bps(self, start: float, stop: float) -> float:
+        """Time-averaged bandwidth over ``[start, stop)`` (what a device measures over a
+        window); the value at ``start`` when the window is empty."""
+        i = max(bisect.bisect_right(self.times, start) - 1, 0)
+        if stop <= start:
+            return self.bps[i]
+        bits, t = 0.0, start
+        while t < stop:
+            end = min(self.times[i + 1] if i + 1 < len(self.times) else stop, stop)
+            bits += (end - t) * self.bps[i]
+            t, i = end, i + 1
+        return bits / (stop - start)
+
     def finish(self, start: float, nbytes: float) -> float:
         """When a message of ``nbytes`` whose serialisation starts at ``start`` has left."""
         bits = 8.0 * nbytes
