@@ -286,8 +286,11 @@ def compare(row: dict) -> dict:
         v = st[m][key]
         return math.inf if v is None else v
 
+    def ratio(a, b):  # inf when the baseline completed nothing in the window
+        return a / b if b > 0 else (math.inf if a > 0 else 1.0)
+
     for b in bases:
-        out[b] = {"throughput_ratio": ec["throughput_rps"] / max(st[b]["throughput_rps"], 1e-12),
+        out[b] = {"throughput_ratio": ratio(ec["throughput_rps"], st[b]["throughput_rps"]),
                   "latency_reduction": 1 - lat(strategies.EC2MOE, "latency_mean_s")
                   / lat(b, "latency_mean_s"),
                   "p95_reduction": 1 - lat(strategies.EC2MOE, "latency_p95_s")

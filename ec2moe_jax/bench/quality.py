@@ -211,7 +211,8 @@ def _evaluate_one(run, meshes, key: QualityKey, texts: np.ndarray, *, workdir: s
     stages, info = runtime.prepare(setup.model, params, plan, *meshes, frequencies=freq,
                                    workdir=workdir, train_tokens=splits.train,
                                    gate_steps=gate_steps if use_gate else 0,
-                                   use_gate=use_gate)
+                                   use_gate=use_gate,
+                                   gate_init_only=use_gate and gate_steps == 0)
     lp, _ = executor.score(stages, texts, channel=Channel.from_profile(link("wifi")),
                            micro_batch=plan.micro_batch)
     return {"bits_per_char": float(-np.mean(lp) / np.log(2)), "gate": info["gate"],
@@ -234,7 +235,9 @@ def evaluate_keys(workdir: str, keys: Iterable[QualityKey], *, windows: int = 64
       workdir: a trained run (``load_run`` reads it; routing statistics are cached there).
       keys: the keys to evaluate (duplicates are evaluated once).
       windows, window_len: the held-out text, see :func:`heldout_windows`.
-      gate_steps: group-gate training steps for a mask without a saved gate.
+      gate_steps: group-gate training steps for a mask without a saved gate; 0: the
+        least-squares-initialised gate for every mask (saved gates ignored), the cheap and
+        uniform setting.
       cache: results JSON (default ``<workdir>/bench_quality.json``), keyed by the label, the
         text, ``gate_steps`` and :func:`checkpoint_fingerprint`; cached keys cost nothing.
       progress: a tqdm bar over the keys.

@@ -20,6 +20,7 @@ from ec2moe_jax.profiles import LinkProfile, device
 from ec2moe_jax.scheduler import build_instance, evaluate, schedule, zipf_frequencies
 from ec2moe_jax.scheduler.exhaustive import optimum
 from ec2moe_jax.scheduler.instance import Calibration, codec_options, random_small_instance
+from ec2moe_jax.scheduler.model import UNSTABLE
 from ec2moe_jax.scheduler.plan import baseline_plans, describe
 
 OBJECTIVE = ("request-rate-weighted mean request latency in seconds (micro-batch filling, "
@@ -27,12 +28,12 @@ OBJECTIVE = ("request-rate-weighted mean request latency in seconds (micro-batch
              "transfers, RTT), subject to stability (utilisation < 1), memory, a quality "
              "budget (resident experts cover >= min_coverage of each end MoE layer's routing "
              "mass, or are swapped in; codec bits/char increase <= codec_budget) and privacy;"
-             " infeasible or unstable plans score >= 1e6")
+             f" infeasible or unstable plans score >= {UNSTABLE:g}")
 
 
 def _fmt(x):
     x = float(x)
-    return round(x, 6) if x < 1e6 else None
+    return round(x, 6) if x < UNSTABLE else None
 
 
 def _scenario(costs, freq, n, mbps, rate, gen, cal, mem, rtt):

@@ -339,7 +339,7 @@ class ModelTiming:
     def register(self, plan: Plan) -> int:
         """Computes the costs of a joint plan [N]; returns its version number."""
         inst, T, G = self.inst, self.T, self.G
-        pre = _job_costs(inst, plan, T, T / 2.0, T if G == 0 else 1)
+        pre = _job_costs(inst, plan, T, T / 2.0, None if G == 0 else 1)  # None: scoring
         rows = {k: [np.asarray(v, np.float64)] for k, v in pre.items()}
         if G > 1:
             ctx = jnp.asarray(T + np.arange(1, G), jnp.float32)[:, None]

@@ -56,7 +56,7 @@ SIM_LABEL = "simulated (cost model calibrated on this CPU)"
 LINK = LinkProfile("validation", bandwidth_bps=20e6, rtt_s=0.02)
 # The validated plans: (split, resident fraction of the end layers' experts, codec, batch);
 # a split of -1 means "every layer" (end-only).
-PLANS = {"split": (2, 0.5, "int8-r64", 2), "cloud-only": (0, 0.0, "none", 1),
+PLANS = {"split": (2, 0.5, "int8-r64", 1), "cloud-only": (0, 0.0, "none", 1),
          "end-only": (-1, 1.0, "none", 1)}
 TRAIN_COMMAND = "python train/main.py --config small --workdir runs/small"
 

@@ -46,12 +46,14 @@ def link_codec(model: MoELM, params, plan: PipelinePlan, *, workdir: str | None,
 def group_gates(model: MoELM, params, allowed: np.ndarray, split: int,
                 frequencies: np.ndarray, *, workdir: str | None,
                 train_tokens: np.ndarray | None, steps: int = 0,
-                use_gate: bool = True) -> tuple[tuple | None, str]:
+                use_gate: bool = True, init_only: bool = False) -> tuple[tuple | None, str]:
     """HL-GGN gates for the end layers of a plan that drops experts: loaded from
     ``<workdir>/gates/mask-<hash of the mask>`` if trained before, else trained for ``steps``
     (LM frozen) and saved there, else None (the router, i.e. plain masked top-k).
     ``use_gate=False`` always gives the router, even when a gate is saved for the mask (the
-    masked top-k ablation)."""
+    masked top-k ablation); ``init_only=True`` always gives the gate as initialised by
+    least-squares distillation of the router on real activations (no training, nothing
+    loaded or saved: seconds instead of minutes per mask)."""
     from ec2moe_jax.training import gate as gate_lib
 
     if split == 0 or allowed[:split].all():
@@ -60,11 +62,13 @@ def group_gates(model: MoELM, params, allowed: np.ndarray, split: int,
         return None, "router (masked top-k, gate disabled)"
     key = hashlib.sha1(np.packbits(allowed[:split]).tobytes()).hexdigest()[:12]
     path = os.path.join(workdir, "gates", f"mask-{key}") if workdir else None
-    if train_tokens is None or not ((path and os.path.isdir(path)) or steps > 0):
+    if train_tokens is None or not ((path and os.path.isdir(path)) or steps > 0 or init_only):
         return None, "router (masked top-k: no trained group gate for this mask)"
     seq_len = min(128, model.cfg.max_seq_len)
     spec, gates = gate_lib.init_gates(model, params, (allowed, split), frequencies,
                                       train_tokens, seq_len=seq_len)
+    if init_only:
+        return (spec, gates), "group gate (least-squares init, not trained)"
     if path and os.path.isdir(path):
         return (spec, gate_lib.load_gates(path, gates)), f"group gate ({path})"
     gates, _ = gate_lib.train_gates(model, params, spec, gates, train_tokens, steps=steps,
@@ -75,18 +79,20 @@ def group_gates(model: MoELM, params, allowed: np.ndarray, split: int,
 def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh, cloud_mesh: Mesh, *,
             frequencies: np.ndarray, workdir: str | None = None,
             train_tokens: np.ndarray | None = None, temperature: float = 0.0,
-            gate_steps: int = 0, use_gate: bool = True) -> tuple[Stages, dict]:
+            gate_steps: int = 0, use_gate: bool = True, gate_init_only: bool = False
+            ) -> tuple[Stages, dict]:
     """Stages of ``plan`` and a JSON-ready description (mask coverage, codec and gate
     sources). End layers of a plan that drops experts use the HL-GGN group gate when one is
     saved for its mask (or ``gate_steps > 0`` trains one), else masked top-k; ``use_gate=False``
-    forces masked top-k."""
+    forces masked top-k, ``gate_init_only=True`` the least-squares-initialised gate."""
     cfg = model.cfg
     plan.validate(cfg)
     allowed = plan.allowed(frequencies, cfg)
     codec, source = link_codec(model, params, plan, workdir=workdir, train_tokens=train_tokens)
     gates, gate_source = group_gates(model, params, allowed, plan.split, frequencies,
                                      workdir=workdir, train_tokens=train_tokens,
-                                     steps=gate_steps, use_gate=use_gate)
+                                     steps=gate_steps, use_gate=use_gate,
+                                     init_only=gate_init_only)
     stages = build_stages(model, params, end_mesh, cloud_mesh, split=plan.split,
                           transport=plan.transport(cfg.d_model), allowed=allowed, codec=codec,
                           gates=gates, temperature=temperature)

@@ -51,7 +51,10 @@ import jax.numpy as jnp
 
 from ec2moe_jax.codec import wire
 
-UNSTABLE = 1e6  # seconds: any stable plan is better
+# Seconds: any stable plan is better (stable plans slower than ~3 hours on average are treated
+# like overloaded ones). Kept small enough that float32 objectives of overloaded joint plans
+# still resolve latency differences of a few milliseconds.
+UNSTABLE = 1e4
 INFEASIBLE = 1e8  # seconds per violated constraint: any feasible plan is better
 HEADER_BYTES = float(wire.HEADER_BYTES)  # per message, the real wire format's header
 TOKEN_BYTES = float(wire.TOKEN_BYTES)  # a token id or a per-token score on the wire
@@ -250,10 +253,12 @@ def _job_work(inst: Instance, split, codec, tokens, work):
     return e_fl, e_by, e_sw, c_fl, c_by
 
 
-def _job_times(inst: Instance, split, codec, tokens, dev, work, reply_tokens=None):
+def _job_times(inst: Instance, split, codec, tokens, dev, work, reply_tokens=None,
+               targets=False):
     """End time, cloud time, uplink bytes and downlink bytes of one job of ``tokens`` tokens
     from its layer work (:func:`_layer_sums`), adding the LM head, the codec and the link.
-    The reply carries ``reply_tokens`` ids or scores (default one per token of the job)."""
+    The reply carries ``reply_tokens`` ids or scores (default one per token of the job);
+    ``targets``: a split scoring job also sends its target ids (the cloud scores them)."""
     e_fl, e_by, e_sw, c_fl, c_by = _job_work(inst, split, codec, tokens, work)
     end_only, cloud_only = split == inst.num_layers, split == 0
     t_end = jnp.where(split > 0, stage_time(e_fl, e_by, split, inst.end_flops[dev],
@@ -264,7 +269,8 @@ def _job_times(inst: Instance, split, codec, tokens, dev, work, reply_tokens=Non
                                               inst.cloud_flops, inst.cloud_bw,
                                               inst.cloud_overhead, inst.cloud_layer_overhead),
                         0.0)
-    per_token = jnp.where(cloud_only, TOKEN_BYTES, inst.codec_bytes[codec])
+    per_token = jnp.where(cloud_only, TOKEN_BYTES, inst.codec_bytes[codec]
+                          + jnp.where(targets, TOKEN_BYTES, 0.0))
     up = jnp.where(end_only, 0.0, HEADER_BYTES + tokens * per_token)
     reply = tokens if reply_tokens is None else reply_tokens
     down = jnp.where(end_only, 0.0, HEADER_BYTES + reply * TOKEN_BYTES)
@@ -296,8 +302,9 @@ def job_costs(inst: Instance, plan: Plan, tokens, context, reply_tokens=None
     """Seconds and bytes of one job of each end device's plan [N] (device ``i`` uses plan
     ``i``): ``inst.batch[plan.batch]`` sequences of ``tokens`` new tokens each, attending over
     ``context`` positions (any shape broadcasting against [N], e.g. [G, 1] for every decode
-    step). The reply carries ``reply_tokens`` ids or scores per sequence (default
-    ``tokens``: scoring). Returns ``end_s`` (compute plus swap reads), ``cloud_s``,
+    step). The reply carries ``reply_tokens`` ids or scores per sequence; the default
+    (``None``) is a scoring job: ``tokens`` scores back, and a split also sends the target
+    ids up. Returns ``end_s`` (compute plus swap reads), ``cloud_s``,
     ``up_bytes``, ``down_bytes``: the per-job quantities :func:`plan_terms` combines, for an
     event-driven simulator that composes jobs itself instead of using M/G/1 formulas.
     """
@@ -306,7 +313,8 @@ def job_costs(inst: Instance, plan: Plan, tokens, context, reply_tokens=None
     ctx = jnp.zeros_like(b) + context
     work = _layer_sums(inst, plan, inst.batch * tokens, ctx)
     reply = tokens if reply_tokens is None else reply_tokens
-    e, c, up, down = _job_times(inst, plan.split, plan.codec, b * tokens, dev, work, b * reply)
+    e, c, up, down = _job_times(inst, plan.split, plan.codec, b * tokens, dev, work, b * reply,
+                                targets=reply_tokens is None)
     return {"end_s": e, "cloud_s": c, "up_bytes": up, "down_bytes": down}
 
 
@@ -340,7 +348,7 @@ def terms_from_work(inst: Instance, split, codec, batch, dev, work_p, work_d, vi
     mid = (~end_only) & (~cloud_only)
     # A prefill reply carries T scores per request (scoring) or one sampled token (decoding).
     e_p, c_p, up_p, dn_p = _job_times(inst, split, codec, (inst.batch * T)[batch], dev, work_p,
-                                      jnp.where(G > 0, b, b * T))
+                                      jnp.where(G > 0, b, b * T), targets=G == 0)
     e_d, c_d, up_d, dn_d = _job_times(inst, split, codec, b, dev, work_d)
     # Cloud-only decoding streams tokens back: nothing goes up per step, no per-step RTT.
     up_d = jnp.where(cloud_only, 0.0, up_d)

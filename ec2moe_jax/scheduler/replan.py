@@ -5,8 +5,9 @@ Shape legend: M MoE layers, E experts, N end devices, L layers.
 
 Routing statistics are smoothed by an exponential moving average; a new plan replaces the
 current one only when it is better by more than the hysteresis margin under the *current*
-conditions (or the current plan became infeasible or unstable), so bandwidth jitter inside
-the band does not make plans flap. Layers whose new counts are all zero keep their average
+conditions (for two overloaded plans: the margin on the share of requests they lose; a
+stable plan always replaces an overloaded one), so bandwidth jitter inside the band does not
+make plans flap. Layers whose new counts are all zero keep their average
 (the documented fallback for empty statistics).
 """
 
@@ -113,8 +114,14 @@ def _update(template: Instance, obs: Observation, state: ReplanState, *,
     inst = _instance(template, freq, obs, moe_rows)
     cand, info = schedule(inst, rounds=rounds)
     current = evaluate(inst, state.plan)["objective"]
-    switch = ((current > info["objective"] * (1 + hysteresis))
-              | (current >= UNSTABLE) & (info["objective"] < current))
+    new = info["objective"]
+    # Stable: the new plan must be better by the margin. Overloaded: a stable plan always
+    # wins; between unstable plans the margin applies to their excess over UNSTABLE (the
+    # share of requests lost), so plans do not flap while the link is down.
+    switch = jnp.where(current >= UNSTABLE,
+                       (new < UNSTABLE) | ((new - UNSTABLE) * (1 + hysteresis)
+                                          < (current - UNSTABLE)),
+                       current > new * (1 + hysteresis))
     plan = jax.tree.map(lambda a, b: jnp.where(switch, a, b), cand, state.plan)
     obj = jnp.where(switch, info["objective"], current)
     return plan, ReplanState(freq, plan, obj, state.switches + switch, state.steps + 1)
