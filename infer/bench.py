@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> dict:
                         gate_steps=args.gate_steps)
     record["command"] = ("python infer/bench.py " + " ".join(argv or sys.argv[1:])).strip()
     stem = os.path.splitext(args.out)[0]
-    report.write(record, args.out, stem + ".md", stem + ".png")
+    record = report.write(record, args.out, stem + ".md", stem + ".png")
     print(record["tables_markdown"])
     print(f"wrote {args.out}, {stem}.md, {stem}.png in {record['wall_seconds']:.0f} s")
     return record

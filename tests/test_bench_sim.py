@@ -257,3 +257,22 @@ def test_report_tables_from_a_synthetic_record():
     assert "+67%" in md
     table = report.regime_table({"regimes": rows})
     assert table.count("\n") == 2 + len(rows)
+
+
+def test_report_writes_json_with_infinite_ratios(tmp_path):
+    import json
+    import math
+
+    from ec2moe_jax.bench import report
+
+    rec = {"headline": {"vs": {"end-only": {"throughput_ratio": report._stats([2.0, math.inf]),
+                                            "latency_reduction": report._stats([0.5]),
+                                            "regimes": 2}},
+                        "per_workload": {}, "ablations": {}, "quality": {}, "regimes": 2},
+           "method_short": "test", "quality": {}, "regimes": [], "ratio": math.inf}
+    md = report.markdown(rec)
+    assert "| end-only | inf [2.00x, inf]" in md
+    out = report.write(rec, str(tmp_path / "b.json"), str(tmp_path / "b.md"),
+                       str(tmp_path / "b.png"))
+    assert json.load(open(tmp_path / "b.json"))["ratio"] == "inf" == out["ratio"]
+    assert (tmp_path / "b.md").read_text().startswith("# Evaluation tables")
