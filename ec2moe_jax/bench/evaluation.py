@@ -128,14 +128,14 @@ class Context:
 
 
 def _instance(ctx: Context, regime: Regime, ends, rate: float, mbps: float | None = None,
-              codecs=None):
+              codecs=None, min_coverage: float = 0.9):
     T, G, private = regime.tokens
     n = regime.devices
     bw = (mbps or regime.mbps) * 1e6
     links = [LinkProfile(f"{bw / 1e6:g}Mbps", bw, BANDWIDTHS.get(regime.mbps, 0.04))] * n
     return build_instance(ctx.costs, ctx.freq, ends, device(regime.cloud), links, [rate] * n,
                           prompt_tokens=T, gen_tokens=G, calibration=ctx.calibration,
-                          min_end_layers=1 if private else 0,
+                          min_end_layers=1 if private else 0, min_coverage=min_coverage,
                           codecs=codecs if codecs is not None else ctx.codecs)
 
 
@@ -158,6 +158,7 @@ def setting(ctx: Context, regime: Regime, rate: float, horizon: float, seed: int
         live=_instance(ctx, regime, live, rate, mbps),
         spec=_instance(ctx, regime, spec, rate, mbps),
         no_codec=_instance(ctx, regime, live, rate, mbps, codecs=ctx.codecs[:1]),
+        lossless=_instance(ctx, regime, live, rate, mbps, min_coverage=1.0),
         up=up, down=up, rtt=[rtt] * regime.devices, private=regime.tokens[2],
         codec_names=names)
 

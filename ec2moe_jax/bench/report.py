@@ -209,7 +209,7 @@ def headline(rows: list[dict]) -> dict:
             "paper_latency": sum(c["paper_latency"] for _, c in sel),
             "ec2moe_plan_kinds": _mean_kinds([r["strategies"][strategies.EC2MOE]["plan_kinds"]
                                               for r, _ in sel])}
-    for a in strategies.ABLATIONS:
+    for a in (strategies.LOSSLESS, *strategies.ABLATIONS):
         thr = [r["strategies"][a]["throughput_rps"]
                / max(r["strategies"][strategies.EC2MOE]["throughput_rps"], 1e-12) for r in rows]
         lat = [_ratio(r["strategies"][a]["latency_mean_s"],
@@ -219,6 +219,18 @@ def headline(rows: list[dict]) -> dict:
     out["quality"] = {m: _stats([r["strategies"][m].get("bits_per_char") for r in rows
                                  if r["strategies"][m].get("allowed")])
                       for m in strategies.STRATEGIES}
+    lossless = {}
+    for w in ev.WORKLOADS:
+        sel = [r for r in rows if r["regime"]["workload"] == w]
+        ratios = []
+        for r in sel:
+            best = max(r["strategies"][b]["throughput_rps"] for b in strategies.BASELINES
+                       if r["strategies"][b].get("allowed"))
+            got = r["strategies"][strategies.LOSSLESS]["throughput_rps"]
+            ratios.append(got / best if best > 0 else math.inf)
+        if sel:
+            lossless[w] = _stats(ratios)
+    out["lossless_vs_best_baseline"] = lossless
     paper = [(r["label"], c["best_baseline"]) for r, c in zip(rows, comps, strict=True)
              if c["best_baseline"]["paper_throughput"] or c["best_baseline"]["paper_latency"]]
     out["paper_regimes"] = [{"regime": lbl, "throughput_ratio": c["throughput_ratio"],
@@ -280,15 +292,21 @@ def markdown(record: dict) -> str:
                      f"{v['cloud_only_best_or_tied']}/{v['regimes']} | "
                      f"{v['paper_throughput']} / {v['paper_latency']} of {v['regimes']} | "
                      f"{kinds} |")
-    lines += ["", "| ablation | throughput / EC2MoE's | mean latency / EC2MoE's | bits/char |",
+    lines += ["", "| variant or ablation | throughput / EC2MoE's | mean latency / EC2MoE's | "
+              "bits/char |",
               "|---|---|---|---|"]
-    for a, v in h["ablations"].items():
+    for a, v in h["ablations"].items():  # the lossless variant first, then the ablations
         q = h["quality"].get(a)
         lines.append(f"| {a} | {_fmt(v['throughput_vs_ec2moe'])} | "
                      f"{_fmt(v['latency_vs_ec2moe'])} | "
                      f"{q['median']:.3f} [{q['min']:.3f}, {q['max']:.3f}] |" if q else
                      f"| {a} | {_fmt(v['throughput_vs_ec2moe'])} | "
                      f"{_fmt(v['latency_vs_ec2moe'])} | n/a |")
+    if h.get("lossless_vs_best_baseline"):
+        lines += ["", "| workload | ec2moe-lossless (drops no expert) throughput vs best "
+                  "baseline |", "|---|---|"]
+        for w, v in h["lossless_vs_best_baseline"].items():
+            lines.append(f"| {w} | {_fmt(v)} |")
     lines += ["", "| strategy | bits/char on held-out text (median [min, max] over regimes) |",
               "|---|---|"]
     full = record.get("quality", {}).get("full_model_bits_per_char")
@@ -321,7 +339,8 @@ def regime_table(record: dict) -> str:
 
 
 # -- plots ----------------------------------------------------------------------------
-STYLE = {"ec2moe": ("C0", "o-"), "no-hw-selection": ("C4", "v:"), "no-codec": ("C5", "<:"),
+STYLE = {"ec2moe": ("C0", "o-"), "ec2moe-lossless": ("C9", "o:"),
+         "no-hw-selection": ("C4", "v:"), "no-codec": ("C5", "<:"),
          "static": ("C6", ">:"), "cloud-only": ("C1", "s--"), "end-only": ("C2", "^--"),
          "best-split": ("C3", "d--")}
 
@@ -454,7 +473,8 @@ def run(workdir: str, *, regimes=None, quality: bool = True, validation: bool = 
                       for k, v in ev.WORKLOADS.items()},
         "clouds": list(ev.CLOUDS), "devices": list(ev.DEVICES),
         "bandwidth_mbps_to_rtt_s": {str(k): v for k, v in ev.BANDWIDTHS.items()},
-        "strategies": {"ec2moe": strategies.EC2MOE, "ablations": list(strategies.ABLATIONS),
+        "strategies": {"ec2moe": strategies.EC2MOE, "variant": strategies.LOSSLESS,
+                       "ablations": list(strategies.ABLATIONS),
                        "baselines": list(strategies.BASELINES)},
         "regimes": rows, **sweeps, "quality": qual, "validation": val,
     })

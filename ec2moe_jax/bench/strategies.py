@@ -6,6 +6,9 @@ Shape legend: N end devices, L layers.
   background load), HL-GGN group gate on dropped-expert layers, codec, micro-batching, and
   re-planning (EMA + hysteresis, :mod:`ec2moe_jax.scheduler.replan`) on the bandwidth each
   device measured over the last interval.
+- ``ec2moe-lossless``: EC2MoE with a quality budget that drops nothing (every end expert
+  resident or swapped in from storage; codecs within the budget still allowed), a variant
+  for where dropped experts cost too much quality.
 - ablations: ``no-hw-selection`` plans on the spec-sheet profiles (no background load, all
   memory free) and the plan then runs on the live device, whose runtime keeps what fits
   (least-used experts out first, swapped in from storage on use; a shallower split if even
@@ -46,11 +49,12 @@ from ec2moe_jax.scheduler.plan import _flat_candidates
 from ec2moe_jax.scheduler.replan import Observation, make_replanner
 
 EC2MOE = "ec2moe"
+LOSSLESS = "ec2moe-lossless"
 ABLATIONS = ("no-hw-selection", "masked-top-k", "no-codec", "static")
 BASELINES = ("cloud-only", "end-only", "best-split")
-STRATEGIES = (EC2MOE, *ABLATIONS, *BASELINES)
+STRATEGIES = (EC2MOE, LOSSLESS, *ABLATIONS, *BASELINES)
 # Strategies whose end layers route with the group gate when experts are dropped.
-GROUP_GATE = {EC2MOE, "no-hw-selection", "no-codec", "static"}
+GROUP_GATE = {EC2MOE, LOSSLESS, "no-hw-selection", "no-codec", "static"}
 
 
 @dataclasses.dataclass
@@ -61,11 +65,13 @@ class Setting:
     live: live end profiles, the links' nominal (mean) bandwidth, the offered rates.
     spec: the same with spec-sheet end profiles (``no-hw-selection`` plans on it).
     no_codec: ``live`` with the bf16 transport as the only codec option.
+    lossless: ``live`` with ``min_coverage = 1`` (no expert may be dropped).
     """
 
     live: Instance
     spec: Instance
     no_codec: Instance
+    lossless: Instance
     up: Sequence[BandwidthTrace]
     down: Sequence[BandwidthTrace]
     rtt: Sequence[float]
@@ -198,6 +204,10 @@ def controller(name: str, setting: Setting, counts: np.ndarray, interval_s: floa
             return PlanController(timing, plan)
         return PlanController(timing, plan, interval_s=interval_s, replan_on=live,
                               up=setting.up, counts=counts)
+    if name == LOSSLESS:
+        plan, _ = schedule(setting.lossless)
+        return PlanController(sim.ModelTiming(setting.lossless), plan, interval_s=interval_s,
+                              replan_on=setting.lossless, up=setting.up, counts=counts)
     if name == "no-codec":
         plan, _ = schedule(setting.no_codec)
         return PlanController(sim.ModelTiming(setting.no_codec), plan, interval_s=interval_s,
