@@ -412,6 +412,25 @@ def _load_world(workdir: str, score_tokens: int, prompt_tokens: int, gen_tokens:
                   prompts, profile, end_cal, cloud_cal, codecs, gen_tokens=gen_tokens)
 
 
+def _recalibrate(world: _World, progress: bool) -> tuple[_World, dict]:
+    """The world with end and cloud calibrations refitted now on the stages at splits 1 and
+    3 (measured on this machine), and the fit's own summary."""
+    from ec2moe_jax.bench.pipeline_calibration import calibrate
+    from ec2moe_jax.bench.pipeline_demo import _calibration
+
+    if progress:
+        print("sim validation: refitting the stage model on splits 1 and 3 (measured now)")
+    rec = calibrate(world.setup.model, world.params, world.meshes, LINK, freq=world.freq,
+                    prompt=world.prompts[:1], texts=world.texts[:4], gen_tokens=16,
+                    fit_splits=(1, 3), repeats=3)
+    fits = rec["calibrations"]
+    end = _calibration(fits["refit_end"], "end: " + fits["refit_end"]["source"])
+    cloud = _calibration(fits["refit_cloud"], "cloud: " + fits["refit_cloud"]["source"])
+    return (dataclasses.replace(world, end_cal=end, cloud_cal=cloud),
+            {"end": fits["refit_end"], "cloud": fits["refit_cloud"],
+             "fit_summary": rec.get("summary")})
+
+
 def _one_run(world: _World, n: int, workload: str, kind: str, *, seed: int,
              requests: int, utilisation: float) -> dict:
     """One (devices, workload, plan) run: real and simulated on the same arrivals."""
@@ -524,7 +543,7 @@ def validate(workdir: str = "runs/small", devices: Sequence[int] = (1, 2, 4), *,
              workloads: Sequence[str] = ("score", "generate"), requests: int = 30,
              utilisation: float = 0.6, score_tokens: int = 128, prompt_tokens: int = 16,
              gen_tokens: int = 16, cross_check_requests: int = 4,
-             tolerance: float = 0.2) -> dict:
+             tolerance: float = 0.2, recalibrate: bool = True) -> dict:
     """Simulated vs real runs of the trained model in ``workdir`` for every device count,
     workload and plan kind, plus the engine cross-check; JSON-ready.
 
@@ -535,6 +554,12 @@ def validate(workdir: str = "runs/small", devices: Sequence[int] = (1, 2, 4), *,
       requests: about how many requests each run offers (all devices together).
       utilisation: the busiest resource's utilisation by the cost model's job times.
       tolerance: the relative error the mean latencies must stay within.
+      recalibrate: first refit the per-submesh stage model on this machine, now, from the
+        pipeline stages at splits 1 and 3 only (:func:`~.pipeline_calibration.calibrate`;
+        the validated plans run splits 0, 2 and L, so none of them is fitted on). This
+        machine's speed drifts between sessions by more than the tolerance, so a calibration
+        from another session is not a fair test of the simulator. ``False`` uses
+        ``results/pipeline_calibration.json``.
 
     Returns:
       ``{"runs": [...], "summary": {...}, "cross_check": [...], ...}``; every run holds
@@ -544,6 +569,9 @@ def validate(workdir: str = "runs/small", devices: Sequence[int] = (1, 2, 4), *,
 
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     world = _load_world(workdir, score_tokens, prompt_tokens, gen_tokens)
+    fresh = None
+    if recalibrate:
+        world, fresh = _recalibrate(world, progress)
     grid = [(n, w, k) for w in workloads for k in plans for n in devices]
     bar = tqdm(total=len(grid) + len(plans) * len(workloads), disable=not progress,
                desc="sim validation")
@@ -569,7 +597,8 @@ def validate(workdir: str = "runs/small", devices: Sequence[int] = (1, 2, 4), *,
             "plans": {k: dict(zip(("split", "resident_fraction", "codec", "micro_batch"), v,
                                   strict=True)) for k, v in PLANS.items() if k in plans},
             "calibration": {"end": dataclasses.asdict(world.end_cal),
-                            "cloud": dataclasses.asdict(world.cloud_cal)},
+                            "cloud": dataclasses.asdict(world.cloud_cal),
+                            "fitted_now": fresh},
             "metrics": "latency over every request; throughput = completed requests / time "
                        "of the last completion; rel_error = (sim - real) / real",
             "runs": runs, "summary": _summary(runs, tolerance),
