@@ -22,7 +22,7 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from ec2moe_jax.bench.pipeline_demo import CALIBRATION, instance, this_cpu
+from ec2moe_jax.bench.pipeline_demo import CALIBRATION, _calibration, instance, this_cpu
 from ec2moe_jax.pipeline import Channel, executor, runtime
 from ec2moe_jax.pipeline.plans import PipelinePlan
 from ec2moe_jax.profiles import LinkProfile
@@ -104,10 +104,10 @@ def calibrate(model, params, meshes, link: LinkProfile, *, freq, prompt, texts, 
     cfg = model.cfg
     L, E = cfg.num_layers, cfg.moe.num_experts
     P, T = prompt.shape[1], texts.shape[1] - 1
-    dev, cal0 = this_cpu(cfg, expert_fraction=1.0)
-    with open(CALIBRATION) as f:  # this_cpu predates the per-layer overhead
-        cal0 = dataclasses.replace(cal0, layer_overhead_s=json.load(f)["fit"].get(
-            "layer_overhead_s", 0.0))
+    dev, _, _ = this_cpu(cfg, expert_fraction=1.0)
+    with open(CALIBRATION) as f:  # the single-device fit, unclamped: the reference to beat
+        cal0 = _calibration(json.load(f)["fit"], "fitted on this CPU "
+                            "(results/calibration_cpu.json), unclamped")
     F, BW = dev.available_flops, dev.available_bandwidth
 
     def insts(end_cal, cloud_cal):
