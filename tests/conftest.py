@@ -36,6 +36,24 @@ def devices():
 
 
 @pytest.fixture(scope="session")
+def tiny_pipeline(devices):
+    """The tiny model, its parameters, the end and cloud meshes and its stages at splits 0, 1
+    and 2 (lossless link, every expert), shared by the pipeline and validation tests."""
+    from ec2moe_jax.config import load_config
+    from ec2moe_jax.models.lm import MoELM, init_params
+    from ec2moe_jax.pipeline import build_stages
+    from ec2moe_jax.sharding import split_end_cloud, unbox
+
+    cfg = load_config("tiny")
+    model = MoELM(cfg.model)
+    params = unbox(init_params(model, jax.random.key(0)))
+    end, cloud = split_end_cloud(cfg.mesh, devices)
+    stages = {s: build_stages(model, params, end, cloud, split=s) for s in (0, 1, 2)}
+    return {"cfg": cfg, "model": model, "params": params, "end": end, "cloud": cloud,
+            "stages": stages}
+
+
+@pytest.fixture(scope="session")
 def fixture_splits():
     """Tokenised splits of the committed text fixture (no network)."""
     from ec2moe_jax.config import DataConfig

@@ -9,7 +9,6 @@ from conftest import assert_close
 
 from ec2moe_jax.codec import compress
 from ec2moe_jax.models.generate import generate_recompute
-from ec2moe_jax.models.lm import MoELM, init_params
 from ec2moe_jax.pipeline import (
     BandwidthTrace,
     Channel,
@@ -22,7 +21,6 @@ from ec2moe_jax.pipeline import (
     score,
 )
 from ec2moe_jax.profiles import LinkProfile
-from ec2moe_jax.sharding import split_end_cloud, unbox
 
 FAST = LinkProfile("test", bandwidth_bps=1e6, rtt_s=0.1)
 TIMES = {"end": 0.01, "cloud": 0.02, "end_prefill": 0.01, "end_step": 0.001,
@@ -30,17 +28,10 @@ TIMES = {"end": 0.01, "cloud": 0.02, "end_prefill": 0.01, "end_step": 0.001,
 
 
 @pytest.fixture(scope="module")
-def world(devices):
-    from ec2moe_jax.config import load_config
-
-    cfg = load_config("tiny")
-    model = MoELM(cfg.model)
-    params = unbox(init_params(model, jax.random.key(0)))
-    end, cloud = split_end_cloud(cfg.mesh, devices)
-    tokens = np.asarray(jax.random.randint(jax.random.key(1), (4, 13), 0, cfg.model.vocab_size))
-    stages = {s: build_stages(model, params, end, cloud, split=s) for s in (0, 1, 2)}
-    return {"model": model, "params": params, "end": end, "cloud": cloud, "tokens": tokens,
-            "stages": stages}
+def world(tiny_pipeline):
+    v = tiny_pipeline["cfg"].model.vocab_size
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (4, 13), 0, v))
+    return {**tiny_pipeline, "tokens": tokens}
 
 
 def _channel(**kw):

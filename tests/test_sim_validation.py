@@ -24,12 +24,10 @@ from ec2moe_jax.bench.sim_validation import (
     scheduler_plan,
     simulate,
 )
-from ec2moe_jax.models.lm import MoELM, init_params
-from ec2moe_jax.pipeline import BandwidthTrace, Channel, Link, build_stages, fixed_times
+from ec2moe_jax.pipeline import BandwidthTrace, Channel, Link, fixed_times
 from ec2moe_jax.pipeline import generate as ex_generate
 from ec2moe_jax.pipeline import score as ex_score
 from ec2moe_jax.profiles import LinkProfile
-from ec2moe_jax.sharding import split_end_cloud, unbox
 
 LINK = LinkProfile("test", bandwidth_bps=1e6, rtt_s=0.1)
 TIMES = {"end": 0.01, "hop": 0.004, "cloud": 0.02, "end_prefill": 0.01, "end_step": 0.001,
@@ -38,17 +36,10 @@ KINDS = {0: CLOUD_ONLY, 1: SPLIT, 2: END_ONLY}
 
 
 @pytest.fixture(scope="module")
-def world(devices):
-    from ec2moe_jax.config import load_config
-
-    cfg = load_config("tiny")
-    model = MoELM(cfg.model)
-    params = unbox(init_params(model, jax.random.key(0)))
-    end, cloud = split_end_cloud(cfg.mesh, devices)
-    texts = np.asarray(jax.random.randint(jax.random.key(1), (4, 9), 0, cfg.model.vocab_size),
-                       np.int32)
-    stages = {s: build_stages(model, params, end, cloud, split=s) for s in (0, 1, 2)}
-    return {"cfg": cfg, "texts": texts, "stages": stages}
+def world(tiny_pipeline):
+    v = tiny_pipeline["cfg"].model.vocab_size
+    texts = np.asarray(jax.random.randint(jax.random.key(1), (4, 9), 0, v), np.int32)
+    return {**tiny_pipeline, "texts": texts}
 
 
 def _channel():

@@ -9,8 +9,9 @@ uplink seconds ``x[i, s]`` (each minimised separately over micro-batch sizes and
 End residency: only the top-k experts of each end layer where they fit the device's memory
 (the quality budget is ignored, which only loosens the bound), else the scheduler's swap
 residency (what fits, the rest read from storage; storage reads are the one place the bound
-assumes the scheduler's residency is the cheapest swapping one). Every request of device ``i`` is served at *some* split, so
-with ``r[i, s]`` requests/s of device ``i`` at split ``s``:
+assumes the scheduler's residency is the cheapest swapping one). Every request of device
+``i`` is served at *some* split, so with ``r[i, s]`` requests/s of device ``i`` at split
+``s``:
 
     maximise sum_{i, s} r[i, s]
                   s.t.  sum_s r[i, s] e[i, s] <= 1          (each end device)
@@ -21,8 +22,9 @@ with ``r[i, s]`` requests/s of device ``i`` at split ``s``:
 Any real plan (one split per device, or a mix over time, any share of the requests per
 device) is a feasible point, and its per-resource demands are at least these minima, so the
 optimum bounds every plan's sustainable throughput (the closed-loop saturation runs let fast
-devices complete more requests than slow ones, so the rates are not tied to be equal). Queueing, micro-batch filling and the downlink are ignored (they only lower
-what a plan achieves). Privacy restricts the splits to ``s >= min_end_layers``.
+devices complete more requests than slow ones, so the rates are not tied to be equal).
+Queueing, micro-batch filling and the downlink are ignored (they only lower what a plan
+achieves). Privacy restricts the splits to ``s >= min_end_layers``.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from scipy.optimize import linprog
 
 from ec2moe_jax.scheduler.candidates import fit_counts
 from ec2moe_jax.scheduler.model import Instance, Plan, end_memory, job_costs
+
 
 @functools.partial(jax.jit, static_argnames=("steps",))
 def _per_request(inst: Instance, plans: Plan, steps: int) -> dict[str, jax.Array]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -41,8 +40,7 @@ from ec2moe_jax.bench.traces import Drop, LteParams, lte_trace
 from ec2moe_jax.config import load_config
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import DeviceProfile, LinkProfile, device
-from ec2moe_jax.scheduler import build_instance, codec_options, load_calibration
-from ec2moe_jax.scheduler import zipf_frequencies
+from ec2moe_jax.scheduler import build_instance, codec_options, load_calibration, zipf_frequencies
 
 GiB = 2**30
 PAPER_THROUGHPUT = (2.2, 5.1)

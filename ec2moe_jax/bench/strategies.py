@@ -132,7 +132,8 @@ def realise(live: Instance, plan: Plan) -> Plan:
     for i in range(live.num_devices):
         cap = float(inst.end_mem[i])
         while split[i] > 0 and memory(i, split[i], res[i], swap[i]) > cap:
-            held = [(freq[l, res[i, l] - 1], l) for l in range(split[i]) if moe[l] and res[i, l] > 0]
+            held = [(freq[k, res[i, k] - 1], k) for k in range(split[i])
+                    if moe[k] and res[i, k] > 0]
             if held:
                 res[i, min(held)[1]] -= 1
                 swap[i] = True
