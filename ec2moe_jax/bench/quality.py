@@ -248,7 +248,7 @@ def evaluate_keys(workdir: str, keys: Iterable[QualityKey], *, windows: int = 64
     """
     from tqdm.auto import tqdm
 
-    from ec2moe_jax.training.checkpoint import write_json_atomic
+    from ec2moe_jax.files import write_json_atomic
 
     keys = list(dict.fromkeys(keys))
     path = cache or os.path.join(workdir, "bench_quality.json")

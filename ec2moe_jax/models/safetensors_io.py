@@ -15,6 +15,8 @@ import struct
 import ml_dtypes
 import numpy as np
 
+from ec2moe_jax.files import atomic_write
+
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
@@ -102,9 +104,7 @@ def write_file(path: str, tensors: dict[str, np.ndarray]) -> None:
         offset += len(raw)
     blob = json.dumps(header).encode()
     blob += b" " * (-len(blob) % 8)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "wb") as f:
+    with atomic_write(path, "wb") as f:
         f.write(struct.pack("<Q", len(blob)) + blob)
         for c in chunks:
             f.write(c)
-    os.replace(tmp, path)

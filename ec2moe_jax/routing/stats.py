@@ -9,13 +9,12 @@ Statistics are sums (so batches combine by addition) and are saved as plain ``.n
 
 from __future__ import annotations
 
-import os
-
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ec2moe_jax.files import atomic_write
 from ec2moe_jax.routing.topk import Route
 
 
@@ -62,10 +61,9 @@ def stats_from_routes(routes: list[Route]) -> RoutingStats:
 
 def save_stats(stats: RoutingStats, path: str) -> None:
     """Writes the statistics as ``.npz`` (atomically)."""
-    tmp = f"{path}.tmp.{os.getpid()}.npz"
-    np.savez(tmp, counts=np.asarray(stats.counts), coactivation=np.asarray(stats.coactivation),
-             tokens=np.asarray(stats.tokens))
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        np.savez(f, counts=np.asarray(stats.counts), coactivation=np.asarray(stats.coactivation),
+                 tokens=np.asarray(stats.tokens))
 
 
 def load_stats(path: str) -> RoutingStats:

@@ -1,6 +1,7 @@
 """Training: optax steps, orbax checkpoints, the resumable LM loop."""
 
-from ec2moe_jax.training.checkpoint import Checkpointer, abstract_with_shardings, write_json_atomic
+from ec2moe_jax.files import write_json_atomic
+from ec2moe_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from ec2moe_jax.training.loop import (
     Setup,
     build,

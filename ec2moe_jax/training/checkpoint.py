@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
@@ -80,12 +79,3 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
     )
 
 
-def write_json_atomic(path: str, obj: Any) -> None:
-    """Writes JSON to a temp file and renames it, so readers never see a partial file."""
-    path = _abs(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=False)
-        f.write("\n")
-    os.replace(tmp, path)

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from ec2moe_jax import data as data_lib
 from ec2moe_jax.config import ExperimentConfig, from_dict
+from ec2moe_jax.files import write_json_atomic
 from ec2moe_jax.models import MoELM
 from ec2moe_jax.sharding import (
     batch_sharding,
@@ -31,11 +32,7 @@ from ec2moe_jax.sharding import (
     unbox,
     use_mesh,
 )
-from ec2moe_jax.training.checkpoint import (
-    Checkpointer,
-    abstract_with_shardings,
-    write_json_atomic,
-)
+from ec2moe_jax.training.checkpoint import Checkpointer, abstract_with_shardings
 from ec2moe_jax.training.steps import (
     TrainState,
     bits_per_char,
