@@ -8,13 +8,17 @@ Each module receives only its own section (``ModelConfig``, ``MoEConfig``, ...).
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import os
+from collections.abc import Sequence
 from typing import Any
 
 DISPATCHES = ("einsum", "gather", "ragged")
+NAMED_CONFIGS = ("tiny", "small", "base")
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -242,8 +246,95 @@ def from_dict(name: str, d: dict[str, Any]) -> ExperimentConfig:
     ).validate()
 
 
-def load_config(name: str) -> ExperimentConfig:
-    """Loads ``configs/<name>.py`` (its ``get_config()``) or a path to such a file."""
+def config_keys(cfg: ExperimentConfig) -> list[str]:
+    """Every overridable field as a dotted key ("model.moe.num_experts", "train.steps", ...)."""
+    keys = []
+    for section in ("data", "model", "mesh", "train"):
+        for f in dataclasses.fields(getattr(cfg, section)):
+            if f.name == "moe":
+                keys += [f"model.moe.{g.name}" for g in dataclasses.fields(MoEConfig)]
+            else:
+                keys.append(f"{section}.{f.name}")
+    return keys
+
+
+def _parse_value(text: str) -> Any:
+    """A Python literal (``16``, ``0.5``, ``None``, ``[1, 2]``, ``'x'``), else the bare string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+          "tuple[int, ...]": (tuple,)}
+
+
+def _field_type(key: str) -> str:
+    section, _, name = key.rpartition(".")
+    cls = {"data": DataConfig, "model": ModelConfig, "model.moe": MoEConfig, "mesh": MeshConfig,
+           "train": TrainConfig}[section]
+    return next(f.type for f in dataclasses.fields(cls) if f.name == name)
+
+
+def _check_type(key: str, value: Any) -> None:
+    """Refuses an override whose value does not fit the field's annotation (``"8"`` for an
+    int, ``True`` for an int: bool is an int in Python, never in a config)."""
+    annotation = str(_field_type(key))
+    options = [a.strip() for a in annotation.split("|")]
+    if value is None and "None" in options:
+        return
+    for opt in options:
+        types = _TYPES.get(opt, ())
+        if isinstance(value, types) and not (isinstance(value, bool) and opt != "bool"):
+            return
+    raise ValueError(f"config key {key!r} takes {annotation}, got {value!r} "
+                     f"({type(value).__name__})")
+
+
+def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
+    """Returns ``cfg`` with ``"section.field=value"`` overrides applied, validated.
+
+    ``value`` is a Python literal (``--set model.moe.num_experts=16``, ``--set
+    model.moe_layers=[1,2]``, ``--set model.num_kv_heads=None``); anything else is a string
+    (``--set model.dtype=bfloat16``).
+
+    Raises:
+      ValueError: a malformed override, an unknown key (the message names the nearest valid
+        keys), or a value the config's validation refuses.
+    """
+    keys = config_keys(cfg)
+    updates: dict[str, Any] = {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ValueError(f"override {item!r} must look like section.field=value, e.g. "
+                             "model.moe.num_experts=16")
+        if key not in keys:
+            near = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
+            if not near:  # a right field name under the wrong section
+                near = [k for k in keys if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]]
+            hint = f"; did you mean {', '.join(near)}?" if near else ""
+            raise ValueError(f"unknown config key {key!r}{hint} (sections: data, model, "
+                             "model.moe, mesh, train; every key is listed in configs/small.py)")
+        value = _parse_value(text.strip())
+        if key == "model.moe_layers" and isinstance(value, list):
+            value = tuple(value)
+        _check_type(key, value)
+        updates[key.replace(".", "__")] = value
+    return cfg.replace(**updates) if updates else cfg
+
+
+def load_config(name: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Loads a named config (``tiny``, ``small``, ``base``: ``configs/<name>.py``, installed as
+    ``ec2moe_jax.configs``) or a path to a configs-style ``.py`` file (a ``get_config()``
+    returning the nested dict), then applies ``overrides`` (see :func:`apply_overrides`).
+
+    Raises:
+      FileNotFoundError: a config path that does not exist.
+      ValueError: an unknown config name, an unknown key, or an invalid value.
+    """
     if name.endswith(".py") or os.sep in name:
         spec = importlib.util.spec_from_file_location("_ec2moe_config", name)
         if spec is None or spec.loader is None or not os.path.exists(name):
@@ -252,12 +343,9 @@ def load_config(name: str) -> ExperimentConfig:
         spec.loader.exec_module(module)
         label = os.path.splitext(os.path.basename(name))[0]
     else:
-        try:
-            module = importlib.import_module(f"configs.{name}")
-        except ModuleNotFoundError as e:
-            raise ValueError(
-                f"unknown config {name!r}; expected one of tiny, small, base or a path to a "
-                "configs-style .py file"
-            ) from e
+        if name not in NAMED_CONFIGS:
+            raise ValueError(f"unknown config {name!r}; expected one of "
+                             f"{', '.join(NAMED_CONFIGS)} or a path to a configs-style .py file")
+        module = importlib.import_module(f"ec2moe_jax.configs.{name}")
         label = name
-    return from_dict(label, module.get_config())
+    return apply_overrides(from_dict(label, module.get_config()), overrides)
