@@ -21,6 +21,7 @@ os.environ.setdefault("JAX_NUM_CPU_DEVICES", "8")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from ec2moe_jax.bench import pipeline_demo as demo  # noqa: E402
+from ec2moe_jax.bench.plots import plot_demo  # noqa: E402
 from ec2moe_jax.config import load_config  # noqa: E402
 from ec2moe_jax.data import ByteTokenizer, prepare_splits  # noqa: E402
 from ec2moe_jax.profiles import link  # noqa: E402
@@ -84,8 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
           "requests take turns on the same devices, so each latency holds the others' steps; "
           "'pred gen' = scheduler cost model for one request alone (calibrated per submesh)")
     write_json_atomic(args.out + ".json", result)
-    png = demo.plot(result["rows"], args.out + ".png")
-    print(f"wrote {args.out}.json" + (f" and {png}" if png else " (no matplotlib: no PNG)"))
+    png = plot_demo(result, args.out + ".png")
+    print(f"wrote {args.out}.json and {png}")
     print(json.dumps({r["name"]: round(r["generate"]["latency_p50_s"], 3)
                       for r in result["rows"]}))
     return result

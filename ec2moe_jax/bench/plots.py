@@ -1,6 +1,14 @@
-"""PNG plots of results (matplotlib is an optional dependency: ``pip install .[plot]``)."""
+"""PNG plots of results: the training curve and the end-cloud demo.
+
+Each function takes the result dict its command writes as JSON (so a committed result can be
+re-plotted without re-running it) and a PNG path, and returns the path written.
+"""
 
 from __future__ import annotations
+
+import os
+
+import numpy as np
 
 
 def plot_training_curve(result: dict, path: str) -> str:
@@ -28,6 +36,106 @@ def plot_training_curve(result: dict, path: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plan_words(plan: dict) -> str:
+    """Split, resident experts and codec of a demo plan (``PipelinePlan.to_json()``)."""
+    split, resident = int(plan["split"]), list(plan["resident"])
+    layers = len(resident)
+    if split == 0:
+        return "cloud-only (all layers on the cloud)"
+    where = (f"end-only (all {layers} layers on the end)" if split == layers
+             else f"split after layer {split} of {layers}")
+    kept = "/".join(str(n) for n in resident[:split])
+    swap = ", others swapped in" if plan.get("swap") else ", others dropped"
+    # Nothing crosses the link when every layer runs on the end, so the codec is moot there.
+    codec = "no link traffic" if split == layers else f"codec {plan.get('codec', 'none')}"
+    return f"{where}; resident experts per end layer {kept}{swap}; {codec}"
+
+
+def plot_demo(result: dict, path: str) -> str:
+    """Speed beside quality for each plan of the end-cloud demo (PNG, two panels).
+
+    Left: measured generation latency (p50), time to first token (mean) and scoring latency
+    (p50) per plan, in seconds, with the scheduler's predicted generation latency as a marker.
+    Right: bits/char of each plan on the scored held-out windows, with the full model's
+    (the cloud-only row, which runs every expert) as a reference line. A plan that is fast
+    because it dropped experts shows up on the right. The title names EC2MoE's chosen plan.
+
+    Args:
+      result: the dict ``ec2moe demo`` writes (``results/demo.json``): ``rows`` with ``name``,
+        ``plan``, ``generate``, ``score``, ``bits_per_char`` and ``predicted_generate_s``;
+        ``link`` and ``workload``. A row with ``same_as`` reuses another plan's measurement.
+      path: PNG file to write; its folder is created.
+
+    Returns:
+      ``path``.
+
+    Raises:
+      KeyError: ``result`` lacks one of the fields above.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    names = [r["name"] + (f"\n(= {r['same_as']})" if r.get("same_as") else "") for r in rows]
+    x = np.arange(len(rows))
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12.5, 4.8), dpi=120,
+                                 gridspec_kw={"width_ratios": [1.7, 1]})
+    series = (("generation latency p50", [r["generate"]["latency_p50_s"] for r in rows]),
+              ("time to first token (mean)", [r["generate"]["ttft_mean_s"] for r in rows]),
+              ("scoring latency p50", [r["score"]["latency_p50_s"] for r in rows]))
+    width = 0.8 / len(series)
+    for j, (label, vals) in enumerate(series):
+        ax.bar(x + (j - 1) * width, vals, width, label=label, color=f"C{j}")
+    predicted = [r.get("predicted_generate_s") for r in rows]
+    if any(p is not None for p in predicted):
+        ax.plot(x - width, [np.nan if p is None else p for p in predicted], "kD", ms=5,
+                label="predicted generation latency (cost model, one request alone)")
+    ax.set_xticks(x, names, fontsize=8)
+    w = result.get("workload", {})
+    # The demo's requests take turns on the same devices, so a measured latency holds the
+    # other requests' steps while the prediction is for one request alone.
+    ax.set_xlabel(f"plan ({w.get('requests', '?')} requests share the devices: each measured "
+                  "latency includes the others' steps)", fontsize=8)
+    ax.set_ylabel("seconds")
+    ax.set_title("speed: measured compute (this CPU) + emulated link", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3, axis="y")
+
+    bits = [r["bits_per_char"] for r in rows]
+    colors = ["C0" if r["name"] == "ec2moe" else "0.6" for r in rows]
+    bars = bx.bar(x, bits, 0.6, color=colors)
+    bx.bar_label(bars, [f"{b:.3f}" for b in bits], fontsize=7, padding=2)
+    full = next((r["bits_per_char"] for r in rows if r["name"] == "cloud-only"), None)
+    if full is not None:
+        bx.axhline(full, color="k", ls="--", lw=1, label=f"full model {full:.3f} (cloud-only)")
+        bx.legend(fontsize=7, loc="upper left")
+    bx.set_xticks(x, names, fontsize=8)
+    bx.set_ylim(0, max(bits) * 1.25)
+    for axis in (ax, bx):
+        for label, r in zip(axis.get_xticklabels(), rows, strict=True):
+            if r["name"] == "ec2moe":
+                label.set_fontweight("bold")
+    bx.set_ylabel("bits per character (lower is better)")
+    bx.set_title(f"quality: {w.get('scored_windows', '?')} held-out windows of "
+                 f"{w.get('scored_tokens_per_window', '?')} bytes", fontsize=10)
+    bx.grid(alpha=0.3, axis="y")
+
+    chosen = next((r for r in rows if r["name"] == "ec2moe"), None)
+    link = result.get("link", {})
+    head = ("EC2MoE chose: " + _plan_words(chosen["plan"]) if chosen is not None
+            else "EC2MoE vs baselines")
+    fig.suptitle(f"{head}\nlink {link.get('name', '?')}: "
+                 f"{link.get('bandwidth_bps', float('nan')) / 1e6:g} Mbit/s, "
+                 f"RTT {link.get('rtt_s', float('nan')) * 1e3:g} ms (emulated)", fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
