@@ -13,31 +13,14 @@ import dataclasses
 import os
 import time
 
-import jax
 import numpy as np
 
-from ec2moe_jax import data as data_lib
-from ec2moe_jax.models import routing_stats
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import DeviceProfile, device
-from ec2moe_jax.routing import RoutingStats, load_stats, save_stats
 from ec2moe_jax.selection import select_for_profile
 from ec2moe_jax.training import gate as gate_lib
 from ec2moe_jax.training.adapt import adapt_to_residency
-from ec2moe_jax.training.loop import load_params
-
-
-def collect_stats(model, params, tokens: np.ndarray, *, batches: int = 32,
-                  batch_size: int = 16, seq_len: int = 128, seed: int = 7) -> RoutingStats:
-    """Routing statistics of the full model over ``batches`` random training windows."""
-    fn = jax.jit(lambda p, t: routing_stats(model, p, t))
-    total = None
-    for i in range(batches):
-        batch = data_lib.train_batch(tokens, i, batch_size=batch_size, seq_len=seq_len,
-                                     seed=seed)
-        s = fn(params, batch["inputs"])
-        total = s if total is None else total + s
-    return total
+from ec2moe_jax.training.workdir import load_run
 
 
 def budget_profiles(costs, num_end_layers: int, fractions=(0.25, 0.5, 0.75),
@@ -69,45 +52,10 @@ def _evaluate_profile(model, params, spec, gates, splits, eval_kw, train_kw, ckp
     return masked, init, gate, history, seconds
 
 
-def load_run(workdir: str):
-    """``(setup, params, splits, frequencies [M, E])`` of a trained workdir; the routing
-    statistics are collected once and cached as ``<workdir>/routing_stats.npz``."""
-    setup, params = load_params(workdir)
-    splits = data_lib.prepare_splits(setup.cfg.data)
-    stats_path = os.path.join(workdir, "routing_stats.npz")
-    if os.path.exists(stats_path):
-        stats = load_stats(stats_path)
-    else:
-        stats = collect_stats(setup.model, params, splits.train)
-        save_stats(stats, stats_path)
-    return setup, params, splits, np.asarray(stats.frequencies)
-
-
-def train_for_profile(workdir: str, profile: DeviceProfile, *, num_end_layers: int | None,
-                      steps: int, progress: bool = True) -> tuple[dict, dict]:
-    """Selects resident experts for ``profile``, trains its gates (saved under
-    ``<workdir>/gates/<profile name>``) and evaluates them; returns (selection, metrics)."""
-    setup, params, splits, freq = load_run(workdir)
-    sel = select_for_profile(profile, freq, model_costs(setup.cfg.model),
-                             num_end_layers=num_end_layers)
-    if sel.num_end_layers == 0:
-        raise ValueError(f"nothing runs on {profile.name}: {sel.reason}")
-    spec, gates = gate_lib.init_gates(setup.model, params, sel, freq, splits.train)
-    gates, _ = gate_lib.train_gates(setup.model, params, spec, gates, splits.train, steps=steps,
-                                    checkpoint_dir=os.path.join(workdir, "gates", profile.name),
-                                    progress=progress)
-    metrics = gate_lib.evaluate_split(setup.model, params, spec, gates, splits.val, "gate",
-                                      max_batches=16)
-    summary = {"profile": profile.name, "num_end_layers": sel.num_end_layers,
-               "resident_experts_per_layer": sel.allowed[: sel.num_end_layers].sum(-1).tolist(),
-               "gate_flops_ratio": spec.flops_ratio(setup.cfg.model.d_model)}
-    return summary, metrics
-
-
 def run(workdir: str, *, num_end_layers: int = 2, gate_steps: int = 100,
         eval_batches: int = 30, adapt_steps: int = 400, progress: bool = True) -> list[dict]:
     """The HL-GGN table: one dict per profile (see README for the keys)."""
-    setup, params, splits, freq = load_run(workdir)
+    setup, params, splits, freq = load_run(workdir, progress=progress)
     model, cfg = setup.model, setup.cfg
     costs = model_costs(cfg.model)
     eval_kw = {"max_batches": eval_batches}

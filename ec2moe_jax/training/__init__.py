@@ -18,6 +18,7 @@ from ec2moe_jax.training.steps import (
     make_train_step,
     token_nll,
 )
+from ec2moe_jax.training.workdir import calibration_window, collect_stats, load_run
 
 __all__ = [
     "Checkpointer",
@@ -25,8 +26,11 @@ __all__ = [
     "TrainState",
     "abstract_with_shardings",
     "build",
+    "calibration_window",
+    "collect_stats",
     "evaluate",
     "load_params",
+    "load_run",
     "load_workdir_config",
     "make_eval_step",
     "make_optimizer",

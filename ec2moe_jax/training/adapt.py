@@ -20,6 +20,7 @@ from ec2moe_jax import data as data_lib
 from ec2moe_jax.config import MoEConfig
 from ec2moe_jax.models import MoELM
 from ec2moe_jax.training.steps import token_nll
+from ec2moe_jax.training.workdir import calibration_window
 
 
 def random_residency(rng: np.random.Generator, num_layers: int, num_experts: int,
@@ -37,12 +38,14 @@ def random_residency(rng: np.random.Generator, num_layers: int, num_experts: int
 
 
 def adapt_to_residency(model: MoELM, params, tokens: np.ndarray, *, steps: int = 400,
-                       learning_rate: float = 1e-3, batch_size: int = 16, seq_len: int = 128,
-                       seed: int = 21, progress: bool = True) -> tuple[dict, list[dict]]:
+                       learning_rate: float = 1e-3, batch_size: int = 16,
+                       seq_len: int | None = None, seed: int = 21, progress: bool = True
+                       ) -> tuple[dict, list[dict]]:
     """Fine-tunes every LM parameter under random residency masks; returns (params, history).
 
     The mask is an argument of the jitted step, so new masks do not recompile.
     """
+    seq_len = calibration_window(model, seq_len)
     moe: MoEConfig = model.cfg.moe
     if moe.num_experts < 3:
         raise ValueError(f"num_experts={moe.num_experts}: residency needs at least 3 experts")

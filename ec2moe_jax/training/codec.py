@@ -24,6 +24,7 @@ from ec2moe_jax.codec import lowrank
 from ec2moe_jax.models import MoELM
 from ec2moe_jax.training.checkpoint import restore_tree, save_tree
 from ec2moe_jax.training.steps import bits_per_char, token_nll
+from ec2moe_jax.training.workdir import calibration_window
 
 Transform = Callable[[dict, jax.Array], jax.Array]  # (codec params, h [B,T,D]) -> [B,T,D]
 
@@ -81,7 +82,7 @@ def finetune_codec(
     bits: str | None = "int8",
     steps: int = 200,
     batch_size: int = 8,
-    seq_len: int = 128,
+    seq_len: int | None = None,
     learning_rate: float = 1e-3,
     seed: int = 99,
     checkpoint_dir: str | None = None,
@@ -91,6 +92,7 @@ def finetune_codec(
 
     With ``checkpoint_dir`` the result is saved with orbax (atomically) as one checkpoint.
     """
+    seq_len = calibration_window(model, seq_len)
     codec = {k: jnp.asarray(codec[k], jnp.float32) for k in ("mean", "w_enc", "w_dec")}
     tx = optax.adam(optax.cosine_decay_schedule(learning_rate, max(steps, 1), alpha=0.1))
     opt_state = tx.init(codec)
@@ -134,7 +136,7 @@ def split_bits_per_char(
     codec: dict | None = None,
     *,
     batch_size: int = 16,
-    seq_len: int = 128,
+    seq_len: int | None = None,
     max_batches: int | None = None,
 ) -> float:
     """Bits/char of ``tokens`` when the boundary hidden state goes through ``transform``.
@@ -142,6 +144,7 @@ def split_bits_per_char(
     ``transform(codec, h)`` models the link (e.g. a bf16 cast or the codec round trip);
     None is the uncompressed float32 model. Windows are disjoint (each byte scored once).
     """
+    seq_len = calibration_window(model, seq_len)
     identity = transform is None
 
     @jax.jit

@@ -17,8 +17,7 @@ with every LM parameter frozen.
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
+import os
 
 import jax
 import jax.numpy as jnp
@@ -27,39 +26,15 @@ import optax
 from tqdm.auto import tqdm
 
 from ec2moe_jax import data as data_lib
-from ec2moe_jax.layers.group_gate import GroupGate
+from ec2moe_jax.layers.group_gate import GateRecorder, GateSpec, make_gates
 from ec2moe_jax.models import MoELM
+from ec2moe_jax.profiles import DeviceProfile
 from ec2moe_jax.routing import group_gate as gg
 from ec2moe_jax.routing.topk import Route
-from ec2moe_jax.selection import Selection
+from ec2moe_jax.selection import Selection, select_for_profile
 from ec2moe_jax.training.checkpoint import restore_tree, save_tree
 from ec2moe_jax.training.steps import bits_per_char, token_nll
-
-
-@dataclasses.dataclass(frozen=True)
-class GateSpec:
-    """The static part of an end device's gates.
-
-    Attributes:
-      allowed: <bool>[L, E] routing mask of the split model (``Selection.allowed``).
-      num_end_layers: layers ``[0, num_end_layers)`` run on the end.
-      layers: the end MoE layers (each has a gate).
-      inputs: per gated layer, the P hidden coordinates its local gate reads.
-      log_prior: <float32>[L, E] log routing frequency of each expert (global router).
-    """
-
-    allowed: np.ndarray
-    num_end_layers: int
-    layers: tuple[int, ...]
-    inputs: tuple[tuple[int, ...], ...]
-    log_prior: np.ndarray
-
-    def flops_ratio(self, d_model: int) -> float:
-        """Gate FLOPs per token over the full router's, summed over the gated layers."""
-        e = self.allowed.shape[1]
-        gate = sum(gg.gate_flops(len(p), int(self.allowed[i].sum()))
-                   for i, p in zip(self.layers, self.inputs, strict=True))
-        return gate / (len(self.layers) * gg.router_flops(d_model, e))
+from ec2moe_jax.training.workdir import calibration_window, load_run
 
 
 def router_inputs(model: MoELM, params, tokens: jax.Array, layers: tuple[int, ...],
@@ -75,7 +50,7 @@ def router_inputs(model: MoELM, params, tokens: jax.Array, layers: tuple[int, ..
 
 def init_gates(model: MoELM, lm_params, selection: Selection | tuple[np.ndarray, int],
                frequencies: np.ndarray, tokens: np.ndarray, *, num_inputs: int | None = None,
-               batches: int = 8, batch_size: int = 16, seq_len: int = 128, seed: int = 4321
+               batches: int = 8, batch_size: int = 16, seq_len: int | None = None, seed: int = 4321
                ) -> tuple[GateSpec, dict]:
     """Chooses each gate's inputs and distils the router onto them by least squares.
 
@@ -88,6 +63,7 @@ def init_gates(model: MoELM, lm_params, selection: Selection | tuple[np.ndarray,
     Returns:
       ``(spec, gate_params)`` with ``gate_params[f"layer_{i}"]`` a GroupGate's params.
     """
+    seq_len = calibration_window(model, seq_len)
     cfg = model.cfg
     if isinstance(selection, Selection):
         allowed_np, num_end = np.asarray(selection.allowed), selection.num_end_layers
@@ -124,39 +100,9 @@ def init_gates(model: MoELM, lm_params, selection: Selection | tuple[np.ndarray,
     return spec, gate_params
 
 
-@dataclasses.dataclass
-class _Recorder:
-    """Router and gate logits [G, S, E] per gated layer, recorded while one trace runs the
-    layers (for distillation and recall)."""
-
-    router_logits: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
-    gate_logits: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
-
-
-def make_gates(model: MoELM, spec: GateSpec, gate_params: dict,
-               recorder: _Recorder | None = None) -> dict[int, Callable]:
-    """Layer index -> gate callable for :meth:`MoELM.layers` (``gates=``)."""
-    e = model.cfg.moe.num_experts
-
-    def gate_for(i: int, inputs: tuple[int, ...]):
-        module = GroupGate(inputs, e)
-
-        def gate(x, router):
-            logits = module.apply({"params": gate_params[f"layer_{i}"]}, x,
-                                  jnp.asarray(spec.log_prior[i]))
-            if recorder is not None:
-                recorder.router_logits[i] = x @ router
-                recorder.gate_logits[i] = logits
-            return logits
-
-        return gate
-
-    return {i: gate_for(i, p) for i, p in zip(spec.layers, spec.inputs, strict=True)}
-
-
 def split_forward(model: MoELM, lm_params, tokens: jax.Array, spec: GateSpec,
                   gate_params: dict | None, mode: str = "gate"
-                  ) -> tuple[jax.Array, list[Route], _Recorder]:
+                  ) -> tuple[jax.Array, list[Route], GateRecorder]:
     """Logits [B, T, V] of the split model, the end MoE layers' routes, and the full
     router's (and gates') logits at the same inputs.
 
@@ -166,7 +112,7 @@ def split_forward(model: MoELM, lm_params, tokens: jax.Array, spec: GateSpec,
     if mode not in ("full", "masked", "gate"):
         raise ValueError(f"{mode=!r} must be 'full', 'masked' or 'gate'")
     v = {"params": lm_params}
-    recorder = _Recorder()
+    recorder = GateRecorder()
     gates = make_gates(model, spec, gate_params, recorder) if mode == "gate" else None
     allowed = None if mode == "full" else jnp.asarray(spec.allowed)
     x = model.apply(v, tokens, method="embed")
@@ -208,7 +154,7 @@ def train_gates(
     *,
     steps: int = 200,
     batch_size: int = 16,
-    seq_len: int = 128,
+    seq_len: int | None = None,
     learning_rate: float = 3e-3,
     distill_weight: float = 0.1,
     aux_weight: float = 0.01,
@@ -220,6 +166,7 @@ def train_gates(
 
     With ``checkpoint_dir`` the result is saved with orbax (atomically) as one checkpoint.
     """
+    seq_len = calibration_window(model, seq_len)
     tx = optax.adam(optax.cosine_decay_schedule(learning_rate, max(steps, 1), alpha=0.1))
     opt_state = tx.init(gate_params)
     loss_fn = make_gate_loss(model, spec, distill_weight, aux_weight)
@@ -263,7 +210,7 @@ def evaluate_split(
     mode: str,
     *,
     batch_size: int = 16,
-    seq_len: int = 128,
+    seq_len: int | None = None,
     max_batches: int | None = None,
 ) -> dict[str, float]:
     """Bits/char of ``tokens`` and routing agreement of the end layers, for one ``mode``.
@@ -273,6 +220,7 @@ def evaluate_split(
       same hidden states) that the end also makes; ``covered_mass``: the full router's
       probability mass on the resident experts, per token, averaged.
     """
+    seq_len = calibration_window(model, seq_len)
     sums = {"recall": 0.0, "mass": 0.0, "n": 0.0}
     k = model.cfg.moe.top_k
 
@@ -303,3 +251,33 @@ def evaluate_split(
     n = max(sums["n"], 1.0)
     return {"bits_per_char": bpc, "recall_at_k": sums["recall"] / n,
             "covered_mass": sums["mass"] / n}
+
+
+def train_for_profile(workdir: str, profile: DeviceProfile, *, num_end_layers: int | None,
+                      steps: int, progress: bool = True) -> tuple[dict, dict]:
+    """Selects resident experts for ``profile``, trains its gates (saved under
+    ``<workdir>/gates/<profile name>``) and evaluates them on 16 validation batches.
+
+    Returns:
+      ``(summary, metrics)``: the selection's summary and the gate's validation metrics.
+
+    Raises:
+      ValueError: the profile leaves no layer on the end.
+    """
+    from ec2moe_jax.models.costs import model_costs
+
+    setup, params, splits, freq = load_run(workdir, progress=progress)
+    sel = select_for_profile(profile, freq, model_costs(setup.cfg.model),
+                             num_end_layers=num_end_layers)
+    if sel.num_end_layers == 0:
+        raise ValueError(f"nothing runs on {profile.name}: {sel.reason}")
+    spec, gates = init_gates(setup.model, params, sel, freq, splits.train)
+    gates, _ = train_gates(setup.model, params, spec, gates, splits.train, steps=steps,
+                           checkpoint_dir=os.path.join(workdir, "gates", profile.name),
+                           progress=progress)
+    metrics = evaluate_split(setup.model, params, spec, gates, splits.val, "gate",
+                             max_batches=16)
+    summary = {"profile": profile.name, "num_end_layers": sel.num_end_layers,
+               "resident_experts_per_layer": sel.allowed[: sel.num_end_layers].sum(-1).tolist(),
+               "gate_flops_ratio": spec.flops_ratio(setup.cfg.model.d_model)}
+    return summary, metrics
