@@ -340,13 +340,62 @@ def regime_table(record: dict) -> str:
 
 
 # -- plots ----------------------------------------------------------------------------
-STYLE = {"ec2moe": ("C0", "o-"), "ec2moe-lossless": ("C9", "o:"),
-         "no-hw-selection": ("C4", "v:"), "no-codec": ("C5", "<:"),
-         "static": ("C6", ">:"), "cloud-only": ("C1", "s--"), "end-only": ("C2", "^--"),
-         "best-split": ("C3", "d--")}
+# (color, marker, linestyle) per strategy: solid for EC2MoE, dotted for its ablations,
+# dashed for the baselines, so a line stays identifiable where two coincide.
+STYLE = {"ec2moe": ("C0", "o", "-"), "ec2moe-lossless": ("C9", "P", ":"),
+         "no-hw-selection": ("C4", "v", ":"), "no-codec": ("C5", "<", ":"),
+         "static": ("C6", ">", ":"), "cloud-only": ("C1", "s", "--"),
+         "end-only": ("C2", "^", "--"), "best-split": ("C3", "d", "--")}
+
+
+def _line(ax, m: str, xs, ys, label: str, ms: float = 4.0):
+    """One strategy's line: EC2MoE solid, filled and on top (zorder); the others slightly
+    transparent with larger hollow markers, so EC2MoE's points show inside a baseline's
+    where the two coincide (it often picks the same plan)."""
+    c, marker, ls = STYLE.get(m, ("k", "x", "-"))
+    if m == "ec2moe":
+        return ax.plot(xs, ys, color=c, marker=marker, ls=ls, lw=2.2, ms=ms + 1, zorder=5,
+                       label=label)
+    return ax.plot(xs, ys, color=c, marker=marker, ls=ls, lw=1.3, ms=ms + 3, alpha=0.75,
+                   mfc="none", mew=1.2, zorder=3, label=label)
+
+
+def _same_as_ec2moe(strategies: dict, key: str) -> list[str]:
+    """Names of the strategies whose ``key`` series equals EC2MoE's at every point."""
+    ref = strategies.get("ec2moe")
+    if ref is None:
+        return []
+    ys = np.array([np.nan if p[key] is None else p[key] for p in ref], float)
+    same = []
+    for m, pts in strategies.items():
+        other = np.array([np.nan if p[key] is None else p[key] for p in pts], float)
+        if m != "ec2moe" and other.shape == ys.shape and np.allclose(other, ys,
+                                                                    equal_nan=True):
+            same.append(m)
+    return same
+
+
+def _xlabel(ax, text: str, strategies: dict, key: str) -> None:
+    """``text`` as the x label, plus a line naming the strategies EC2MoE coincides with (its
+    line then runs over theirs; said in words, since no line may hide another silently)."""
+    same = _same_as_ec2moe(strategies, key)
+    if same:
+        text += f"\n(ec2moe's points coincide with {', '.join(same)})"
+    ax.set_xlabel(text, fontsize=9)
 
 
 def plot(record: dict, path: str) -> str | None:
+    """The evaluation's three panels (PNG): throughput against offered load, p95 latency
+    against bandwidth, and mean latency through a bandwidth drop (all simulated).
+
+    Args:
+      record: a record of :func:`run` (or the ``results/bench.json`` it wrote), with
+        ``load_sweep``, ``bandwidth_sweep`` and ``timeline``.
+      path: PNG file to write; its folder is created.
+
+    Returns:
+      ``path``, or None where matplotlib is not installed.
+    """
     try:
         import matplotlib
 
@@ -354,53 +403,63 @@ def plot(record: dict, path: str) -> str | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
+    # Constrained layout makes room for the legends below the axes, where they hide no line.
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.4), dpi=110, layout="constrained")
     ls = record["load_sweep"]
     ax = axes[0]
     for m, pts in ls["strategies"].items():
-        c, st = STYLE.get(m, ("k", "-"))
         label = m + (" (not allowed)" if m == "cloud-only" and ls["note"] else "")
-        ax.plot([p["offered_rps"] for p in pts], [p["throughput_rps"] for p in pts], st,
-                color=c, label=label, ms=4)
-    ax.axhline(ls["bound_rps"], color="k", lw=0.8, ls="--", label="bound (any plan)")
-    ax.set_xlabel("offered load (requests/s)")
+        _line(ax, m, [p["offered_rps"] for p in pts], [p["throughput_rps"] for p in pts], label)
+    ax.axhline(ls["bound_rps"], color="k", lw=0.9, ls=(0, (5, 3)), zorder=1,
+               label="bound (any plan)")
+    _xlabel(ax, "offered load (requests/s)", ls["strategies"], "throughput_rps")
     ax.set_ylabel("achieved throughput (requests/s)")
     ax.set_title(f"throughput vs load: {ls['regime']}\n(simulated)", fontsize=9)
-    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     bs = record["bandwidth_sweep"]
     ax = axes[1]
     for m, pts in bs["strategies"].items():
-        c, st = STYLE.get(m, ("k", "-"))
         ys = [p["latency_p95_s"] if p["latency_p95_s"] is not None else np.nan for p in pts]
-        ax.plot([p["mbps"] for p in pts], ys, st, color=c, label=m, ms=4)
+        _line(ax, m, [p["mbps"] for p in pts], ys, m)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("mean uplink bandwidth of the LTE-like trace (Mbit/s)")
+    _xlabel(ax, "mean uplink bandwidth of the LTE-like trace (Mbit/s)", bs["strategies"],
+            "latency_p95_s")
     ax.set_ylabel("p95 request latency (s)")
     ax.set_title(f"p95 latency vs bandwidth: {bs['regime'].rsplit('/', 1)[0]}\n"
                  f"at {bs['offered_rps']:.3g} req/s (simulated)", fontsize=9)
-    ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     tl = record["timeline"]
     ax = axes[2]
     x = tl["bin_centers_s"]
-    for m, (c, st) in (("ec2moe", ("C0", "o-")), ("static", ("C6", ">:"))):
-        ys = [y if y is not None else np.nan for y in tl["strategies"][m]["mean_latency_s"]]
-        ax.plot(x, ys, st, color=c, ms=3, label=f"{m} mean latency")
-        for t in tl["strategies"][m]["switch_times_s"] if m == "ec2moe" else ():
-            ax.axvline(t, color="C0", lw=0.6, alpha=0.5)
-    ax.set_yscale("log")
-    ax.set_xlabel("time (s); blue lines: EC2MoE re-plans")
-    ax.set_ylabel("mean latency of requests arriving then (s)")
     bx = ax.twinx()
-    bx.plot(x, tl["bandwidth_mbps_device0"], "k-", lw=0.8, alpha=0.6, label="bandwidth dev 0")
+    bx.plot(x, tl["bandwidth_mbps_device0"], "k-", lw=0.8, alpha=0.5, zorder=1,
+            label="bandwidth of device 0 (timeline, right axis)")
     bx.set_ylabel("bandwidth of device 0 (Mbit/s)")
-    ax.axvspan(tl["drop"]["start_s"], tl["drop"]["stop_s"], color="grey", alpha=0.12)
+    # The latency axis goes in front of the bandwidth twin so its lines are not covered.
+    ax.set_zorder(bx.get_zorder() + 1)
+    ax.patch.set_visible(False)
+    for m in ("static", "ec2moe"):
+        ys = [y if y is not None else np.nan for y in tl["strategies"][m]["mean_latency_s"]]
+        _line(ax, m, x, ys, m, ms=3)
+    for i, t in enumerate(tl["strategies"]["ec2moe"]["switch_times_s"]):
+        ax.axvline(t, color="C0", lw=0.6, alpha=0.5,
+                   label="EC2MoE re-plans (timeline)" if i == 0 else None)
+    ax.axvspan(tl["drop"]["start_s"], tl["drop"]["stop_s"], color="grey", alpha=0.12,
+               label="bandwidth drop (timeline)")
+    ax.set_yscale("log")
+    ax.set_xlabel("time (s)", fontsize=9)
+    ax.set_ylabel("mean latency of requests arriving then (s)")
     ax.set_title(f"through a drop to {tl['drop']['factor']:.0%}: {tl['regime']}\n"
                  "(simulated)", fontsize=9)
-    ax.legend(fontsize=7, loc="upper left")
-    fig.tight_layout()
+    # One legend below the axes (where it hides no line): the strategies share one style in
+    # every panel, then the bound and the right panel's own marks.
+    h0, l0 = axes[0].get_legend_handles_labels()
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = bx.get_legend_handles_labels()
+    extra = [(h, lab) for h, lab in zip(h1 + h2, l1 + l2, strict=True) if lab not in STYLE]
+    fig.legend(h0 + [h for h, _ in extra], l0 + [lab for _, lab in extra],
+               loc="outside lower center", ncol=6, fontsize=8, frameon=False)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
