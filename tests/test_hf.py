@@ -137,6 +137,7 @@ def test_safetensors_reader_rejects_bad_offsets(tmp_path):
         read_file(str(path))
 
 
+@pytest.mark.slow
 def test_convert_command_and_generate_from_orbax(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "JAX_NUM_CPU_DEVICES": "1"}

@@ -20,6 +20,7 @@ def _params_equal(a, b):
     chex.assert_trees_all_equal(jax.device_get(a), jax.device_get(b))
 
 
+@pytest.mark.slow
 def test_second_train_step_compiles_nothing(tiny_cfg, fixture_splits):
     from ec2moe_jax.data import train_batch
 
@@ -55,6 +56,7 @@ def test_second_train_step_compiles_nothing(tiny_cfg, fixture_splits):
             state, _ = step(state, batch)
 
 
+@pytest.mark.slow
 def test_training_reduces_loss_and_writes_metrics(tiny_cfg, fixture_splits, tmp_path):
     cfg = tiny_cfg.replace(train__steps=30, train__eval_every=30, train__log_every=5)
     result = train(cfg, str(tmp_path), splits=fixture_splits, progress=False)
@@ -67,6 +69,7 @@ def test_training_reduces_loss_and_writes_metrics(tiny_cfg, fixture_splits, tmp_
     assert saved["bits_per_char_test"] == pytest.approx(result["bits_per_char_test"])
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_equals_uninterrupted_run(tiny_cfg, fixture_splits, tmp_path):
     cfg = tiny_cfg.replace(train__steps=8, train__checkpoint_every=100, train__eval_every=100)
     straight = train(cfg, str(tmp_path / "a"), splits=fixture_splits, progress=False)
