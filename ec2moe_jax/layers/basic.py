@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ec2moe_jax.routing.dispatch import swiglu
+
 default_init = nn.initializers.normal(stddev=0.02)
 
 
@@ -67,7 +69,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class SwiGLU(nn.Module):
-    """Dense SwiGLU feed-forward: ``(silu(x W_g) * x W_u) W_d`` (Shazeer 2020)."""
+    """Dense SwiGLU feed-forward (:func:`~ec2moe_jax.routing.dispatch.swiglu`)."""
 
     hidden: int
     dtype: jnp.dtype = jnp.float32
@@ -79,5 +81,5 @@ class SwiGLU(nn.Module):
         wu = self.param("w_up", param_with_axes(default_init, ("embed", "mlp")), (d, self.hidden))
         wd = self.param("w_down", param_with_axes(default_init, ("mlp", "embed")), (self.hidden, d))
         x = x.astype(self.dtype)
-        h = jax.nn.silu(dense(x, wg.astype(self.dtype))) * dense(x, wu.astype(self.dtype))
-        return dense(h, wd.astype(self.dtype))
+        return swiglu(x, wg.astype(self.dtype), wu.astype(self.dtype), wd.astype(self.dtype),
+                      dense)

@@ -32,6 +32,12 @@ def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
     return x.reshape(b * t // group_size, group_size, d)
 
 
+
+def _expert_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
+    """[E, N, D] x [E, D, F] -> [E, N, F]: every expert's tokens through its own weight."""
+    return jnp.einsum("end,edf->enf", a, w)
+
+
 class MoEBlock(nn.Module):
     """Top-k routed SwiGLU experts (plus an optional shared expert).
 
@@ -86,9 +92,8 @@ class MoEBlock(nn.Module):
                                         wd.astype(self.dtype))
         else:
             def experts(xe):  # [E, N, D] -> [E, N, D], one batched matmul per weight
-                h = jax.nn.silu(jnp.einsum("end,edf->enf", xe, wg.astype(self.dtype)))
-                h = h * jnp.einsum("end,edf->enf", xe, wu.astype(self.dtype))
-                return jnp.einsum("enf,efd->end", h, wd.astype(self.dtype))
+                return dispatch_lib.swiglu(xe, wg.astype(self.dtype), wu.astype(self.dtype),
+                                           wd.astype(self.dtype), _expert_matmul)
 
             impl = {"einsum": dispatch_lib.einsum_moe, "gather": dispatch_lib.gather_moe}
             y = impl[cfg.dispatch](xg, route, experts)

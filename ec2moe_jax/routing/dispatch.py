@@ -28,6 +28,22 @@ import jax.numpy as jnp
 from ec2moe_jax.routing.topk import Route
 from ec2moe_jax.sharding.mesh import constrain
 
+Matmul = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+           matmul: Matmul = jnp.matmul) -> jax.Array:
+    """The SwiGLU feed-forward ``(silu(x W_g) * (x W_u)) W_d`` (Shazeer 2020, "GLU Variants
+    Improve Transformer", eq. 6 with Swish_1 = SiLU), the one definition every expert and
+    dense layer uses.
+
+    ``matmul(a, w)`` applies one weight: a plain matmul for a dense layer ([..., D] @ [D, F]),
+    a batched einsum over stacked experts ([E, N, D] x [E, D, F]), or a grouped
+    ``ragged_dot``. Shapes follow ``matmul``; the output has ``x``'s leading shape.
+    """
+    h = jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up)
+    return matmul(h, w_down)
+
 ExpertFn = Callable[[jax.Array], jax.Array]  # [E, N, D] -> [E, N, D]
 
 
@@ -113,8 +129,7 @@ def ragged_moe(
     order = jnp.argsort(expert, stable=True)
     sizes = jnp.bincount(expert, length=num_experts).astype(jnp.int32)
     xs = flat_x[order // top_k]
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, w_gate, sizes)) * jax.lax.ragged_dot(xs, w_up, sizes)
-    ys = jax.lax.ragged_dot(h, w_down, sizes)
+    ys = swiglu(xs, w_gate, w_up, w_down, lambda a, w: jax.lax.ragged_dot(a, w, sizes))
     y = jnp.zeros_like(ys).at[order].set(ys)  # undo the sort: row i is choice i
     y = y.reshape(num_groups, num_tokens, top_k, dim)
     return jnp.einsum("gskd,gsk->gsd", y, route.combine_weights.astype(y.dtype))
