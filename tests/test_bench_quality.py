@@ -21,17 +21,17 @@ BASE = load_config("base").model  # 12 layers, layer 0 dense, 32 experts top-2, 
 SMALL = load_config("small").model  # 4 layers all MoE, 8 experts top-2, D 256
 
 
-def _map(split, resident=32, swap=False, codec="none", gate="group"):
+def _map(split, resident=32, swap=False, codec="bf16", gate="group"):
     res = [resident] * 12 if isinstance(resident, int) else resident
     return map_plan(split, res, swap, codec, gate=gate, base_cfg=BASE, small_cfg=SMALL)
 
 
 def test_cloud_only_and_end_only():
-    assert _map(0, 0, codec="int8-r256") == QualityKey(0, 8, "masked", "none", False)
+    assert _map(0, 0, codec="int8-r256") == QualityKey(0, 8, "masked", "bf16", False)
     assert _map(0, 0) == full_model_key(SMALL)
     # End-only keeps every layer on the end: no boundary, so no codec; half the experts.
-    assert _map(12, 16, codec="int8-r256") == QualityKey(4, 4, "group", "none", False)
-    assert _map(12, 32, gate="group") == QualityKey(4, 8, "masked", "none", False)
+    assert _map(12, 16, codec="int8-r256") == QualityKey(4, 4, "group", "bf16", False)
+    assert _map(12, 32, gate="group") == QualityKey(4, 8, "masked", "bf16", False)
 
 
 @pytest.mark.parametrize("split, want", [
@@ -58,7 +58,7 @@ def test_resident_fraction_rounds_down_over_end_moe_layers():
 
 
 def test_swap_makes_every_expert_usable_and_masked_when_nothing_dropped():
-    assert _map(12, 4, swap=True) == QualityKey(4, 8, "masked", "none", True)
+    assert _map(12, 4, swap=True) == QualityKey(4, 8, "masked", "bf16", True)
     assert _map(4, 32, gate="group").gate == "masked"
     assert _map(4, 8, gate="group").gate == "group"
     assert _map(4, 8, gate="masked").gate == "masked"
@@ -66,7 +66,7 @@ def test_swap_makes_every_expert_usable_and_masked_when_nothing_dropped():
 
 @pytest.mark.parametrize("base, small", [
     ("int8-r256", "int8-r64"), ("int4-r384", "int4-r96"), ("int8-r32", "int8-r8"),
-    ("int8-r1", "int8-r1"), ("none", "none"),
+    ("int8-r1", "int8-r1"), ("bf16", "bf16"), ("none", "bf16"),
 ])
 def test_codec_rank_scales_with_width(base, small):
     assert _map(4, codec=base).codec == small
@@ -74,7 +74,7 @@ def test_codec_rank_scales_with_width(base, small):
 
 def test_bad_inputs_name_the_value():
     with pytest.raises(ValueError, match="12 counts"):
-        map_plan(4, [32] * 11, False, "none", gate="group", base_cfg=BASE, small_cfg=SMALL)
+        map_plan(4, [32] * 11, False, "bf16", gate="group", base_cfg=BASE, small_cfg=SMALL)
     with pytest.raises(ValueError, match="12 counts"):
         _map(4, 33)
     with pytest.raises(ValueError, match="gate='hlggn'"):
@@ -89,9 +89,12 @@ def test_bad_inputs_name_the_value():
 
 def test_key_json_round_trip_and_labels_are_distinct():
     keys = [QualityKey(2, 4, "group", "int8-r64"), QualityKey(2, 4, "masked", "int8-r64"),
-            QualityKey(4, 8, "masked", "none", True), QualityKey(4, 8, "masked", "none")]
+            QualityKey(4, 8, "masked", "bf16", True), QualityKey(4, 8, "masked", "bf16")]
     assert [QualityKey.from_json(k.to_json()) for k in keys] == keys
     assert len({k.label() for k in keys}) == len(keys)
+    # Keys cached before the codec vocabulary said "none" for bf16: read as "bf16".
+    old = {"end_layers": 4, "resident": 8, "gate": "masked", "codec": "none"}
+    assert QualityKey.from_json(old) == keys[3] and keys[3].label() == "L4-n8-masked-bf16"
 
 
 # -- measured, on a tiny params-only workdir -------------------------------------------------
@@ -103,11 +106,11 @@ WINDOWS, WINDOW_LEN = 4, 32
 def tiny_run(tmp_path_factory, devices):
     from conftest import FIXTURES
 
-    from ec2moe_jax.bench.hlggn import collect_stats
     from ec2moe_jax.data import prepare_splits
     from ec2moe_jax.models.lm import MoELM, init_params
     from ec2moe_jax.routing import save_stats
     from ec2moe_jax.sharding import unbox
+    from ec2moe_jax.training import collect_stats
     from ec2moe_jax.training.loop import save_params
 
     paths = ",".join(os.path.join(FIXTURES, "corpus", n) for n in ("a.txt", "b.txt"))
@@ -158,7 +161,7 @@ def test_evaluate_keys_measures_gates_and_caches(tiny_run, tmp_path, monkeypatch
         raise AssertionError("a cached key was evaluated again")
 
     monkeypatch.setattr(runtime, "prepare", refuse)
-    monkeypatch.setattr("ec2moe_jax.bench.hlggn.load_run", refuse)
+    monkeypatch.setattr("ec2moe_jax.training.load_run", refuse)
     again = evaluate_keys(wd, [masked, group, full], gate_steps=2, **kw)
     assert again == {k: out[k] for k in (masked, group, full)}
     # A masked key does not depend on gate_steps (shared entry); a group key does.

@@ -8,8 +8,13 @@ import numpy as np
 import pytest
 
 from ec2moe_jax.bench import sim
-from ec2moe_jax.bench.traces import Drop, LteParams, constant_trace, lte_trace
+from ec2moe_jax.bench.traces import Drop, LteParams, lte_trace
 from ec2moe_jax.pipeline.link import BandwidthTrace
+
+# A codec sweep record of the shape `ec2moe codec-sweep` writes (made-up values in the range
+# measured at D = 256), so the tests do not read the repository's results.
+SWEEP = {"sweep": [{"rank": r, "bits": b, "relative_increase_vs_bf16": q} for r, b, q in (
+    (128, "int8", 0.0004), (64, "int8", 0.004), (48, "int8", 0.012), (64, "int4", 0.012))]}
 
 
 # -- traces -------------------------------------------------------------------------------
@@ -32,7 +37,7 @@ def test_lte_trace_statistics_and_drop():
     plain = lte_trace(p, 100.0, seed=1)
     assert dropped.mean_bps(20, 30) == pytest.approx(0.1 * plain.mean_bps(20, 30))
     assert dropped.mean_bps(40, 100) == pytest.approx(plain.mean_bps(40, 100))
-    c = constant_trace(8e6, (Drop(2.0, 1.0, 0.5),))
+    c = BandwidthTrace.constant(8e6, (Drop(2.0, 1.0, 0.5),))
     assert c.mean_bps(0, 4) == pytest.approx((3 * 8e6 + 4e6) / 4)
     with pytest.raises(ValueError, match="factor"):
         Drop(0.0, 1.0, 0.0)
@@ -162,8 +167,9 @@ def test_simulator_agrees_with_the_mg1_cost_model_at_moderate_load():
 @pytest.fixture(scope="module")
 def small_setting():
     from ec2moe_jax.bench import evaluation as ev
+    from ec2moe_jax.scheduler import Calibration
 
-    ctx = ev.Context.default()
+    ctx = ev.Context.default(Calibration(), SWEEP)
     rg = ev.Regime("private-score-512", "t4", 2, 20.0)
     return ctx, rg, ev.setting(ctx, rg, 5.0, 30.0, seed=0)
 
@@ -207,7 +213,7 @@ def test_an_overloaded_device_does_not_drag_the_others():
     from ec2moe_jax.config import load_config
     from ec2moe_jax.models.costs import model_costs
     from ec2moe_jax.profiles import LinkProfile, device
-    from ec2moe_jax.scheduler import build_instance, schedule, zipf_frequencies
+    from ec2moe_jax.scheduler import build_instance, codec_options, schedule, zipf_frequencies
     from ec2moe_jax.scheduler.model import UNSTABLE
 
     costs = model_costs(load_config("base").model)
@@ -216,7 +222,8 @@ def test_an_overloaded_device_does_not_drag_the_others():
 
     def inst(links):
         return build_instance(costs, freq, [end] * len(links), device("t4"), links,
-                              [20.0] * len(links), prompt_tokens=128)
+                              [20.0] * len(links), prompt_tokens=128,
+                              codecs=codec_options(costs.d_model, SWEEP))
 
     good = LinkProfile("good", 50e6, 0.03)
     alone, _ = schedule(inst([good]))

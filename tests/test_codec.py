@@ -1,6 +1,7 @@
 """The low-rank codec: identity at full rank, monotone in rank, int8/int4 bounds, the wire
 format (round trips, exact sizes, and every malformed payload rejected), fine-tuning."""
 
+import math
 import struct
 
 import hypothesis.extra.numpy as hnp
@@ -13,7 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ec2moe_jax.codec import (
+    BF16,
     HEADER_BYTES,
+    CodecSpec,
     WireFormatError,
     compress,
     decompress,
@@ -25,6 +28,7 @@ from ec2moe_jax.codec import (
     quantize,
     relative_error,
     roundtrip,
+    token_bytes,
     unpack,
 )
 from ec2moe_jax.layers.codec import LowRankCodec
@@ -149,6 +153,50 @@ def test_non_finite_and_out_of_range_values_are_refused():
     odd[-1] |= 0x10  # the unused high nibble of the last byte
     with pytest.raises(WireFormatError, match="padding nibble"):
         unpack(bytes(odd), expected_rank=3)
+
+
+@pytest.mark.parametrize("kind", ["float16", "bfloat16", "float32"])
+def test_float_payloads_round_trip_at_their_precision(kind):
+    values = np.random.default_rng(0).normal(size=(2, 3, 5)).astype(np.float32)
+    buf = pack(values, None, kind)
+    assert len(buf) == payload_bytes(kind, 2, 3, 5)
+    got = unpack(buf, expected_rank=5)
+    # float32 is exact; the 2-byte kinds round to 11 (float16) or 8 (bfloat16) bits.
+    rtol = {"float32": 0.0, "float16": 2**-11, "bfloat16": 2**-8}[kind]
+    np.testing.assert_allclose(got.values, values, rtol=rtol, atol=0)
+    assert got.kind == kind and got.scale is None
+
+
+def test_body_size_is_tokens_times_token_bytes():
+    # One size formula: body = ceil(B T token_bytes); int4 nibbles pack across tokens, so
+    # only the message's last byte may be padding.
+    assert token_bytes("int4", 64) == 36 and token_bytes("int4", 3) == 5.5
+    assert payload_bytes("int4", 1, 3, 3) == HEADER_BYTES + 12 + 5  # 9 nibbles -> 5 bytes
+    for kind in ("int8", "int4", "float16", "bfloat16", "float32"):
+        for b, t, r in ((1, 1, 1), (2, 3, 5), (4, 7, 64)):
+            assert payload_bytes(kind, b, t, r) - HEADER_BYTES == math.ceil(
+                b * t * token_bytes(kind, r))
+
+
+def test_codec_spec_names_round_trip_and_size_real_payloads():
+    for name in ("bf16", "fp32", "int8-r64", "int4-r96", "fp32-r64"):
+        assert CodecSpec.parse(name).name == name
+    assert CodecSpec.parse("none") == BF16  # what plans and results said before the rename
+    for bad, match in (("float32", "now called 'fp32'"), ("lowrank-float32", "fp32-r<rank>"),
+                       ("int8", "needs a rank"), ("bf16-r8", "low-rank latents travel as"),
+                       ("int8-r0", "rank=0"), ("fp8-r4", "unknown codec 'fp8-r4'")):
+        with pytest.raises(ValueError, match=match):
+            CodecSpec.parse(bad)
+    with pytest.raises(ValueError, match="exceeds the model width"):
+        CodecSpec("int8", 17).check(16)
+    h = _hidden(n=2 * 5, d=16).reshape(2, 5, 16)
+    codec = _codec(h.reshape(-1, 16), 7)
+    for spec in (CodecSpec("int8", 7), CodecSpec("int4", 7), CodecSpec("fp32", 7)):
+        payload = compress(codec, jnp.asarray(h), spec.quant_bits)
+        assert spec.payload_bytes(2, 5, 16) == len(payload), spec.name
+        assert spec.bytes_per_token(16) * 10 + HEADER_BYTES == pytest.approx(len(payload), abs=1)
+    for spec in (BF16, CodecSpec("fp32")):  # the raw hidden state: D values per token
+        assert spec.payload_bytes(2, 5, 16) == len(pack(h, None, spec.wire_kind))
 
 
 def test_pack_refuses_bad_input():

@@ -14,25 +14,35 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ec2moe_jax.codec import BF16
 from ec2moe_jax.config import ModelConfig, MoEConfig
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import LinkProfile, device
-from ec2moe_jax.scheduler import Calibration, build_instance, plan_terms, schedule
+from ec2moe_jax.routing import top_n_mask
+from ec2moe_jax.scheduler import (
+    Calibration,
+    build_instance,
+    codec_options,
+    plan_terms,
+    predict,
+    schedule,
+)
 from ec2moe_jax.scheduler.candidates import candidates, fit_counts, flatten
 from ec2moe_jax.scheduler.exhaustive import optimum
 from ec2moe_jax.scheduler.instance import random_small_instance, zipf_frequencies
 from ec2moe_jax.scheduler.model import combine, end_memory
-from ec2moe_jax.scheduler.plan import (
-    baseline_plans,
-    evaluate_jit,
-    resident_mask,
-    schedule_checked,
-)
+from ec2moe_jax.scheduler.plan import baseline_plans, describe, evaluate_jit, schedule_checked
 from ec2moe_jax.scheduler.replan import Observation, make_replanner
 from ec2moe_jax.scheduler.scoring import candidate_terms
 from ec2moe_jax.selection import select_experts
 
 CLOUD = device("t4")
+# A codec sweep record of the shape `ec2moe codec-sweep` writes (values made up, in the range
+# measured at D = 256), so the tests do not read the repository's results.
+SWEEP = {"sweep": [{"rank": r, "bits": b, "relative_increase_vs_bf16": q} for r, b, q in (
+    (128, "int8", 0.0004), (96, "int8", 0.0009), (64, "int8", 0.004), (64, "int4", 0.012),
+    (32, "int8", 0.06))]}
+CODECS = codec_options(256, SWEEP)[:4]  # bf16, int8-r128, int8-r96, int8-r64
 jit_evaluate = evaluate_jit
 jit_fit_counts = jax.jit(fit_counts, static_argnums=1)
 
@@ -45,7 +55,7 @@ def small_costs(layers: int = 3, experts: int = 4, top_k: int = 1):
 
 def random_instance(seed: int, devices: int = 3, layers: int = 3):
     """Random small instance of the shared shape (devices x layers x 4 experts)."""
-    return random_small_instance(seed, layers=layers, devices=devices)
+    return random_small_instance(seed, layers=layers, devices=devices, codecs=CODECS)
 
 
 @jax.jit
@@ -261,7 +271,7 @@ def test_resident_mask_is_top_n_by_mass():
     inst = random_instance(2)
     freq = jnp.asarray(np.random.default_rng(0).dirichlet(np.ones(4), 3), jnp.float32)
     plan, _ = schedule(inst.replace(end_mem=inst.end_mem * 0 + 1e12))
-    mask = np.asarray(resident_mask(plan, freq))[0]
+    mask = np.asarray(jax.jit(top_n_mask)(freq, plan.resident))[0]  # [N, L, E] -> device 0
     for layer in range(3):
         n = int(plan.resident[0, layer])
         top = set(np.argsort(-np.asarray(freq[layer]), kind="stable")[:n].tolist())
@@ -291,3 +301,52 @@ def test_any_feasible_plan_beats_any_infeasible_one():
     half = combine(one, one, one, 0.5 * one, zero, 0.5 * one, one, zero)[0]
     tenth = combine(one, one, one, 0.5 * one, zero, 0.1 * one, one, zero)[0]
     assert float(stable) < float(half) < float(tenth) < float(violating)
+
+
+def test_codec_options_sizes_come_from_the_wire_format():
+    opts = codec_options(256, SWEEP)
+    assert opts[0].spec == BF16 and opts[0].bytes_per_token == 512 and opts[0].rank == 256
+    by_name = {o.name: o for o in opts}
+    # int8: a float32 scale + R levels; int4: the scale + R/2 bytes (nibbles pack across
+    # tokens). int4-r64 (36 B) dominates int8-r32 (36 B, worse quality): not an option.
+    assert by_name["int8-r64"].bytes_per_token == 4 + 64
+    assert by_name["int4-r64"].bytes_per_token == 4 + 32
+    assert "int8-r32" not in by_name
+    # Ranks scale with the width; the bytes follow the scaled rank.
+    assert {o.name for o in codec_options(1024, SWEEP)} >= {"bf16", "int8-r512", "int4-r256"}
+    inst = build_instance(small_costs(2), zipf_frequencies(2, 4), [device("laptop-cpu")],
+                          CLOUD, [LinkProfile("x", 8e6, 0.05)], [1.0], codecs=opts)
+    assert [c.name for c in inst.codec_specs] == [o.name for o in opts if o.quality <= 0.02]
+    np.testing.assert_allclose(np.asarray(inst.codec_bytes),
+                               [o.bytes_per_token for o in opts if o.quality <= 0.02])
+    plan = baseline_plans(inst)["best_split"]
+    assert describe(inst, plan)["codec"] == ["bf16"]
+    with pytest.raises(ValueError, match="codec option 0 must be 'bf16'"):
+        build_instance(small_costs(2), zipf_frequencies(2, 4), [device("laptop-cpu")], CLOUD,
+                       [LinkProfile("x", 8e6, 0.05)], [1.0], codecs=opts[1:])
+
+
+def test_missing_inputs_name_the_file_and_the_command(tmp_path):
+    from ec2moe_jax.config import load_config
+    from ec2moe_jax.scheduler import load_calibration, this_cpu
+
+    missing = str(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="ec2moe codec-sweep"):
+        codec_options(256, missing)
+    with pytest.raises(FileNotFoundError, match="ec2moe calibrate"):
+        load_calibration(missing)
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        this_cpu(load_config("tiny").model, missing)
+
+
+def test_calibration_from_a_fit_record_and_its_prediction():
+    fit = {"eta_flops": 1.5, "eta_bw": 0.5, "overhead_s": 1e-4, "layer_overhead_s": 1e-3}
+    cal = Calibration.from_fit(fit, "test")
+    assert (cal.eta_flops, cal.layer_overhead_s) == (1.5, 1e-3)
+    assert Calibration.from_fit(fit, "test", clamp=True).eta_flops == 1.0
+    # By hand: 1e-4 + 2 x 1e-3 + 3e9 / (1.5 x 1e9) + 1e8 / (0.5 x 1e9) = 2.2021 s.
+    rows = [{"flops": 3e9, "bytes": 1e8, "layers": 2}]
+    np.testing.assert_allclose(predict(rows, 1e9, 1e9, cal), [2.2021])
+    with pytest.raises(ValueError, match="eta_bw"):
+        Calibration.from_fit(fit | {"eta_bw": 0.0}, "bad")
+

@@ -13,6 +13,7 @@ from ec2moe_jax.config import load_config
 from ec2moe_jax.models import MoELM, init_params
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import DeviceProfile, device
+from ec2moe_jax.routing import expert_rank, top_n_mask
 from ec2moe_jax.selection import (
     covered_mass,
     layers_within_budget,
@@ -79,6 +80,33 @@ def test_selection_is_jit_equal_and_does_not_recompile_for_new_budgets():
     for seed, slots in ((0, 5), (1, 9), (2, 17)):
         freq = jnp.asarray(_random_freq(seed), jnp.float32)
         np.testing.assert_array_equal(fn(freq, slots, 2), select_experts(freq, slots, 2))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_selection_plans_and_pipeline_masks_share_the_top_n_order(seed):
+    # One definition of "the top-n experts": selection keeps the top-n of every layer, a
+    # pipeline plan's mask is the top-n of its resident counts, and the numpy and jitted
+    # masks agree (ties included: frequencies are rounded to make some).
+    from ec2moe_jax.config import ModelConfig, MoEConfig
+    from ec2moe_jax.pipeline.plans import PipelinePlan
+
+    freq = np.round(_random_freq(seed), 1)
+    freq[:, 0] += 1e-9  # no all-zero row
+    chosen = np.asarray(select_experts(jnp.asarray(freq, jnp.float32), 13, 2))
+    counts = chosen.sum(-1)
+    np.testing.assert_array_equal(chosen, top_n_mask(freq, counts))
+    np.testing.assert_array_equal(top_n_mask(freq, counts),
+                                  np.asarray(jax.jit(top_n_mask)(jnp.asarray(freq), counts)))
+    for f in freq:  # by hand: the n largest, lower index first among equals
+        order = sorted(range(8), key=lambda e: (-f[e], e))
+        assert expert_rank(f).tolist() == [order.index(e) for e in range(8)]
+    # Layer 1 dense; layers [0, 4) on the end: MoE rows 0..2 of ``freq`` are end layers.
+    cfg = ModelConfig(d_model=32, num_layers=5, num_heads=2, d_ff=64, moe_layers=(0, 2, 3, 4),
+                      moe=MoEConfig(num_experts=8, top_k=2, expert_dim=64))
+    c = [int(x) for x in counts]
+    allowed = PipelinePlan("p", 4, (c[0], 8, c[1], c[2], c[3])).allowed(freq, cfg)
+    np.testing.assert_array_equal(allowed[[0, 2, 3]], top_n_mask(freq[:3], counts[:3]))
+    assert allowed[[1, 4]].all()  # the dense layer and the cloud layer allow every expert
 
 
 def test_bad_profiles_get_clear_errors_or_the_cloud_fallback():

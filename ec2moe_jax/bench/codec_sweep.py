@@ -16,7 +16,7 @@ import jax
 from tqdm.auto import tqdm
 
 from ec2moe_jax import data as data_lib
-from ec2moe_jax.codec import lowrank, wire
+from ec2moe_jax.codec import BF16, CodecSpec, lowrank
 from ec2moe_jax.training import load_params
 from ec2moe_jax.training.codec import (
     bf16_link,
@@ -62,7 +62,7 @@ def run(
                            seq_len=t, seed=4321)
     bpc_float = split_bits_per_char(model, params, held_out, split, None, **ev)
     bpc_bf16 = split_bits_per_char(model, params, held_out, split, bf16_link, **ev)
-    bf16_bytes = 2 * d
+    bf16_bytes = int(BF16.bytes_per_token(d))
     rows = []
     for rank, bits in tqdm(settings, disable=not progress, desc="codec sweep"):
         init = lowrank.pca_init(calib, rank)
@@ -75,7 +75,7 @@ def run(
             checkpoint_dir=default_codec_dir(workdir, split, rank, bits))
         bpc = split_bits_per_char(model, params, held_out, split, codec_link(bits), codec, **ev)
         rel_err = float(lowrank.relative_error(probe, lowrank.roundtrip(codec, probe, bits)))
-        payload = wire.payload_bytes(bits, 1, request_tokens, rank)
+        payload = CodecSpec(bits, rank).payload_bytes(1, request_tokens, d)
         bytes_per_token = payload / request_tokens
         rows.append({
             "rank": rank,
@@ -106,7 +106,8 @@ def run(
         "bytes_per_token_note": f"exact wire payload of one [1, {request_tokens}] request "
                                 f"(24-byte header + per-token float32 scale + latents) / "
                                 f"{request_tokens}",
-        "baseline_float32": {"bits_per_char": bpc_float, "bytes_per_token": 4 * d},
+        "baseline_float32": {"bits_per_char": bpc_float,
+                             "bytes_per_token": int(CodecSpec("fp32").bytes_per_token(d))},
         "baseline_bf16": {"bits_per_char": bpc_bf16, "bytes_per_token": bf16_bytes},
         "target": "bytes_per_token <= bf16 / 8 and bits/char <= 1.01 x bf16 baseline",
         "best_meeting_target": best,

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import zlib
 from collections.abc import Callable, Sequence
 
@@ -40,7 +41,13 @@ from ec2moe_jax.bench.traces import Drop, LteParams, lte_trace
 from ec2moe_jax.config import load_config
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import DeviceProfile, LinkProfile, device
-from ec2moe_jax.scheduler import build_instance, codec_options, load_calibration, zipf_frequencies
+from ec2moe_jax.scheduler import (
+    Calibration,
+    build_instance,
+    codec_options,
+    load_calibration,
+    zipf_frequencies,
+)
 
 GiB = 2**30
 PAPER_THROUGHPUT = (2.2, 5.1)
@@ -114,11 +121,22 @@ class Context:
     target_decode_requests: int = 120
 
     @classmethod
-    def default(cls, seed: int = 0) -> Context:
+    def default(cls, calibration: Calibration | str | os.PathLike,
+                codec_sweep: dict | str | os.PathLike, seed: int = 0) -> Context:
+        """The base model with Zipf(1) statistics, a calibration (or ``ec2moe calibrate``'s
+        file, read with :func:`~ec2moe_jax.scheduler.load_calibration`: clamped for presets)
+        and the codec options of ``codec_sweep`` (``ec2moe codec-sweep``'s record or its
+        path) within a 2% budget.
+
+        Raises:
+          FileNotFoundError: a file is missing (the message names its command).
+        """
         costs = model_costs(load_config("base").model)
         freq = zipf_frequencies(int(costs.is_moe.sum()), costs.num_experts, 1.0, seed=0)
-        codecs = [c for c in codec_options(costs.d_model) if c.quality <= 0.02]
-        return cls(costs, freq, load_calibration(), codecs, seed)
+        codecs = [c for c in codec_options(costs.d_model, codec_sweep) if c.quality <= 0.02]
+        if not isinstance(calibration, Calibration):
+            calibration = load_calibration(calibration)
+        return cls(costs, freq, calibration, codecs, seed)
 
     @property
     def counts(self) -> np.ndarray:
@@ -151,14 +169,12 @@ def setting(ctx: Context, regime: Regime, rate: float, horizon: float, seed: int
             Drop(float(rng.uniform(0.2, 0.7)) * horizon, DROP_SHARE * horizon, DROP_FACTOR),)
         up.append(lte_trace(LteParams(mbps * 1e6), horizon, seed=int(rng.integers(2**31)),
                             drops=d))
-    names = [c.name for c in ctx.codecs]
     return strategies.Setting(
         live=_instance(ctx, regime, live, rate, mbps),
         spec=_instance(ctx, regime, spec, rate, mbps),
         no_codec=_instance(ctx, regime, live, rate, mbps, codecs=ctx.codecs[:1]),
         lossless=_instance(ctx, regime, live, rate, mbps, min_coverage=1.0),
-        up=up, down=up, rtt=[rtt] * regime.devices, private=regime.tokens[2],
-        codec_names=names)
+        up=up, down=up, rtt=[rtt] * regime.devices, private=regime.tokens[2])
 
 
 def allowed(name: str, private: bool) -> bool:

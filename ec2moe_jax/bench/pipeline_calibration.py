@@ -17,18 +17,18 @@ on every end-to-end latency (the end-to-end figures are never fitted).
 from __future__ import annotations
 
 import dataclasses
-import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
 
-from ec2moe_jax.bench.pipeline_demo import CALIBRATION, _calibration, instance, this_cpu
+from ec2moe_jax.files import read_json
 from ec2moe_jax.pipeline import Channel, executor, runtime
-from ec2moe_jax.pipeline.plans import PipelinePlan
+from ec2moe_jax.pipeline.plans import PipelinePlan, instance
 from ec2moe_jax.profiles import LinkProfile
-from ec2moe_jax.scheduler import Calibration, Plan, evaluate
-from ec2moe_jax.scheduler.calibrate import fit_stage_model
-from ec2moe_jax.scheduler.model import stage_time, stage_work
+from ec2moe_jax.scheduler import Calibration, Plan, evaluate, predict, this_cpu
+from ec2moe_jax.scheduler.calibrate import CALIBRATE_COMMAND, fit_stage_model
+from ec2moe_jax.scheduler.model import stage_work
 
 STAGE_NAMES = {"score": ("end", "cloud"), "prefill": ("end_prefill", "cloud_prefill"),
                "step": ("end_step", "cloud_step")}
@@ -41,19 +41,11 @@ def _sched_plan(split: int, num_layers: int, num_experts: int) -> Plan:
                 codec=i32([0]), batch=i32([0]))
 
 
-def predict(rows, F: float, BW: float, cal: Calibration) -> np.ndarray:
-    """Seconds of each stage row under the cost model's stage time with ``cal``."""
-    col = lambda k: np.array([r[k] for r in rows], np.float64)  # noqa: E731
-    return stage_time(col("flops"), col("bytes"), col("layers"), cal.eta_flops * F,
-                      cal.eta_bw * BW, cal.overhead_s, cal.layer_overhead_s)
-
-
 def fit_side(rows, F: float, BW: float, source: str) -> Calibration:
     """The stage-time coefficients fitted on ``rows`` (relative least squares)."""
     col = lambda k: np.array([r[k] for r in rows], np.float64)  # noqa: E731
-    c = fit_stage_model(col("flops"), col("bytes"), col("layers"), col("measured_s"), F, BW)
-    return Calibration(c["eta_flops"], c["eta_bw"], c["overhead_s"], source,
-                       c["layer_overhead_s"])
+    return Calibration.from_fit(fit_stage_model(col("flops"), col("bytes"), col("layers"),
+                                                col("measured_s"), F, BW), source)
 
 
 def measure_plan(model, params, split, meshes, link, *, freq, prompt, texts, gen_tokens,
@@ -97,22 +89,30 @@ def _stage_rows(inst_by_kind, meas, split, L, E, P, G, T) -> list[dict]:
     return rows
 
 
-def calibrate(model, params, meshes, link: LinkProfile, *, freq, prompt, texts, gen_tokens=32,
-              fit_splits=(1, 3), repeats=3) -> dict:
+def calibrate(model, params, meshes, link: LinkProfile, *, freq, prompt, texts,
+              calibration: str | os.PathLike, gen_tokens=32, fit_splits=(1, 3),
+              repeats=3) -> dict:
     """The calibration record (see the module docstring); ``prompt`` [1, P], ``texts``
-    [R, T + 1]."""
+    [R, T + 1]; ``calibration``: ``ec2moe calibrate``'s file (``results/calibration_cpu.json``),
+    this CPU's profile and the single-device fit the refits are compared with.
+
+    Raises:
+      FileNotFoundError: ``calibration`` is missing (the message names ``ec2moe calibrate``).
+    """
     cfg = model.cfg
     L, E = cfg.num_layers, cfg.moe.num_experts
     P, T = prompt.shape[1], texts.shape[1] - 1
-    dev, _, _ = this_cpu(cfg, expert_fraction=1.0)
-    with open(CALIBRATION) as f:  # the single-device fit, unclamped: the reference to beat
-        cal0 = _calibration(json.load(f)["fit"], "fitted on this CPU "
-                            "(results/calibration_cpu.json), unclamped")
+    dev, _, _ = this_cpu(cfg, calibration, expert_fraction=1.0)
+    fit0 = read_json(calibration, what="the CPU calibration", command=CALIBRATE_COMMAND)["fit"]
+    # The single-device fit, unclamped: the reference to beat.
+    cal0 = Calibration.from_fit(fit0, f"fitted on this CPU ({os.fspath(calibration)}), "
+                                "unclamped")
     F, BW = dev.available_flops, dev.available_bandwidth
 
     def insts(end_cal, cloud_cal):
+        # The stage rows run the bf16 plan only: no codec options needed.
         mk = lambda p, g: instance(cfg, freq, dev, link, end_cal, prompt_tokens=p,  # noqa: E731
-                                   gen_tokens=g)
+                                   gen_tokens=g, codecs=None)
         a, b = mk(T, 0), mk(P, gen_tokens)
         if cloud_cal is not end_cal:
             fix = dict(cloud_flops=jnp.float32(F * cloud_cal.eta_flops),

@@ -11,86 +11,14 @@ cloud: the comparison shows link and compute trade-offs, not device heterogeneit
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 
-from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.pipeline import Channel, executor, runtime
-from ec2moe_jax.pipeline.plans import PipelinePlan, from_scheduler
-from ec2moe_jax.profiles import DeviceProfile, LinkProfile
-from ec2moe_jax.scheduler import Calibration, build_instance, codec_options, evaluate
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CALIBRATION = os.path.join(ROOT, "results", "calibration_cpu.json")
-
-
-PIPELINE_CALIBRATION = os.path.join(ROOT, "results", "pipeline_calibration.json")
-
-
-def _calibration(fit: dict, source: str) -> Calibration:
-    return Calibration(fit["eta_flops"], fit["eta_bw"], fit["overhead_s"], source,
-                       fit.get("layer_overhead_s", 0.0))
-
-
-def this_cpu(cfg, expert_fraction: float = 0.5
-             ) -> tuple[DeviceProfile, Calibration, Calibration]:
-    """This CPU as the end and the cloud device: the profile measured by
-    ``infer/calibrate.py``, memory for the fixed weights plus ``expert_fraction`` of the
-    experts (what an app may get on a phone), and the end's and the cloud's calibrations.
-
-    The calibrations are the per-submesh refits of ``results/pipeline_calibration.json``
-    (end: 2 fake devices; cloud: 6, experts sharded) when present, else the single-device
-    fit of ``results/calibration_cpu.json`` *unclamped* for both (we model this very
-    machine, where caches beat the copy bandwidth)."""
-    with open(CALIBRATION) as f:
-        cal = json.load(f)
-    prof = cal["profile"]
-    costs = model_costs(cfg)
-    mem = (costs.embed_bytes + costs.head_bytes + costs.fixed_bytes.sum()
-           + expert_fraction * costs.is_moe.sum() * costs.num_experts * costs.expert_bytes
-           + 4e6)  # activations and KV cache headroom
-    device = DeviceProfile("this-cpu", memory_bytes=float(mem), peak_flops=prof["peak_flops"],
-                           mem_bandwidth=prof["mem_bandwidth"],
-                           source=f"measured ({prof['source']}); memory budget: fixed weights "
-                                  f"+ {expert_fraction:.0%} of the experts")
-    if os.path.exists(PIPELINE_CALIBRATION):
-        with open(PIPELINE_CALIBRATION) as f:
-            fits = json.load(f)["calibrations"]
-        src = "per-submesh refit (results/pipeline_calibration.json)"
-        return (device, _calibration(fits["refit_end"], f"end {src}"),
-                _calibration(fits["refit_cloud"], f"cloud {src}"))
-    single = _calibration(cal["fit"], "fitted on this CPU (results/calibration_cpu.json), "
-                                      "unclamped")
-    return device, single, single
-
-
-def instance(cfg, freq, end: DeviceProfile, link: LinkProfile, cal: Calibration, *,
-             prompt_tokens: int, gen_tokens: int, rate: float = 0.05,
-             cloud_cal: Calibration | None = None):
-    """A one-device scheduling instance; the low rate makes queueing negligible, so the
-    predicted latency is one request's (what the executor measures)."""
-    return build_instance(model_costs(cfg), freq, [end], end, [link], [rate],
-                          prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, calibration=cal,
-                          cloud_calibration=cloud_cal)
-
-
-def scheduled_plans(cfg, inst) -> dict[str, tuple[PipelinePlan, object]]:
-    """EC2MoE's plan and the scheduler's baselines, as (pipeline plan, scheduler plan)."""
-    from ec2moe_jax.scheduler.plan import baseline_plans, schedule_checked
-
-    names = [c.name for c in codec_options(cfg.d_model)]
-    plan, _ = schedule_checked(inst)
-    out = {"ec2moe": (from_scheduler(plan, inst, cfg, "ec2moe", codec_names=names), plan)}
-    for key, p in baseline_plans(inst).items():
-        name = key.replace("_", "-")
-        out[name] = (from_scheduler(p, inst, cfg, name, codec_names=names), p)
-    return out
-
-
-def predicted_latency(inst, plan) -> float:
-    return float(evaluate(inst, plan)["mean_latency_s"])
+from ec2moe_jax.pipeline.plans import PipelinePlan, instance, predicted_latency, scheduled_plans
+from ec2moe_jax.profiles import LinkProfile
+from ec2moe_jax.scheduler import codec_options, this_cpu
 
 
 @dataclasses.dataclass
@@ -124,36 +52,6 @@ def run_plan(model, params, plan: PipelinePlan, meshes, work: Workload, link: Li
                       f"RTT {link.rtt_s * 1e3:g} ms) on the virtual clock"}
 
 
-def plot(rows: list[dict], path: str) -> str | None:
-    """Bars of measured generation latency, TTFT and scoring latency per plan (PNG)."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    names = [r["name"] for r in rows]
-    series = {"generation latency (s)": [r["generate"]["latency_p50_s"] for r in rows],
-              "time to first token (s)": [r["generate"]["ttft_mean_s"] for r in rows],
-              "scoring latency (s)": [r["score"]["latency_p50_s"] for r in rows],
-              "predicted generation latency (s)": [r.get("predicted_generate_s") or 0
-                                                   for r in rows]}
-    fig, ax = plt.subplots(figsize=(8, 3.8), dpi=120)
-    width = 0.8 / len(series)
-    for j, (label, vals) in enumerate(series.items()):
-        ax.bar(np.arange(len(names)) + j * width, vals, width, label=label)
-    ax.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
-    ax.set_ylabel("seconds (p50 over requests)")
-    ax.set_title("EC2MoE vs baselines: measured compute (this CPU) + emulated link")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3, axis="y")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
 def demo_workload(tok, splits, prompt: str, n: int = 4, prompt_len: int = 16,
                   max_new_tokens: int = 48, score_len: int = 128) -> Workload:
     """``prompt`` plus ``n - 1`` windows of held-out text as prompts (all ``prompt_len``
@@ -168,21 +66,40 @@ def demo_workload(tok, splits, prompt: str, n: int = 4, prompt_len: int = 16,
 
 
 def run_demo(workdir: str, link: LinkProfile, work: Workload, *, temperature: float,
-             on_token=None, expert_fraction: float = 0.5) -> dict:
+             calibration: str | os.PathLike,
+             pipeline_calibration: str | os.PathLike | None,
+             codec_sweep: str | os.PathLike, on_token=None,
+             expert_fraction: float = 0.5) -> dict:
     """Schedules EC2MoE for this CPU as the end device, runs it and the baselines through
-    the pipeline, and returns the JSON-ready comparison (tokens under ``"_tokens"``)."""
-    from ec2moe_jax.bench.hlggn import load_run
+    the pipeline, and returns the JSON-ready comparison (tokens under ``"_tokens"``).
+
+    Args:
+      workdir: the trained run.
+      calibration, pipeline_calibration: this CPU's calibration files (``ec2moe calibrate``,
+        ``ec2moe pipeline-calibration``, e.g. ``results/calibration_cpu.json`` and
+        ``results/pipeline_calibration.json``; pipeline_calibration None: the single-device
+        fit for both sides; see :func:`ec2moe_jax.scheduler.this_cpu`).
+      codec_sweep: ``ec2moe codec-sweep``'s record, the codec options the scheduler may use.
+      expert_fraction: share of the experts this CPU's memory budget holds as an end device.
+
+    Raises:
+      FileNotFoundError: a calibration or sweep file is missing (the message names the
+        command that writes it).
+    """
     from ec2moe_jax.sharding import split_end_cloud
+    from ec2moe_jax.training import load_run
 
     setup, params, splits, freq = load_run(workdir)
     cfg = setup.cfg.model
     meshes = split_end_cloud(setup.cfg.mesh)
-    end, cal, cloud_cal = this_cpu(cfg, expert_fraction)
+    end, cal, cloud_cal = this_cpu(cfg, calibration, pipeline_calibration,
+                                   expert_fraction=expert_fraction)
+    codecs = codec_options(cfg.d_model, codec_sweep)
     p, g, t = work.prompts.shape[1], work.max_new_tokens, work.texts.shape[1] - 1
     inst_gen = instance(cfg, freq, end, link, cal, prompt_tokens=p, gen_tokens=g,
-                        cloud_cal=cloud_cal)
+                        cloud_cal=cloud_cal, codecs=codecs)
     inst_score = instance(cfg, freq, end, link, cal, prompt_tokens=t, gen_tokens=0,
-                          cloud_cal=cloud_cal)
+                          cloud_cal=cloud_cal, codecs=codecs)
     rows, tokens, seen = [], {}, {}
     for name, (plan, sched) in scheduled_plans(cfg, inst_gen).items():
         # EC2MoE's own plan routes dropped-expert layers with the group gate; baselines use

@@ -20,21 +20,18 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from ec2moe_jax.codec import BF16, CodecSpec
 from ec2moe_jax.config import ModelConfig
 
 GATES = ("group", "masked")
-_CODEC_BITS = ("int8", "int4")
 
 
-def _parse_codec(codec: str) -> tuple[str, int] | None:
-    """``"<int8|int4>-r<rank>"`` -> (bits, rank); ``"none"`` -> None; else ValueError."""
-    if codec == "none":
-        return None
-    bits, _, rank = codec.partition("-r")
-    if bits not in _CODEC_BITS or not rank.isdigit() or int(rank) < 1:
-        raise ValueError(f"codec={codec!r} must be 'none' or '<int8|int4>-r<rank >= 1>' "
-                         "(a scheduler codec option name such as 'int8-r256')")
-    return bits, int(rank)
+def _parse_codec(codec: str) -> CodecSpec:
+    """The :class:`~ec2moe_jax.codec.CodecSpec` of a codec name; ValueError naming it."""
+    try:
+        return CodecSpec.parse(codec)
+    except ValueError as e:
+        raise ValueError(f"codec={codec!r}: {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,14 +43,15 @@ class QualityKey:
       resident: experts resident in every end MoE layer (E: all of them).
       gate: "group" (the HL-GGN group gate, trained for the mask if none is saved) or
         "masked" (the router restricted to the resident experts).
-      codec: "none" or "<int8|int4>-r<rank>", a codec of the small model's width.
+      codec: a codec name (:class:`~ec2moe_jax.codec.CodecSpec`) of the small model's
+        width: "bf16" or "<int8|int4>-r<rank>" (stored canonical: "none" becomes "bf16").
       swap: non-resident experts are fetched when needed (the mask allows every expert).
     """
 
     end_layers: int
     resident: int
     gate: str
-    codec: str = "none"
+    codec: str = BF16.name
     swap: bool = False
 
     def __post_init__(self):
@@ -63,10 +61,11 @@ class QualityKey:
             raise ValueError(f"resident={self.resident} must be >= 1 expert per end layer")
         if self.gate not in GATES:
             raise ValueError(f"gate={self.gate!r} must be one of {list(GATES)}")
-        _parse_codec(self.codec)
+        object.__setattr__(self, "codec", _parse_codec(self.codec).name)
 
     def label(self) -> str:
-        """A short unique name, e.g. ``"L2-n4-group-int8-r64"`` (``-swap`` appended)."""
+        """A short unique name, e.g. ``"L2-n4-group-int8-r64"`` (``-swap`` appended). Keys
+        cached before the codec vocabulary said "none" where this says "bf16"."""
         return (f"L{self.end_layers}-n{self.resident}-{self.gate}-{self.codec}"
                 + ("-swap" if self.swap else ""))
 
@@ -76,7 +75,7 @@ class QualityKey:
     @classmethod
     def from_json(cls, d: dict) -> QualityKey:
         return cls(int(d["end_layers"]), int(d["resident"]), str(d["gate"]),
-                   str(d.get("codec", "none")), bool(d.get("swap", False)))
+                   str(d.get("codec", BF16.name)), bool(d.get("swap", False)))
 
 
 def _moe_layers(cfg: ModelConfig, below: int) -> list[int]:
@@ -90,7 +89,7 @@ def map_plan(split: int, resident: Sequence[int], swap: bool, codec: str, *, gat
 
     Rules (primed quantities are the small model's):
 
-    * cloud-only (``split == 0``): ``end_layers 0``, every expert, codec "none", no swap.
+    * cloud-only (``split == 0``): ``end_layers 0``, every expert, codec "bf16", no swap.
     * depth: with ``m`` base MoE layers below ``split`` of ``M`` in all, end-only
       (``split == L``) maps to ``L'``; a real split maps to
       ``clip(ceil(m / M * L'), 1, L' - 1)``: pessimistic (the affected depth rounds up) but
@@ -99,15 +98,15 @@ def map_plan(split: int, resident: Sequence[int], swap: bool, codec: str, *, gat
       ``resident[l] / E`` over end MoE layers (1.0 if none) and
       ``resident' = max(top_k', floor(frac * E'))``: pessimistic (rounds down).
     * codec: ``"<bits>-r<r>"`` becomes ``"<bits>-r<r'>"``, ``r' = max(1, round(r D' / D))``
-      (the same fraction of the width); "none" when the small plan has no boundary
-      (``end_layers`` 0 or ``L'``).
+      (the same fraction of the width), a raw hidden state stays as it is; "bf16" when the
+      small plan has no boundary (``end_layers`` 0 or ``L'``).
     * gate: "masked" whenever ``resident' == E'`` (nothing dropped: the router is exact).
 
     Args:
       split: base layers ``[0, split)`` on the end.
       resident: <int>[L] base resident experts per layer (cloud layers ignored).
       swap: the plan swaps experts in from storage.
-      codec: the base plan's codec option name ("none" or "<int8|int4>-r<rank>").
+      codec: the base plan's codec option name ("bf16" or "<int8|int4>-r<rank>").
       gate: "group" or "masked", how a plan that drops experts routes its end layers.
       base_cfg, small_cfg: the simulated and the trained model configs.
 
@@ -125,7 +124,7 @@ def map_plan(split: int, resident: Sequence[int], swap: bool, codec: str, *, gat
                          "per base layer (cloud layers may be 0)")
     parsed = _parse_codec(codec)
     if split == 0:
-        return QualityKey(0, E2, "masked", "none", False)
+        return full_model_key(small_cfg)
     if split == L:
         end_layers = L2
     else:
@@ -137,17 +136,19 @@ def map_plan(split: int, resident: Sequence[int], swap: bool, codec: str, *, gat
         fracs = [int(resident[i]) / E for i in _moe_layers(base_cfg, split)]
         # The epsilon keeps an exact fraction (e.g. 16/32 * 8 = 4) from flooring to 3.
         res = min(E2, max(K2, math.floor(min(fracs, default=1.0) * E2 + 1e-9)))
-    small_codec = "none"
-    if parsed is not None and 0 < end_layers < L2:
-        bits, rank = parsed
-        r2 = min(small_cfg.d_model, max(1, round(rank * small_cfg.d_model / base_cfg.d_model)))
-        small_codec = f"{bits}-r{r2}"
+    small_codec = BF16.name
+    if 0 < end_layers < L2:
+        small_codec = parsed.name
+        if parsed.lowrank:
+            r2 = min(small_cfg.d_model,
+                     max(1, round(parsed.rank * small_cfg.d_model / base_cfg.d_model)))
+            small_codec = CodecSpec(parsed.kind, r2).name
     return QualityKey(end_layers, res, "masked" if res == E2 else gate, small_codec, bool(swap))
 
 
 def full_model_key(small_cfg: ModelConfig) -> QualityKey:
     """The cloud-only key: the unsplit model's quality."""
-    return QualityKey(0, small_cfg.moe.num_experts, "masked", "none", False)
+    return QualityKey(0, small_cfg.moe.num_experts, "masked", BF16.name, False)
 
 
 def heldout_windows(test_tokens: np.ndarray, windows: int, window_len: int) -> np.ndarray:
@@ -259,8 +260,8 @@ def evaluate_keys(workdir: str, keys: Iterable[QualityKey], *, windows: int = 64
     todo = [k for k in keys if k not in out]
     if not todo:
         return out
-    from ec2moe_jax.bench.hlggn import load_run
     from ec2moe_jax.sharding import split_end_cloud
+    from ec2moe_jax.training import load_run
 
     run = load_run(workdir)
     setup, splits = run[0], run[2]

@@ -21,7 +21,7 @@ import numpy as np
 from ec2moe_jax.config import load_config
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import LinkProfile, device
-from ec2moe_jax.scheduler import build_instance, schedule, zipf_frequencies
+from ec2moe_jax.scheduler import build_instance, codec_options, schedule, zipf_frequencies
 
 
 def _cpu_model() -> str:
@@ -49,7 +49,8 @@ def _time(inst, repeats: int) -> list[float]:
     return times
 
 
-def _instance(layers: int, experts: int, devices: int, gen_tokens: int, seed: int):
+def _instance(layers: int, experts: int, devices: int, gen_tokens: int, seed: int,
+              codec_sweep):
     base = load_config("base").model
     cfg = dataclasses.replace(base, num_layers=layers, moe_layers=None,
                               moe=dataclasses.replace(base.moe, num_experts=experts))
@@ -60,16 +61,22 @@ def _instance(layers: int, experts: int, devices: int, gen_tokens: int, seed: in
             .with_memory(float(rng.uniform(0.5, 4)) * 2**30) for _ in range(devices)]
     links = [LinkProfile("l", float(10 ** rng.uniform(6, 8)), 0.03) for _ in range(devices)]
     return build_instance(costs, freq, ends, device("a100-40gb"), links, [1.0] * devices,
-                          gen_tokens=gen_tokens)
+                          gen_tokens=gen_tokens, codecs=codec_options(costs.d_model, codec_sweep))
 
 
 def run(layers: int = 32, experts: int = 64, devices: int = 16, repeats: int = 50,
-        seed: int = 0) -> dict:
-    """Median decision time of both workloads (single-pass, decoding with 64 new tokens)."""
+        seed: int = 0, *, codec_sweep) -> dict:
+    """Median decision time of both workloads (single-pass, decoding with 64 new tokens);
+    ``codec_sweep``: ``ec2moe codec-sweep``'s record or its path (the codec options, whose
+    number sets the candidates per device).
+
+    Raises:
+      FileNotFoundError: ``codec_sweep`` is a missing path (the message names its command).
+    """
     load_before = os.getloadavg()
     out = {}
     for name, gen in (("single_pass", 0), ("decoding", 64)):
-        inst = _instance(layers, experts, devices, gen, seed)
+        inst = _instance(layers, experts, devices, gen, seed, codec_sweep)
         times = _time(inst, repeats)
         out[name] = {"median_ms": 1e3 * float(np.median(times)),
                      "p90_ms": 1e3 * float(np.quantile(times, 0.9)),

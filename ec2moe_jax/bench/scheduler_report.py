@@ -36,42 +36,44 @@ def _fmt(x):
     return round(x, 6) if x < UNSTABLE else None
 
 
-def _scenario(costs, freq, n, mbps, rate, gen, cal, mem, rtt):
+def _scenario(costs, freq, n, mbps, rate, gen, cal, mem, rtt, codecs):
     ends = [device("jetson-orin-nano-8gb").with_memory(mem)] * n
     links = [LinkProfile(f"{mbps}mbps", mbps * 1e6, rtt)] * n
     return build_instance(costs, freq, ends, device("t4"), links, [rate] * n,
-                          prompt_tokens=128, gen_tokens=gen, calibration=cal)
+                          prompt_tokens=128, gen_tokens=gen, calibration=cal, codecs=codecs)
 
 
 def _rate_for(costs, freq, gen, cal, mem, rtt, saturate_at):
-    """Per-device request rate at which cloud-only saturates the cloud at ``saturate_at``."""
-    probe = _scenario(costs, freq, 1, 100, 1.0, gen, cal, mem, rtt)
+    """Per-device request rate at which cloud-only saturates the cloud at ``saturate_at``
+    (cloud-only sends no hidden state: bf16 is the only codec it needs)."""
+    probe = _scenario(costs, freq, 1, 100, 1.0, gen, cal, mem, rtt, None)
     per_request = float(evaluate(probe, baseline_plans(probe)["cloud_only"])
                         ["cloud_utilisation"])
     return 1.0 / (saturate_at * per_request), per_request
 
 
-def grid(cal: Calibration, bandwidths=(1, 2, 5, 10, 20, 50, 100),
+def grid(cal: Calibration, codec_sweep, bandwidths=(1, 2, 5, 10, 20, 50, 100),
          devices=(1, 2, 4, 8, 16, 32, 64), rtt: float = 0.03, end_memory_gib: float = 1.5,
          saturate_at: int = 24, costs=None, freq=None, workloads=(("single_pass", 0),
                                                                   ("decoding", 64))) -> dict:
     """EC2MoE and baseline objectives at every (workload, bandwidth, devices) point (the
-    base model with Zipf(1) statistics unless ``costs``/``freq`` are given)."""
+    base model with Zipf(1) statistics unless ``costs``/``freq`` are given), with the codec
+    options of ``codec_sweep`` (``ec2moe codec-sweep``'s record or its path)."""
     if costs is None:
         costs = model_costs(load_config("base").model)
     if freq is None:
         freq = zipf_frequencies(int(costs.is_moe.sum()), costs.num_experts, 1.0, seed=0)
     mem = end_memory_gib * 2**30
-    names = [c.name for c in codec_options(costs.d_model) if c.quality <= 0.02]
+    codecs = codec_options(costs.d_model, codec_sweep)
     out = {}
     for workload, gen in workloads:
         rate, per_request = _rate_for(costs, freq, gen, cal, mem, rtt, saturate_at)
         rows = []
         for n in devices:
             for mbps in bandwidths:
-                inst = _scenario(costs, freq, n, mbps, rate, gen, cal, mem, rtt)
+                inst = _scenario(costs, freq, n, mbps, rate, gen, cal, mem, rtt, codecs)
                 plan, info = schedule(inst)
-                d = describe(inst, plan, names)
+                d = describe(inst, plan)
                 kinds = {k: d["kind"].count(k) for k in ("cloud-only", "split", "end-only")}
                 rows.append({
                     "devices": n, "bandwidth_mbps": mbps,
@@ -90,7 +92,7 @@ def grid(cal: Calibration, bandwidths=(1, 2, 5, 10, 20, 50, 100),
     return out
 
 
-def measured_routing(cal: Calibration, workdir: str) -> dict:
+def measured_routing(cal: Calibration, codec_sweep, workdir: str) -> dict:
     """The trained model's own scenario (its costs) with routing statistics measured through
     it vs synthetic Zipf(1) statistics of the same shape; end memory = half its weights."""
     from ec2moe_jax.bench.scheduler_trace import measured_frequencies
@@ -102,15 +104,17 @@ def measured_routing(cal: Calibration, workdir: str) -> dict:
               end_memory_gib=0.5 * weights / 2**30, workloads=(("single_pass", 0),))
     zipf = zipf_frequencies(counts.shape[0], counts.shape[1], 1.0, seed=0)
     return {"statistics": info, "end_memory_bytes": 0.5 * weights,
-            "measured": grid(cal, freq=counts, **kw)["single_pass"]["rows"],
-            "synthetic_zipf1": grid(cal, freq=zipf, **kw)["single_pass"]["rows"]}
+            "measured": grid(cal, codec_sweep, freq=counts, **kw)["single_pass"]["rows"],
+            "synthetic_zipf1": grid(cal, codec_sweep, freq=zipf, **kw)["single_pass"]["rows"]}
 
 
-def gap_distribution(num: int = 200, seed: int = 0) -> dict:
-    """Heuristic / exhaustive-optimum - 1 over ``num`` random small instances."""
+def gap_distribution(codec_sweep, num: int = 200, seed: int = 0) -> dict:
+    """Heuristic / exhaustive-optimum - 1 over ``num`` random small instances (the first 4
+    codec options of ``codec_sweep`` at D = 256)."""
+    codecs = codec_options(256, codec_sweep)[:4]
     gaps, kinds = [], []
     for i in range(num):
-        inst = random_small_instance(seed + i, max_devices=3)
+        inst = random_small_instance(seed + i, max_devices=3, codecs=codecs)
         plan, info = schedule(inst)
         opt, _ = optimum(inst)
         gaps.append(float(info["objective"]) / opt - 1)
@@ -134,7 +138,21 @@ def gap_distribution(num: int = 200, seed: int = 0) -> dict:
 
 
 def run(cal: Calibration, gap_instances: int = 200, stats_workdir: str | None = None,
-        plot_path: str | None = None) -> dict:
+        plot_path: str | None = None, *, codec_sweep) -> dict:
+    """The report record (see the module docstring).
+
+    Args:
+      cal: the calibration of every device (``load_calibration`` of ``ec2moe calibrate``'s
+        file).
+      gap_instances: random small instances for the heuristic-vs-optimum gap.
+      stats_workdir: a trained run whose measured routing statistics are compared with
+        synthetic ones (None: skipped).
+      plot_path: the PNG to write (None: no plot).
+      codec_sweep: ``ec2moe codec-sweep``'s record or its path (the codec options).
+
+    Raises:
+      FileNotFoundError: ``codec_sweep`` is a missing path (the message names its command).
+    """
     start = time.time()
     record = {
         "benchmark": "scheduler_report",
@@ -153,17 +171,17 @@ def run(cal: Calibration, gap_instances: int = 200, stats_workdir: str | None = 
                               "were measured on (see measured_routing for the small model)",
         "optimum_note": "exhaustive search is infeasible at this size (31^11 resident-count "
                         "choices per device); see gap_vs_optimum for small instances",
-        "workloads": grid(cal),
-        "gap_vs_optimum": gap_distribution(gap_instances),
+        "workloads": grid(cal, codec_sweep),
+        "gap_vs_optimum": gap_distribution(codec_sweep, gap_instances),
         "jax": jax.__version__,
     }
     if stats_workdir:
-        record["measured_routing"] = measured_routing(cal, stats_workdir)
+        record["measured_routing"] = measured_routing(cal, codec_sweep, stats_workdir)
     else:
         record["measured_routing"] = None
         record["measured_routing_note"] = ("not run: pass --routing-stats WORKDIR (a trained "
                                            "model, e.g. runs/small) to add it")
-    record["replan_trace"] = _trace(cal)
+    record["replan_trace"] = _trace(cal, codec_sweep)
     if plot_path:
         from ec2moe_jax.bench.scheduler_trace import plot
 
@@ -172,14 +190,15 @@ def run(cal: Calibration, gap_instances: int = 200, stats_workdir: str | None = 
     return record
 
 
-def _trace(cal: Calibration, devices: int = 32, mbps: float = 50.0) -> dict:
+def _trace(cal: Calibration, codec_sweep, devices: int = 32, mbps: float = 50.0) -> dict:
     """Re-planning trace on the base scenario (single-pass, ``devices`` ends at ``mbps``)."""
     from ec2moe_jax.bench.scheduler_trace import replan_trace
 
     costs = model_costs(load_config("base").model)
     freq = zipf_frequencies(int(costs.is_moe.sum()), costs.num_experts, 1.0, seed=0)
     rate, _ = _rate_for(costs, freq, 0, cal, 1.5 * 2**30, 0.03, 24)
-    inst = _scenario(costs, freq, devices, mbps, rate, 0, cal, 1.5 * 2**30, 0.03)
+    inst = _scenario(costs, freq, devices, mbps, rate, 0, cal, 1.5 * 2**30, 0.03,
+                     codec_options(costs.d_model, codec_sweep))
     out = replan_trace(inst)
     first = {r["step"]: (r["kinds"], r["splits"]) for r in out["steps"]}
     out["scenario"] = (f"base scenario, single-pass, {devices} end devices at {mbps} Mbps "

@@ -70,7 +70,7 @@ def replan_trace(inst: Instance, drop_at: int = 10, steps: int = 20, jitter: flo
                      "objective": float(state.objective),
                      "switched": int(state.switches) > before,
                      "splits": sorted(set(d["split"])), "kinds": sorted(set(d["kind"])),
-                     "codec_index": sorted(set(d["codec"]))})
+                     "codec_index": sorted(set(np.asarray(plan.codec).tolist()))})
     return {"hysteresis": hysteresis, "jitter": jitter, "drop_factor": drop,
             "drop_at_step": drop_at, "switch_steps": [r["step"] for r in rows if r["switched"]],
             "steps": rows}

@@ -41,8 +41,14 @@ CLOUD_ONLY, SPLIT, END_ONLY = "cloud-only", "split", "end-only"
 
 @dataclasses.dataclass(frozen=True)
 class DevicePlan:
-    """What one device runs: its split, micro-batch size and plan kind; ``version``
-    identifies the joint plan it came from (for cost lookups)."""
+    """The simulator's view of what one device runs: its split, micro-batch size and plan
+    kind; ``version`` identifies the joint scheduler plan it came from, whose job costs
+    (:class:`ModelTiming`) or stages (the validation's real timing) it looks up.
+
+    Not a plan of its own: the joint :class:`~ec2moe_jax.scheduler.Plan` (arrays over the
+    devices) holds the decisions, and :class:`~ec2moe_jax.pipeline.plans.PipelinePlan` is one
+    device's plan realised for the pipeline (codec name, resident experts). This is only the
+    hashable per-device key that composing jobs needs."""
 
     split: int
     batch: int

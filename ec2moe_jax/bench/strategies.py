@@ -76,7 +76,6 @@ class Setting:
     down: Sequence[BandwidthTrace]
     rtt: Sequence[float]
     private: bool
-    codec_names: list[str]
 
 
 @jax.jit

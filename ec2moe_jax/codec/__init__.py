@@ -1,4 +1,5 @@
-"""The low-rank link codec: PCA initialisation, latent quantisation, the wire format."""
+"""The low-rank link codec: PCA initialisation, latent quantisation, the wire format and the
+one codec vocabulary (:class:`CodecSpec`)."""
 
 from ec2moe_jax.codec.lowrank import (
     decode,
@@ -12,6 +13,7 @@ from ec2moe_jax.codec.lowrank import (
     roundtrip,
 )
 from ec2moe_jax.codec.payload import compress, decompress
+from ec2moe_jax.codec.spec import BF16, FP32, CodecSpec
 from ec2moe_jax.codec.wire import (
     HEADER_BYTES,
     Latent,
@@ -19,11 +21,15 @@ from ec2moe_jax.codec.wire import (
     body_bytes,
     pack,
     payload_bytes,
+    token_bytes,
     unpack,
 )
 
 __all__ = [
+    "BF16",
     "HEADER_BYTES",
+    "CodecSpec",
+    "FP32",
     "Latent",
     "WireFormatError",
     "body_bytes",
@@ -40,5 +46,6 @@ __all__ = [
     "quantize",
     "relative_error",
     "roundtrip",
+    "token_bytes",
     "unpack",
 ]

@@ -5,7 +5,8 @@ Layout (little-endian), a 24-byte header then the body::
     offset  size  field
     0       4     magic b"EC2W"
     4       1     version (1)
-    5       1     kind: 1 = int8 latents, 2 = int4 latents (two per byte), 3 = float16, 4 = float32
+    5       1     kind: 1 = int8 latents, 2 = int4 latents (two per byte), 3 = float16,
+                  4 = float32, 5 = bfloat16
     6       2     rank R (uint16)
     8       4     batch B (uint32)
     12      4     time T (uint32)
@@ -16,13 +17,19 @@ Layout (little-endian), a 24-byte header then the body::
 A reader checks every field against the bytes it holds before touching the body, so a
 truncated, oversized, mislabelled or non-finite payload raises :class:`WireFormatError` with
 the offending value, never a crash and never silent garbage.
+
+The values are latents of a low-rank codec (R = its rank) or, for a raw hidden state, the
+hidden state itself (R = D). :class:`~ec2moe_jax.codec.spec.CodecSpec` names what a split
+sends and maps it onto these kinds; :func:`token_bytes` is the one size formula.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import struct
 
+import ml_dtypes
 import numpy as np
 
 MAGIC = b"EC2W"
@@ -30,7 +37,10 @@ VERSION = 1
 HEADER = struct.Struct("<4sBBHIIQ")
 HEADER_BYTES = HEADER.size  # 24
 TOKEN_BYTES = 4  # a token id (int32) or a per-token float32 score on the wire
-KINDS = {"int8": 1, "int4": 2, "float16": 3, "float32": 4}
+KINDS = {"int8": 1, "int4": 2, "float16": 3, "float32": 4, "bfloat16": 5}
+QUANTISED = ("int8", "int4")  # kinds with per-token float32 scales
+_FLOAT_DTYPES = {"float16": np.dtype("<f2"), "float32": np.dtype("<f4"),
+                 "bfloat16": np.dtype(ml_dtypes.bfloat16)}
 _KIND_NAMES = {v: k for k, v in KINDS.items()}
 MAX_BODY_BYTES = 1 << 32  # 4 GiB: far above any single hidden state we send
 
@@ -48,21 +58,31 @@ class Latent:
     scale: np.ndarray | None
 
 
-def body_bytes(kind: str, batch: int, time: int, rank: int) -> int:
-    """Exact body size of a payload: what the link carries besides the 24-byte header."""
-    n = batch * time
+def token_bytes(kind: str, rank: int) -> float:
+    """Body bytes one token adds to a payload of ``kind`` with ``rank`` values per token.
+
+    int8: a float32 scale and R levels; int4: the scale and R nibbles (R / 2 bytes: nibbles
+    pack across tokens, so only a message's last byte may hold padding); float16/bfloat16:
+    2 R; float32: 4 R. The scheduler's cost model and :func:`body_bytes` both use it.
+    """
     if kind == "int8":
-        return 4 * n + n * rank
+        return 4.0 + rank
     if kind == "int4":
-        return 4 * n + (n * rank + 1) // 2
-    if kind == "float16":
-        return 2 * n * rank
-    if kind == "float32":
-        return 4 * n * rank
+        return 4.0 + rank / 2
+    if kind in _FLOAT_DTYPES:
+        return float(_FLOAT_DTYPES[kind].itemsize * rank)
     raise WireFormatError(f"unknown latent kind {kind!r}; expected one of {sorted(KINDS)}")
 
 
+def body_bytes(kind: str, batch: int, time: int, rank: int) -> int:
+    """Exact body size of a payload: what the link carries besides the 24-byte header
+    (``batch * time`` tokens of :func:`token_bytes`, an odd int4 nibble count padded)."""
+    # Every token_bytes value is a multiple of 1/2, so the product is exact in float64.
+    return math.ceil(batch * time * token_bytes(kind, rank))
+
+
 def payload_bytes(kind: str, batch: int, time: int, rank: int) -> int:
+    """Exact size of a whole payload: the 24-byte header plus :func:`body_bytes`."""
     return HEADER_BYTES + body_bytes(kind, batch, time, rank)
 
 
@@ -77,7 +97,7 @@ def pack(values: np.ndarray, scale: np.ndarray | None, kind: str) -> bytes:
     if kind not in KINDS:
         raise WireFormatError(f"unknown latent kind {kind!r}; expected one of {sorted(KINDS)}")
     parts = []
-    if kind in ("int8", "int4"):
+    if kind in QUANTISED:
         scale = np.asarray(scale, "<f4")
         if scale.shape != (b, t):
             raise WireFormatError(f"scale shape {scale.shape} must be {(b, t)}")
@@ -96,8 +116,8 @@ def pack(values: np.ndarray, scale: np.ndarray | None, kind: str) -> bytes:
             parts.append(levels.tobytes())
     else:
         with np.errstate(over="ignore", invalid="ignore"):  # checked just below
-            cast = values.astype("<f2" if kind == "float16" else "<f4")
-        if not np.all(np.isfinite(cast)):
+            cast = values.astype(_FLOAT_DTYPES[kind])
+        if not np.all(np.isfinite(cast.astype(np.float32))):
             raise WireFormatError(f"latents are not finite as {kind} (NaN, infinity or "
                                   "overflow); refusing to send them")
         parts.append(cast.tobytes())
@@ -136,7 +156,7 @@ def unpack(buf: bytes, expected_rank: int | None = None) -> Latent:
                               f"body bytes, length field says {length}")
     body = memoryview(buf)[HEADER_BYTES:]
     n = b * t
-    if kind in ("int8", "int4"):
+    if kind in QUANTISED:
         scale = np.frombuffer(body[: 4 * n], "<f4").astype(np.float32).reshape(b, t)
         if not np.all(np.isfinite(scale)) or np.any(scale < 0):
             raise WireFormatError("payload scale contains NaN, infinity or a negative value")
@@ -153,8 +173,7 @@ def unpack(buf: bytes, expected_rank: int | None = None) -> Latent:
             if np.any(levels == -8):
                 raise WireFormatError("int4 payload holds -8, outside the codec's [-7, 7]")
         return Latent(kind, levels.reshape(b, t, rank).copy(), scale)
-    dtype = "<f2" if kind == "float16" else "<f4"
-    values = np.frombuffer(body, dtype).astype(np.float32).reshape(b, t, rank)
+    values = np.frombuffer(body, _FLOAT_DTYPES[kind]).astype(np.float32).reshape(b, t, rank)
     if not np.all(np.isfinite(values)):
         raise WireFormatError("payload latents contain NaN or infinity")
     return Latent(kind, values, None)

@@ -1,5 +1,8 @@
-"""Plans the pipeline executes: from the scheduler's :class:`~ec2moe_jax.scheduler.Plan`,
-from a baseline name, or from a plan JSON; validated with the values in the messages.
+"""Plans the pipeline executes, and their construction: from the scheduler's joint
+:class:`~ec2moe_jax.scheduler.Plan`, from a baseline name, or from a plan JSON; validated
+with the values in the messages. Also the one-device scheduling instance the pipeline plans
+on (:func:`instance`), EC2MoE's plan with the scheduler's baselines (:func:`scheduled_plans`)
+and their predicted latency (:func:`predicted_latency`).
 
 Shape legend: L layers, M MoE layers, E experts.
 """
@@ -7,14 +10,18 @@ Shape legend: L layers, M MoE layers, E experts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
+from collections.abc import Sequence
 
-import jax.numpy as jnp
 import numpy as np
 
+from ec2moe_jax.codec import CodecSpec
 from ec2moe_jax.config import ModelConfig
-from ec2moe_jax.pipeline.stages import Transport
+from ec2moe_jax.files import read_json
+from ec2moe_jax.models.costs import model_costs
+from ec2moe_jax.profiles import DeviceProfile, LinkProfile
+from ec2moe_jax.routing.masks import top_n_mask
+from ec2moe_jax.scheduler import Calibration, CodecOption, Instance, Plan, build_instance, evaluate
 
 BASELINES = ("cloud-only", "end-only", "end-only-drop", "end-only-swap", "best-split")
 _SCHED_NAMES = {"cloud-only": "cloud_only", "end-only-drop": "end_only_drop",
@@ -23,14 +30,22 @@ _SCHED_NAMES = {"cloud-only": "cloud_only", "end-only-drop": "end_only_drop",
 
 @dataclasses.dataclass(frozen=True)
 class PipelinePlan:
-    """One end device's plan, ready for :func:`~.stages.build_stages`.
+    """One end device's plan *realised*, ready for :func:`~.stages.build_stages`: what the
+    pipeline runs and a plan JSON file holds (see :func:`load_plan`).
+
+    It differs from the scheduler's :class:`~ec2moe_jax.scheduler.Plan` (joint arrays over
+    N devices with option *indices*, scored under jit) by naming its codec and micro-batch
+    size and by carrying a label; :func:`from_scheduler` turns one device of a scheduler plan
+    into it. The simulator's ``bench.sim.DevicePlan`` is only a timing key.
 
     Attributes:
       name: a label (baseline name, "ec2moe", or the JSON file).
       split: layers ``[0, split)`` run on the end.
-      resident: <int>[L] resident experts per end layer (top-n by routing mass).
-      codec: "none" (bfloat16 hidden state), "float32" (lossless), or "<bits>-r<rank>"
-        ("int8-r64", "int4-r96", ...), the scheduler's codec option names.
+      resident: <int>[L] resident experts per end layer (top-n by routing mass,
+        :func:`ec2moe_jax.routing.top_n_mask`).
+      codec: a :class:`~ec2moe_jax.codec.CodecSpec` name: "bf16" (the hidden state in
+        bfloat16), "fp32" (lossless), "int8-r64", "int4-r96", "fp32-r64" (low-rank latents).
+        Stored canonical: the old name "none" becomes "bf16".
       micro_batch: requests per micro-batch.
       swap: non-resident experts are read from storage when needed (end-only-swap): every
         expert stays usable, so the mask allows all; storage time is not emulated.
@@ -39,9 +54,21 @@ class PipelinePlan:
     name: str
     split: int
     resident: tuple[int, ...]
-    codec: str = "none"
+    codec: str = "bf16"
     micro_batch: int = 1
     swap: bool = False
+
+    def __post_init__(self):
+        try:
+            canonical = CodecSpec.parse(self.codec).name
+        except ValueError as e:
+            raise ValueError(f"plan {self.name!r}: {e}") from None
+        object.__setattr__(self, "codec", canonical)
+
+    @property
+    def spec(self) -> CodecSpec:
+        """What crosses the link (:class:`~ec2moe_jax.codec.CodecSpec`)."""
+        return CodecSpec.parse(self.codec)
 
     def validate(self, cfg: ModelConfig) -> PipelinePlan:
         L, E = cfg.num_layers, cfg.moe.num_experts
@@ -57,19 +84,11 @@ class PipelinePlan:
                              f"{cfg.moe.top_k} experts ({list(self.resident)})")
         if self.micro_batch < 1:
             raise ValueError(f"plan {self.name!r}: micro_batch={self.micro_batch} must be >= 1")
-        self.transport(cfg.d_model)
+        try:
+            self.spec.check(cfg.d_model)
+        except ValueError as e:
+            raise ValueError(f"plan {self.name!r}: {e}") from None
         return self
-
-    def transport(self, d_model: int) -> Transport:
-        if self.codec == "none":
-            return Transport("bfloat16")
-        if self.codec == "float32":
-            return Transport("float32")
-        bits, _, rank = self.codec.partition("-r")
-        if bits not in ("int8", "int4") or not rank.isdigit() or not 1 <= int(rank) <= d_model:
-            raise ValueError(f"plan {self.name!r}: codec {self.codec!r} must be 'none', "
-                             f"'float32' or '<int8|int4>-r<rank in [1, {d_model}]>'")
-        return Transport(bits, int(rank))
 
     def allowed(self, frequencies: np.ndarray, cfg: ModelConfig) -> np.ndarray:
         """<bool>[L, E] routing mask: the ``resident[l]`` most-used experts of each end MoE
@@ -82,8 +101,7 @@ class PipelinePlan:
             raise ValueError(f"routing frequencies have shape {freq.shape}, expected "
                              f"{(len(moe), E)} (MoE layers x experts)")
         full[moe] = freq
-        rank = np.argsort(np.argsort(-full, -1, kind="stable"), -1, kind="stable")
-        mask = rank < np.asarray(self.resident)[:, None]
+        mask = top_n_mask(full, np.asarray(self.resident))
         end = np.arange(L)[:, None] < self.split
         return np.where(end & ~self.swap, mask, True)
 
@@ -92,37 +110,66 @@ class PipelinePlan:
 
 
 def load_plan(path: str, cfg: ModelConfig) -> PipelinePlan:
-    """A plan JSON: ``{"split", "resident" (list or one int), "codec", "micro_batch",
-    "swap"}`` (missing: all experts resident, no codec, micro-batch 1)."""
-    with open(path) as f:
-        d = json.load(f)
+    """Reads and validates a plan JSON file for the model ``cfg``.
+
+    The file is one JSON object (what ``PipelinePlan.to_json`` and ``ec2moe generate --plan``
+    records write; extra keys such as ``"name"`` are ignored)::
+
+        field        type              meaning (default when missing)
+        split        int in [0, L]     layers [0, split) run on the end device; 0 is
+                                       cloud-only, L end-only (required)
+        resident     int or [int] * L  experts kept resident per end layer, the most-used by
+                                       routing mass; one int applies to every layer
+                                       (default: all E experts); MoE end layers need >= top_k
+        codec        str               what crosses the link at the split: "bf16" (hidden
+                                       state in bfloat16), "fp32" (lossless), or low-rank
+                                       latents "int8-r<R>", "int4-r<R>", "fp32-r<R>" with
+                                       1 <= R <= D (default "bf16"; "none", the name before
+                                       this vocabulary, is read as "bf16")
+        micro_batch  int >= 1          requests per micro-batch (default 1)
+        swap         bool              non-resident experts are swapped in from storage
+                                       instead of dropped, so every expert stays usable
+                                       (default false)
+
+    Example (4 layers, 8 experts: two end layers keeping 6 experts, rank-64 int8 codec)::
+
+        {"split": 2, "resident": [6, 6, 8, 8], "codec": "int8-r64", "micro_batch": 1,
+         "swap": false}
+
+    A low-rank codec uses the fine-tuned codec saved in the run for this split, rank and
+    precision if there is one, else a PCA initialisation on training text.
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      ValueError: the file is not JSON, ``split`` is missing, or a field is out of range
+        (the message names the plan and the value).
+    """
+    d = read_json(path, what="plan JSON")
+    if not isinstance(d, dict) or "split" not in d:
+        raise ValueError(f"plan JSON {path!r} must be an object with at least a 'split' "
+                         f"(see ec2moe_jax.pipeline.plans.load_plan), got {str(d)[:80]}")
     L = cfg.num_layers
     res = d.get("resident", cfg.moe.num_experts)
     res = [int(res)] * L if isinstance(res, int) else [int(r) for r in res]
     return PipelinePlan(os.path.basename(path), int(d["split"]), tuple(res),
-                        d.get("codec", "none"), int(d.get("micro_batch", 1)),
+                        d.get("codec", "bf16"), int(d.get("micro_batch", 1)),
                         bool(d.get("swap", False))).validate(cfg)
 
 
-def from_scheduler(plan, inst, cfg: ModelConfig, name: str = "ec2moe", device: int = 0,
-                   codec_names: list[str] | None = None) -> PipelinePlan:
-    """Device ``device`` of a scheduler :class:`~ec2moe_jax.scheduler.Plan` on ``inst``;
-    ``codec_names``: the names of ``inst``'s codec options (default
-    :func:`~ec2moe_jax.scheduler.codec_options` of the model width)."""
-    from ec2moe_jax.scheduler import codec_options
-
-    names = codec_names or [c.name for c in codec_options(cfg.d_model)]
+def from_scheduler(plan: Plan, inst: Instance, cfg: ModelConfig, name: str = "ec2moe",
+                   device: int = 0) -> PipelinePlan:
+    """Device ``device`` of a scheduler :class:`~ec2moe_jax.scheduler.Plan` on ``inst``,
+    realised: the codec option index becomes its name (``inst.codec_specs``), the micro-batch
+    option its size."""
     ci = int(np.asarray(plan.codec)[device])
-    if ci >= len(names):
-        raise ValueError(f"plan codec index {ci} has no name among {names}")
     return PipelinePlan(
         name, int(np.asarray(plan.split)[device]),
-        tuple(int(n) for n in np.asarray(plan.resident)[device]), names[ci],
+        tuple(int(n) for n in np.asarray(plan.resident)[device]), inst.codec_name(ci),
         int(np.asarray(inst.batch)[int(np.asarray(plan.batch)[device])]),
         bool(np.asarray(plan.swap)[device])).validate(cfg)
 
 
-def baseline(name: str, cfg: ModelConfig, inst=None, codec_names=None) -> PipelinePlan:
+def baseline(name: str, cfg: ModelConfig, inst: Instance | None = None) -> PipelinePlan:
     """A baseline by name (:data:`BASELINES`). With a scheduling instance the scheduler's
     own baseline plans are used (end-only keeps what fits the device; best-split is the
     best uniform split); without one, cloud-only is split 0, end-only is split L with every
@@ -140,11 +187,56 @@ def baseline(name: str, cfg: ModelConfig, inst=None, codec_names=None) -> Pipeli
     from ec2moe_jax.scheduler.plan import baseline_plans
 
     key = _SCHED_NAMES.get(name, "end_only_drop")
-    plan = baseline_plans(inst)[key]
-    return from_scheduler(plan, inst, cfg, name, codec_names=codec_names)
+    return from_scheduler(baseline_plans(inst)[key], inst, cfg, name)
 
 
-def full_frequencies(cfg: ModelConfig, frequencies) -> jnp.ndarray:
+def instance(cfg: ModelConfig, freq, end: DeviceProfile, link: LinkProfile, cal: Calibration,
+             *, prompt_tokens: int, gen_tokens: int, codecs: Sequence[CodecOption] | None,
+             rate: float = 0.05, cloud_cal: Calibration | None = None) -> Instance:
+    """A one-device scheduling instance for ``cfg``'s model with ``end`` as both the end and
+    the cloud device (this machine runs both submeshes).
+
+    Args:
+      freq: [M, E] routing counts or frequencies of the MoE layers.
+      cal, cloud_cal: the end's and the cloud's calibrations (default: ``cal`` for both);
+        see :func:`ec2moe_jax.scheduler.this_cpu`.
+      prompt_tokens, gen_tokens: T and G of a request (G = 0: scoring).
+      codecs: codec options (:func:`ec2moe_jax.scheduler.codec_options` of the model width
+        and the codec sweep), or None for bf16 only.
+      rate: requests/s; the default is low enough that queueing is negligible, so the
+        predicted latency is one request's (what the executor measures).
+    """
+    return build_instance(model_costs(cfg), freq, [end], end, [link], [rate],
+                          prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, calibration=cal,
+                          cloud_calibration=cloud_cal, codecs=codecs)
+
+
+def scheduled_plans(cfg: ModelConfig, inst: Instance) -> dict[str, tuple[PipelinePlan, Plan]]:
+    """EC2MoE's plan and the scheduler's baselines on a one-device ``inst``, as
+    ``{name: (pipeline plan, scheduler plan)}``: "ec2moe", "cloud-only", "end-only-drop",
+    "end-only-swap", "best-split".
+
+    Raises:
+      ValueError: no feasible plan exists (see
+        :func:`~ec2moe_jax.scheduler.plan.schedule_checked`).
+    """
+    from ec2moe_jax.scheduler.plan import baseline_plans, schedule_checked
+
+    plan, _ = schedule_checked(inst)
+    out = {"ec2moe": (from_scheduler(plan, inst, cfg, "ec2moe"), plan)}
+    for key, p in baseline_plans(inst).items():
+        name = key.replace("_", "-")
+        out[name] = (from_scheduler(p, inst, cfg, name), p)
+    return out
+
+
+def predicted_latency(inst: Instance, plan: Plan) -> float:
+    """Seconds: the cost model's mean request latency of the joint ``plan`` on ``inst``
+    (``inf`` when unstable)."""
+    return float(evaluate(inst, plan)["mean_latency_s"])
+
+
+def full_frequencies(cfg: ModelConfig, frequencies) -> np.ndarray:
     """[M, E] MoE-layer frequencies (uniform if None)."""
     m = sum(cfg.is_moe_layer(i) for i in range(cfg.num_layers))
     if frequencies is None:

@@ -25,10 +25,10 @@ def link_codec(model: MoELM, params, plan: PipelinePlan, *, workdir: str | None,
     """Codec weights for ``plan`` and where they come from."""
     from ec2moe_jax.training.codec import collect_hidden, default_codec_dir, load_codec
 
-    transport = plan.transport(model.cfg.d_model)
+    transport = plan.spec.check(model.cfg.d_model)
     if not transport.lowrank or plan.split in (0, model.cfg.num_layers):
         return None, "no codec"
-    bits = None if transport.kind == "lowrank-float32" else transport.kind
+    bits = transport.quant_bits
     d = model.cfg.d_model
     path = default_codec_dir(workdir, plan.split, transport.rank, bits) if workdir else None
     if path and os.path.isdir(path):
@@ -94,7 +94,7 @@ def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh, cloud_mesh
                                      steps=gate_steps, use_gate=use_gate,
                                      init_only=gate_init_only)
     stages = build_stages(model, params, end_mesh, cloud_mesh, split=plan.split,
-                          transport=plan.transport(cfg.d_model), allowed=allowed, codec=codec,
+                          transport=plan.spec, allowed=allowed, codec=codec,
                           gates=gates, temperature=temperature)
     moe = [i for i in range(plan.split) if cfg.is_moe_layer(i)]
     freq = np.asarray(frequencies, np.float64)

@@ -1,6 +1,7 @@
 """Pure routing and dispatch functions."""
 
 from ec2moe_jax.routing.dispatch import einsum_moe, gather_moe, ragged_moe
+from ec2moe_jax.routing.masks import expert_rank, top_n_mask
 from ec2moe_jax.routing.stats import (
     RoutingStats,
     load_stats,
@@ -21,6 +22,7 @@ __all__ = [
     "RoutingStats",
     "compute_capacity",
     "einsum_moe",
+    "expert_rank",
     "gather_moe",
     "load_balance_loss",
     "load_stats",
@@ -30,4 +32,5 @@ __all__ = [
     "stats_from_route",
     "stats_from_routes",
     "top_k_route",
+    "top_n_mask",
 ]

@@ -2,14 +2,13 @@
 baselines, exhaustive optimum for small instances, re-planning and calibration. Pure
 functions over pytrees of arrays."""
 
+from ec2moe_jax.scheduler.calibrate import Calibration, load_calibration, predict, this_cpu
 from ec2moe_jax.scheduler.candidates import baseline_indices, candidates
 from ec2moe_jax.scheduler.heuristic import schedule
 from ec2moe_jax.scheduler.instance import (
-    Calibration,
     CodecOption,
     build_instance,
     codec_options,
-    load_calibration,
     zipf_frequencies,
 )
 from ec2moe_jax.scheduler.model import Instance, Plan, Terms, evaluate, plan_terms
@@ -27,6 +26,8 @@ __all__ = [
     "evaluate",
     "load_calibration",
     "plan_terms",
+    "predict",
     "schedule",
+    "this_cpu",
     "zipf_frequencies",
 ]

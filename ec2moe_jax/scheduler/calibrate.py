@@ -11,10 +11,17 @@ dominates tiny stages such as the head on CPU, so the fit sees stages of very di
 Held out for validation: one whole stage kind (the first half of the stack, a size the fit
 never saw) and one token count for every stage. Presets are then scaled by the same
 efficiencies (an assumption for devices we do not have).
+
+The fitted coefficients travel as a :class:`Calibration` (built from any fit record by
+:meth:`Calibration.from_fit`); :func:`predict` is the one prediction from it, and
+:func:`this_cpu` turns the calibration files (paths given by the caller) into this machine's
+device profile and calibrations.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 
 import jax
@@ -22,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ec2moe_jax.config import ModelConfig
+from ec2moe_jax.files import read_json
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.models.lm import MoELM, init_params
 from ec2moe_jax.profiles import DeviceProfile
@@ -29,6 +37,113 @@ from ec2moe_jax.scheduler.model import stage_time
 from ec2moe_jax.sharding import unbox
 
 MAX_ETA = 10.0  # Calibration's bound on an efficiency (caches may beat a measured roofline)
+CALIBRATE_COMMAND = "ec2moe calibrate"  # writes results/calibration_cpu.json
+PIPELINE_CALIBRATION_COMMAND = "ec2moe pipeline-calibration"  # results/pipeline_calibration.json
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+    """Achieved fractions of a device's roofline and fixed costs per stage call and per layer
+    (the coefficients of :func:`~ec2moe_jax.scheduler.model.stage_time`).
+
+    ``eta_flops`` scales available FLOP/s, ``eta_bw`` available memory bandwidth,
+    ``overhead_s`` is paid once per job (dispatch, kernel launches), ``layer_overhead_s`` once
+    per transformer layer of a job (its XLA ops; collectives on a sharded mesh). It comes last
+    so that positional ``Calibration(eta_flops, eta_bw, overhead_s, source)`` keeps working
+    (with no per-layer cost). Defaults are round values of the development CPU's fit;
+    :func:`load_calibration` reads the exact fit from ``ec2moe calibrate``'s file.
+
+    Raises:
+      ValueError: an efficiency outside (0, 10] or a negative overhead.
+    """
+
+    eta_flops: float = 0.3
+    eta_bw: float = 0.5
+    overhead_s: float = 2e-4
+    source: str = "default (rounded CPU fit)"
+    layer_overhead_s: float = 0.0
+
+    def __post_init__(self):
+        for f in ("eta_flops", "eta_bw"):
+            v = getattr(self, f)
+            if not 0 < v <= MAX_ETA:
+                raise ValueError(f"Calibration {f}={v} must lie in (0, {MAX_ETA:g}] (a fraction "
+                                 "of the profile's roofline; above 1 only where caches beat it)")
+        if self.overhead_s < 0 or self.layer_overhead_s < 0:
+            raise ValueError(f"Calibration overhead_s={self.overhead_s} and layer_overhead_s="
+                             f"{self.layer_overhead_s} must be >= 0")
+
+    @classmethod
+    def from_fit(cls, fit: dict, source: str, *, clamp: bool = False) -> Calibration:
+        """The calibration of a fit record: :func:`fit_stage_model`'s result, the ``"fit"`` of
+        ``ec2moe calibrate``'s file, or a serialised :class:`Calibration` (``eta_flops``,
+        ``eta_bw``, ``overhead_s``, optional ``layer_overhead_s``; other keys ignored).
+
+        ``clamp``: cap both efficiencies at 1. An efficiency above 1 means this CPU's caches
+        beat a roofline measured under contention; a spec-sheet preset's peak is a hard
+        ceiling, so a calibration applied to presets is clamped.
+        """
+        ef, eb = float(fit["eta_flops"]), float(fit["eta_bw"])
+        if clamp:
+            ef, eb = min(ef, 1.0), min(eb, 1.0)
+        return cls(ef, eb, float(fit["overhead_s"]), source,
+                   float(fit.get("layer_overhead_s", 0.0)))
+
+
+def load_calibration(path: str | os.PathLike) -> Calibration:
+    """The fitted coefficients in ``path`` (``ec2moe calibrate`` writes it, e.g.
+    ``results/calibration_cpu.json``), clamped to <= 1 for use on spec-sheet presets.
+
+    Raises:
+      FileNotFoundError: ``path`` is missing (the message names ``ec2moe calibrate``).
+    """
+    rec = read_json(path, what="the CPU calibration", command=CALIBRATE_COMMAND)
+    return Calibration.from_fit(rec["fit"], f"fitted on this CPU ({os.path.basename(path)}), "
+                                "clamped to <= 1", clamp=True)
+
+
+def this_cpu(cfg: ModelConfig, calibration: str | os.PathLike,
+             pipeline_calibration: str | os.PathLike | None = None, *,
+             expert_fraction: float = 0.5) -> tuple[DeviceProfile, Calibration, Calibration]:
+    """This CPU as the end and the cloud device of ``cfg``'s model.
+
+    Args:
+      cfg: the model (its weights set the memory budget).
+      calibration: ``ec2moe calibrate``'s file (``results/calibration_cpu.json``): the
+        measured profile (peak FLOP/s, copy bandwidth) and the single-device fit.
+      pipeline_calibration: ``ec2moe pipeline-calibration``'s file
+        (``results/pipeline_calibration.json``) with per-submesh refits (end: 2 fake devices;
+        cloud: 6, experts sharded), or None to use the single-device fit for both,
+        *unclamped* (we model this very machine, where caches beat the copy bandwidth).
+      expert_fraction: share of the experts the end's memory holds besides the fixed
+        weights (what an app may get on a phone), plus 4 MB for activations and KV cache.
+
+    Returns:
+      ``(profile, end calibration, cloud calibration)``.
+
+    Raises:
+      FileNotFoundError: a given file is missing (the message names the command that writes
+        it).
+    """
+    cal = read_json(calibration, what="the CPU calibration", command=CALIBRATE_COMMAND)
+    prof = cal["profile"]
+    costs = model_costs(cfg)
+    mem = (costs.embed_bytes + costs.head_bytes + costs.fixed_bytes.sum()
+           + expert_fraction * costs.is_moe.sum() * costs.num_experts * costs.expert_bytes
+           + 4e6)  # activations and KV cache headroom
+    device = DeviceProfile("this-cpu", memory_bytes=float(mem), peak_flops=prof["peak_flops"],
+                           mem_bandwidth=prof["mem_bandwidth"],
+                           source=f"measured ({prof['source']}); memory budget: fixed weights "
+                                  f"+ {expert_fraction:.0%} of the experts")
+    if pipeline_calibration is not None:
+        fits = read_json(pipeline_calibration, what="the pipeline calibration",
+                         command=PIPELINE_CALIBRATION_COMMAND)["calibrations"]
+        src = f"per-submesh refit ({os.fspath(pipeline_calibration)})"
+        return (device, Calibration.from_fit(fits["refit_end"], f"end {src}"),
+                Calibration.from_fit(fits["refit_cloud"], f"cloud {src}"))
+    single = Calibration.from_fit(cal["fit"], f"fitted on this CPU "
+                                  f"({os.fspath(calibration)}), unclamped")
+    return device, single, single
 
 
 def _interleaved_medians(calls, repeats: int, warmup: int = 2) -> list[float]:
@@ -106,13 +221,18 @@ def fit_stage_model(flops, nbytes, layers, seconds, F: float, BW: float,
             "overhead_s": float(c[2]), "layer_overhead_s": float(c[3])}
 
 
-def predict(rows, profile: DeviceProfile, eta_f, eta_b, overhead, layer_overhead=0.0):
-    """Predicted seconds of each timing row under :func:`~.model.stage_time` with these
-    coefficients."""
+def predict(rows, F: float, BW: float, cal: Calibration) -> np.ndarray:
+    """<float64>[len(rows)] predicted seconds of each stage job under
+    :func:`~.model.stage_time` with ``cal``'s coefficients.
+
+    Args:
+      rows: dicts with the job's ``"flops"``, weight ``"bytes"`` and transformer ``"layers"``.
+      F, BW: the device's available FLOP/s and memory bandwidth (bytes/s), which ``cal``'s
+        efficiencies scale.
+    """
     col = lambda k: np.array([r[k] for r in rows], np.float64)  # noqa: E731
-    return stage_time(col("flops"), col("bytes"), col("layers"),
-                      eta_f * profile.available_flops, eta_b * profile.available_bandwidth,
-                      overhead, layer_overhead)
+    return stage_time(col("flops"), col("bytes"), col("layers"), cal.eta_flops * F,
+                      cal.eta_bw * BW, cal.overhead_s, cal.layer_overhead_s)
 
 
 def fit(rows, profile: DeviceProfile) -> dict:
@@ -124,16 +244,16 @@ def fit(rows, profile: DeviceProfile) -> dict:
     # already ran under it), so caches can push the bandwidth one above 1.
     profile = profile.with_load(0.0)
     col = lambda k, sel: np.array([r[k] for r in sel], np.float64)  # noqa: E731
+    F, BW = profile.available_flops, profile.available_bandwidth
     c = fit_stage_model(col("flops", train), col("bytes", train), col("layers", train),
-                        col("seconds", train), profile.available_flops,
-                        profile.available_bandwidth)
-    coefs = (c["eta_flops"], c["eta_bw"], c["overhead_s"], c["layer_overhead_s"])
+                        col("seconds", train), F, BW)
+    cal = Calibration.from_fit(c, "fit")
 
     def rel_err(sel):
-        return np.abs(predict(sel, profile, *coefs) / col("seconds", sel) - 1)
+        return np.abs(predict(sel, F, BW, cal) / col("seconds", sel) - 1)
 
     val = [r for r in rows if r["role"] == "validate"]
-    for r, p in zip(rows, predict(rows, profile, *coefs), strict=True):
+    for r, p in zip(rows, predict(rows, F, BW, cal), strict=True):
         r["predicted"] = float(p)
         r["rel_error"] = float(p / r["seconds"] - 1)
     ev, et = rel_err(val), rel_err(train)

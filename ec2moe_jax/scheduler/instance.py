@@ -8,93 +8,81 @@ Shape legend: L layers, M MoE layers, E experts, N end devices, C codec options.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
+from ec2moe_jax.codec import BF16, CodecSpec
+from ec2moe_jax.files import read_json
 from ec2moe_jax.models.costs import ModelCosts
 from ec2moe_jax.profiles import DeviceProfile, LinkProfile
+from ec2moe_jax.scheduler.calibrate import Calibration
 from ec2moe_jax.scheduler.model import Instance
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CODEC_SWEEP = os.path.join(ROOT, "results", "codec_sweep.json")
 BATCH_SIZES = (1, 2, 4, 8)
-
-
-@dataclasses.dataclass(frozen=True)
-class Calibration:
-    """Achieved fractions of a device's roofline and fixed costs per stage call and per layer
-    (the coefficients of :func:`~ec2moe_jax.scheduler.model.stage_time`).
-
-    ``eta_flops`` scales available FLOP/s, ``eta_bw`` available memory bandwidth,
-    ``overhead_s`` is paid once per job (dispatch, kernel launches), ``layer_overhead_s`` once
-    per transformer layer of a job (its XLA ops; collectives on a sharded mesh). It comes last
-    so that positional ``Calibration(eta_flops, eta_bw, overhead_s, source)`` keeps working
-    (with no per-layer cost). Defaults are round values of the development CPU's fit; load
-    ``results/calibration_cpu.json`` with :func:`load_calibration` to use the exact fit.
-    """
-
-    eta_flops: float = 0.3
-    eta_bw: float = 0.5
-    overhead_s: float = 2e-4
-    source: str = "default (rounded CPU fit)"
-    layer_overhead_s: float = 0.0
-
-    def __post_init__(self):
-        for f in ("eta_flops", "eta_bw"):
-            v = getattr(self, f)
-            if not 0 < v <= 10:
-                raise ValueError(f"Calibration {f}={v} must lie in (0, 10] (a fraction of the "
-                                 "profile's roofline; above 1 only where caches beat it)")
-        if self.overhead_s < 0 or self.layer_overhead_s < 0:
-            raise ValueError(f"Calibration overhead_s={self.overhead_s} and layer_overhead_s="
-                             f"{self.layer_overhead_s} must be >= 0")
-
-
-def load_calibration(path: str = os.path.join(ROOT, "results", "calibration_cpu.json")
-                     ) -> Calibration:
-    """The fitted coefficients of ``infer/calibrate.py``; the defaults if the file is absent."""
-    if not os.path.exists(path):
-        return Calibration()
-    with open(path) as f:
-        fit = json.load(f)["fit"]
-    # An efficiency above 1 means this CPU's caches beat a roofline measured under
-    # contention; a spec-sheet preset's peak is a hard ceiling, so clamp to it.
-    ef, eb = min(fit["eta_flops"], 1.0), min(fit["eta_bw"], 1.0)
-    return Calibration(ef, eb, fit["overhead_s"],
-                       f"fitted on this CPU ({os.path.basename(path)}), clamped to <= 1",
-                       fit.get("layer_overhead_s", 0.0))
+CODEC_SWEEP_COMMAND = "ec2moe codec-sweep"  # writes results/codec_sweep.json
+SWEEP_D_MODEL = 256  # width of the model the codec sweep was measured on (the small config)
 
 
 @dataclasses.dataclass(frozen=True)
 class CodecOption:
-    name: str
-    rank: int
-    bytes_per_token: float
-    quality: float  # relative bits/char increase over bf16 (codec sweep)
+    """A codec the scheduler may choose for a model of width ``d_model``.
+
+    Attributes:
+      spec: what crosses the link (:class:`~ec2moe_jax.codec.CodecSpec`).
+      d_model: the model width D, which sizes a raw hidden state.
+      quality: relative bits/char increase over bf16 (from the codec sweep; 0 for bf16).
+    """
+
+    spec: CodecSpec
+    d_model: int
+    quality: float = 0.0
+
+    def __post_init__(self):
+        self.spec.check(self.d_model)
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def rank(self) -> int:
+        """Values per token on the wire: R, or D for a raw hidden state."""
+        return self.spec.width(self.d_model)
+
+    @property
+    def bytes_per_token(self) -> float:
+        return self.spec.bytes_per_token(self.d_model)
 
 
-def codec_options(d_model: int, path: str = CODEC_SWEEP) -> list[CodecOption]:
-    """Codec choices for a model of width ``d_model``: "none" (bf16 hidden state, 2 D bytes
-    per token) and the Pareto-optimal (bytes, quality) points of the measured codec sweep.
+def codec_options(d_model: int, sweep: dict | str | os.PathLike) -> list[CodecOption]:
+    """Codec choices for a model of width ``d_model``: bf16 (the hidden state, 2 D bytes per
+    token) and the Pareto-optimal (bytes, quality) points of the measured codec sweep,
+    largest first (bf16 is always option 0).
 
     The sweep was measured at split 2 of the small model (D = 256); for another width the
     rank is scaled by ``D / 256`` and the quality loss is assumed to carry over (*ours*, an
-    assumption, not a measurement).
+    assumption, not a measurement). Bytes per token come from the wire format
+    (:meth:`~ec2moe_jax.codec.CodecSpec.bytes_per_token`).
+
+    Args:
+      d_model: the model width D.
+      sweep: ``ec2moe codec-sweep``'s record (``results/codec_sweep.json``), loaded or its
+        path.
+
+    Raises:
+      FileNotFoundError: ``sweep`` is a path that does not exist (the message names
+        ``ec2moe codec-sweep``).
     """
-    opts = [CodecOption("none", d_model, 2.0 * d_model, 0.0)]
-    if os.path.exists(path):
-        with open(path) as f:
-            sweep = json.load(f)["sweep"]
-        d0 = 256
-        for r in sweep:
-            rank = max(1, round(r["rank"] * d_model / d0))
-            per = 4 + (rank if r["bits"] == "int8" else (rank + 1) / 2)
-            opts.append(CodecOption(f"{r['bits']}-r{rank}", rank, float(per),
-                                    float(r["relative_increase_vs_bf16"])))
+    if not isinstance(sweep, dict):
+        sweep = read_json(sweep, what="the codec sweep", command=CODEC_SWEEP_COMMAND)
+    opts = [CodecOption(BF16, d_model)]
+    for r in sweep["sweep"]:
+        rank = min(d_model, max(1, round(r["rank"] * d_model / SWEEP_D_MODEL)))
+        opts.append(CodecOption(CodecSpec(r["bits"], rank), d_model,
+                                float(r["relative_increase_vs_bf16"])))
     pareto = [o for o in opts if not any(
         (p.bytes_per_token <= o.bytes_per_token and p.quality <= o.quality)
         and (p.bytes_per_token < o.bytes_per_token or p.quality < o.quality) for p in opts)]
@@ -152,6 +140,10 @@ def build_instance(
       min_coverage: routing mass each end MoE layer's resident experts must cover.
       codec_budget: largest allowed relative bits/char increase of a codec.
       storage_bw: bytes/s at which an end swaps experts in from storage.
+      codecs: the codec options, bf16 first (:func:`codec_options` of the model width and
+        the codec sweep); None: bf16 only (no compressed codec to choose from). Options over
+        ``codec_budget`` are dropped.
+      batch_sizes: micro-batch options, starting with 1.
     """
     n = len(ends)
     if n == 0 or len(links) != n or len(rates) != n:
@@ -175,11 +167,12 @@ def build_instance(
         raise ValueError(f"min_end_layers={priv.tolist()} must lie in [0, {costs.num_layers}]")
     cal = calibration or Calibration()
     ccal = cloud_calibration or cal
-    codecs = list(codecs) if codecs is not None else codec_options(costs.d_model)
+    codecs = list(codecs) if codecs is not None else [CodecOption(BF16, costs.d_model)]
     # Options over the quality budget can never be chosen: drop them (fewer candidates).
-    codecs = [c for c in codecs if c.name == "none" or c.quality <= codec_budget]
-    if codecs[0].name != "none":
-        raise ValueError("codec option 0 must be 'none' (the uncompressed baseline)")
+    codecs = [c for c in codecs if c.spec == BF16 or c.quality <= codec_budget]
+    if not codecs or codecs[0].spec != BF16:
+        raise ValueError(f"codec option 0 must be {BF16.name!r} (the uncompressed baseline), "
+                         f"got {[c.name for c in codecs]}")
     if list(batch_sizes)[0] != 1:
         raise ValueError(f"{batch_sizes=} must start with 1 (the baselines' micro-batch)")
     f32 = lambda x: jnp.asarray(np.asarray(x, np.float64), jnp.float32)  # noqa: E731
@@ -206,7 +199,7 @@ def build_instance(
         codec_rank=f32([c.rank for c in codecs]),
         codec_quality=f32([c.quality for c in codecs]),
         batch=f32(list(batch_sizes)), min_coverage=f32(min_coverage),
-        codec_budget=f32(codec_budget),
+        codec_budget=f32(codec_budget), codec_specs=tuple(c.spec for c in codecs),
     )
 
 
@@ -221,11 +214,14 @@ def zipf_frequencies(num_layers: int, num_experts: int, alpha: float = 1.0,
 
 
 def random_small_instance(seed: int, max_devices: int = 3, layers: int | None = None,
-                          experts: int = 4, devices: int | None = None) -> Instance:
-    """A random small instance (top-1 over ``experts`` experts, 2-3 layers) in an interesting
-    regime: skewed routing, end memory from 'nothing fits' to 'everything fits', 1-100 Mbps,
-    10-100 ms RTT, devices 0.1-10 TFLOP/s, the cloud from idle to saturated, both workloads.
-    Small enough for :func:`~ec2moe_jax.scheduler.exhaustive.optimum`."""
+                          experts: int = 4, devices: int | None = None, *,
+                          codecs: Sequence[CodecOption]) -> Instance:
+    """A random small instance (top-1 over ``experts`` experts, 2-3 layers, D = 256) in an
+    interesting regime: skewed routing, end memory from 'nothing fits' to 'everything fits',
+    1-100 Mbps, 10-100 ms RTT, devices 0.1-10 TFLOP/s, the cloud from idle to saturated, both
+    workloads. Small enough for :func:`~ec2moe_jax.scheduler.exhaustive.optimum` with a few
+    ``codecs`` (options of width 256, bf16 first; the report uses the first 4 of
+    :func:`codec_options`)."""
     from ec2moe_jax.config import ModelConfig, MoEConfig
     from ec2moe_jax.models.costs import model_costs
     from ec2moe_jax.profiles import device
@@ -249,7 +245,7 @@ def random_small_instance(seed: int, max_devices: int = 3, layers: int | None = 
                           links, list(10 ** rng.uniform(0, 3, n)),
                           gen_tokens=int(rng.choice([0, 8])),
                           prompt_tokens=int(rng.choice([16, 128])),
-                          codecs=codec_options(256)[:4], batch_sizes=(1, 4),
+                          codecs=codecs, batch_sizes=(1, 4),
                           min_coverage=float(rng.uniform(0.5, 1.0)),
                           calibration=Calibration(layer_overhead_s=1e-4,
                                                   source="default + 0.1 ms per layer"))

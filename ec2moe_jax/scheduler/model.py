@@ -5,7 +5,7 @@ P plan candidates (any leading batch shape).
 
 A plan for one end device is ``(split s, resident experts n[L], swap, codec c, micro-batch b)``:
 layers ``[0, s)`` run on the end with the ``n[l]`` most-used experts of layer ``l`` resident
-(top-n by routing mass, the order of :func:`ec2moe_jax.selection.selection_order`), the rest
+(top-n by routing mass, :func:`ec2moe_jax.routing.top_n_mask`), the rest
 in the cloud with every expert. ``s = 0`` is cloud-only, ``s = L`` end-only. ``swap`` reads
 non-resident experts from storage when a token needs them (EdgeMoE-style) instead of dropping
 them. Because cost depends only on the counts and coverage is maximal for the top-n, counts
@@ -76,10 +76,12 @@ class Instance:
       min_end_layers (<int32>, privacy: raw tokens never leave the device if > 0).
     Cloud scalars: cloud_flops, cloud_bw, cloud_overhead, cloud_layer_overhead.
     Workload scalars: prompt_tokens T, gen_tokens G.
-    Options: codec_bytes [C] bytes per token on the wire (index 0 = no codec, bf16),
+    Options: codec_bytes [C] bytes per token on the wire (index 0 = bf16, no codec),
       codec_rank [C], codec_quality [C] relative bits/char increase; batch [B] micro-batch
       sizes (index 0 = 1).
     Budgets: min_coverage, codec_budget.
+    codec_specs: the :class:`~ec2moe_jax.codec.CodecSpec` of each codec option [C], static
+      (part of the tree structure, not an array): plans name their codec from it.
     """
 
     fixed_flops: jax.Array
@@ -117,6 +119,14 @@ class Instance:
     batch: jax.Array
     min_coverage: jax.Array
     codec_budget: jax.Array
+    codec_specs: tuple = flax.struct.field(pytree_node=False, default=())
+
+    def codec_name(self, index: int) -> str:
+        """The name of codec option ``index`` ("bf16", "int8-r64", ...)."""
+        if not 0 <= index < len(self.codec_specs):
+            raise ValueError(f"codec option {index} does not exist; the instance has "
+                             f"{[c.name for c in self.codec_specs]}")
+        return self.codec_specs[index].name
 
     @property
     def num_layers(self) -> int:
@@ -133,11 +143,19 @@ class Instance:
 
 @flax.struct.dataclass
 class Plan:
-    """Plans of N end devices (or candidates: any leading shape instead of [N]).
+    """Joint plans of N end devices (or candidates: any leading shape instead of [N]), as
+    arrays the cost model scores under jit.
 
     split: <int32>[N] layers on the end. resident: <int32>[N, L] resident experts per layer
-    (top-n by routing mass; 0 at and after the split). swap: <bool>[N]. codec, batch:
-    <int32>[N] option indices into ``Instance.codec_*`` / ``Instance.batch``.
+    (top-n by routing mass, :func:`ec2moe_jax.routing.top_n_mask`; 0 at and after the split).
+    swap: <bool>[N]. codec, batch: <int32>[N] option indices into ``Instance.codec_*`` /
+    ``Instance.batch``.
+
+    The other plan types: :class:`ec2moe_jax.pipeline.plans.PipelinePlan` is one device's
+    plan *realised* (codec by name, micro-batch size, a label; what the pipeline runs and
+    plan JSON files hold), made from this one by ``pipeline.plans.from_scheduler``;
+    ``bench.sim.DevicePlan`` is the simulator's per-device timing key (split, micro-batch,
+    kind and the version of the joint plan whose costs it looks up).
     """
 
     split: jax.Array

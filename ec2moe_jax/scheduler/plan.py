@@ -1,5 +1,6 @@
-"""Plans as the outside world sees them: baseline plans, expert masks, a checked entry point
-and a JSON-ready description.
+"""Plans as the outside world sees them: baseline plans, a checked entry point and a
+JSON-ready description. A plan's resident experts as a mask: :func:`ec2moe_jax.routing.
+top_n_mask` of the routing frequencies [L, E] and ``plan.resident`` [N, L].
 
 Shape legend: N end devices, L layers, E experts.
 """
@@ -36,15 +37,6 @@ def baseline_plans(inst: Instance) -> dict[str, Plan]:
     return out
 
 
-def resident_mask(plan: Plan, frequencies: jax.Array) -> jax.Array:
-    """<bool>[N, L, E] resident experts of each device: the ``resident[l]`` most-used experts
-    of layer ``l`` in the (unsorted) frequencies [L, E], the order of
-    :func:`ec2moe_jax.selection.selection_order` within a layer."""
-    within = jnp.argsort(jnp.argsort(-jnp.asarray(frequencies), -1, stable=True), -1,
-                         stable=True)
-    return within[None] < plan.resident[..., None]
-
-
 def schedule_checked(inst: Instance, rounds: int = 3) -> tuple[Plan, dict]:
     """:func:`~.heuristic.schedule`, raising ``ValueError`` when no feasible plan exists
     (the documented fallback, cloud-only, is itself infeasible only under privacy)."""
@@ -59,13 +51,12 @@ def schedule_checked(inst: Instance, rounds: int = 3) -> tuple[Plan, dict]:
     return plan, info
 
 
-def describe(inst: Instance, plan: Plan, codec_names: list[str] | None = None) -> dict:
+def describe(inst: Instance, plan: Plan) -> dict:
     """JSON-ready summary of a joint plan: objective, latency, utilisation, throughput and
-    per-device split / codec / micro-batch / coverage."""
+    per-device split / codec name / micro-batch / coverage."""
     ev = _evaluate(inst, plan)
     t = ev["terms"]
-    codecs = np.asarray(plan.codec).tolist()
-    names = [codec_names[c] for c in codecs] if codec_names else codecs
+    names = [inst.codec_name(c) for c in np.asarray(plan.codec).tolist()]
     L = inst.num_layers
     split = np.asarray(plan.split)
     kind = ["cloud-only" if s == 0 else "end-only" if s == L else "split" for s in split]

@@ -27,6 +27,7 @@ import numpy as np
 
 from ec2moe_jax.models.costs import ModelCosts
 from ec2moe_jax.profiles import DeviceProfile
+from ec2moe_jax.routing.masks import expert_rank
 
 
 def selection_order(frequencies: jax.Array, min_per_layer: int = 1) -> jax.Array:
@@ -38,7 +39,7 @@ def selection_order(frequencies: jax.Array, min_per_layer: int = 1) -> jax.Array
     """
     m, e = frequencies.shape
     freq = jnp.asarray(frequencies, jnp.float32)
-    within = jnp.argsort(jnp.argsort(-freq, axis=-1, stable=True), axis=-1, stable=True)
+    within = expert_rank(freq)  # the top-n order of every resident mask
     # Guaranteed slots outrank every frequency (all lie in [0, 1]).
     priority = freq + 2.0 * (within < min_per_layer)
     flat = jnp.argsort(-priority.reshape(-1), stable=True)
