@@ -110,17 +110,10 @@ def calibrate(model, params, meshes, link: LinkProfile, *, freq, prompt, texts,
     F, BW = dev.available_flops, dev.available_bandwidth
 
     def insts(end_cal, cloud_cal):
-        # The stage rows run the bf16 plan only: no codec options needed.
+        # The plans here send the bf16 hidden state only: no codec options needed.
         mk = lambda p, g: instance(cfg, freq, dev, link, end_cal, prompt_tokens=p,  # noqa: E731
-                                   gen_tokens=g, codecs=None)
-        a, b = mk(T, 0), mk(P, gen_tokens)
-        if cloud_cal is not end_cal:
-            fix = dict(cloud_flops=jnp.float32(F * cloud_cal.eta_flops),
-                       cloud_bw=jnp.float32(BW * cloud_cal.eta_bw),
-                       cloud_overhead=jnp.float32(cloud_cal.overhead_s),
-                       cloud_layer_overhead=jnp.float32(cloud_cal.layer_overhead_s))
-            a, b = a.replace(**fix), b.replace(**fix)
-        return {"score": a, "gen": b}
+                                   gen_tokens=g, codecs=None, cloud_cal=cloud_cal)
+        return {"score": mk(T, 0), "gen": mk(P, gen_tokens)}
 
     base = insts(cal0, cal0)
     measured, rows = {}, []
