@@ -1,0 +1,270 @@
+"""Benchmarks that write the committed results: ``ec2moe bench`` (the evaluation),
+``codec-sweep``, ``hlggn-eval``, ``scheduler-report``, ``bench-scheduler`` and
+``bench-moe-layer``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from ec2moe_jax.cli import _common
+
+_R = _common.RESULTS
+
+_BENCH = """\
+The evaluation: EC2MoE against its ablations (no hardware-aware selection, masked top-k
+instead of the group gate, no codec, static plan) and the baselines (cloud-only, end-only,
+best single split) in 90 regimes (5 workloads x 2 cloud classes x 1/8/64 end devices x 3
+bandwidths), a load sweep, a bandwidth sweep and a timeline through a bandwidth drop, all
+simulated with the calibrated cost model; bits/char of every strategy's plans, measured
+through the real pipeline on the trained small model; and the simulator validated against
+real stage execution on this machine. Writes <out> (results/bench.json) and the .md and
+.png next to it.
+
+Time on a 2-core CPU: about 9 minutes with the quality cache in the workdir warm, roughly
+15 minutes cold; --quick, a few minutes."""
+
+_CODEC = """\
+Codec rank sweep at a split point of the trained model: for each rank and latent width,
+PCA of real boundary activations, then fine-tuning (backbone frozen, quantisation in the
+loop), bits/char on held-out text and exact wire bytes per token. Writes <out>
+(results/codec_sweep.json). About 18 minutes on a 2-core CPU for the default sweep."""
+
+_HLGGN = """\
+HL-GGN evaluation: for three device profiles (about 25%, 50% and 75% of the end layers'
+experts resident), hardware-aware expert selection from routing statistics, group-gate
+training (LM frozen), a residency-aware fine-tune, and bits/char, routing recall and gate
+FLOPs on the held-out test split. Writes <out> (results/hlggn.json, one object per
+profile). About half an hour on a 2-core CPU."""
+
+_SCHED_REPORT = """\
+Scheduler report (simulated with the calibrated cost model): EC2MoE's plans against
+cloud-only, end-only and the best split for single-pass and decoding workloads over 1-64
+end devices and 1-100 Mbit/s, the heuristic against the exhaustive optimum on small random
+instances, and re-planning under bandwidth changes. Writes <out> (results/scheduler.json)
+and the plot (results/scheduler.png). About 1.5 minutes on a 2-core CPU."""
+
+_SCHED_BENCH = """\
+Scheduler decision time (measured): the median of jitted schedule() calls on a large
+instance, for single-pass and decoding workloads, with a check that repeats compile
+nothing. Writes <out> (results/scheduler_decision_time.json). Under a minute on a 2-core
+CPU."""
+
+_MOE_LAYER = """\
+MoE layer forward vs a dense SwiGLU of equal FLOPs, for each dispatch implementation
+(gather, einsum, ragged): GFLOP/s, tokens/s and the ratio to dense, medians over
+interleaved rounds. Writes <out> (results/moe_layer.json). About a minute on a 2-core CPU
+(ragged_dot is slow on CPU)."""
+
+
+def register(sub) -> None:
+    b = _common.add_parser(sub, "bench", help="the evaluation (EC2MoE vs baselines, simulated)",
+                           description=_BENCH, devices=True)
+    b.add_argument("--workdir", default="runs/small", help=_common.workdir_help("runs/small"))
+    b.add_argument("--out", default=os.path.join(_R, "bench.json"),
+                   help="JSON path; the .md and .png take its stem")
+    b.add_argument("--quick", action="store_true",
+                   help="a 4-regime grid and no validation (a smoke test)")
+    b.add_argument("--no-quality", action="store_true", help="skip the measured bits/char")
+    b.add_argument("--no-validation", action="store_true",
+                   help="skip the simulator's validation against real stage execution")
+    b.add_argument("--gate-steps", type=int, default=0,
+                   help="group-gate training steps for masks without a saved gate; 0: the "
+                        "least-squares-initialised gate for every mask (about 10 s per mask; "
+                        "training costs about 4 s per step)")
+    b.add_argument("--calibration", default=_common.CALIBRATION,
+                   help="this CPU's stage-time calibration (`ec2moe calibrate` writes it)")
+    _codec_sweep_arg(b)
+    b.set_defaults(handler=bench)
+
+    c = _common.add_parser(sub, "codec-sweep", help="codec rank sweep at a split point",
+                           description=_CODEC)
+    c.add_argument("--workdir", default="runs/small", help=_common.workdir_help("runs/small"))
+    c.add_argument("--split", type=int, default=None,
+                   help="split point, in layers (default: num_layers // 2)")
+    c.add_argument("--settings", default=None,
+                   help="comma-separated rank:bits, e.g. 32:int8,112:int4 (default: the "
+                        "sweep of the README table)")
+    c.add_argument("--steps", type=int, default=150, help="fine-tuning steps per setting")
+    c.add_argument("--eval-batches", type=int, default=40,
+                   help="test batches (16 x 128 bytes) for bits/char")
+    c.add_argument("--out", default=os.path.join(_R, "codec_sweep.json"), help="JSON path")
+    c.set_defaults(handler=codec_sweep)
+
+    h = _common.add_parser(sub, "hlggn-eval", help="HL-GGN table (selection + group gate)",
+                           description=_HLGGN)
+    h.add_argument("--workdir", default="runs/small", help=_common.workdir_help("runs/small"))
+    h.add_argument("--end-layers", type=int, default=2, help="layers run on the end device")
+    h.add_argument("--gate-steps", type=int, default=100, help="gate training steps")
+    h.add_argument("--eval-batches", type=int, default=30,
+                   help="test batches (16 x 128 bytes) for bits/char")
+    h.add_argument("--adapt-steps", type=int, default=400,
+                   help="residency-aware LM fine-tune steps for the adapted rows (0: skip)")
+    h.add_argument("--out", default=os.path.join(_R, "hlggn.json"), help="JSON path")
+    h.set_defaults(handler=hlggn_eval)
+
+    r = _common.add_parser(sub, "scheduler-report", help="scheduler report (simulated)",
+                           description=_SCHED_REPORT)
+    r.add_argument("--calibration", default=os.path.join(_R, "calibration_cpu.json"),
+                   help="this CPU's stage-time calibration (`ec2moe calibrate` writes it)")
+    _codec_sweep_arg(r)
+    r.add_argument("--gap-instances", type=int, default=200,
+                   help="random small instances for the heuristic-vs-optimum gap")
+    r.add_argument("--routing-stats", default=None, metavar="WORKDIR",
+                   help="also compare routing statistics measured through this trained model "
+                        "(e.g. runs/small) with synthetic ones")
+    r.add_argument("--plot", default=os.path.join(_R, "scheduler.png"),
+                   help="PNG path ('' to skip)")
+    r.add_argument("--out", default=os.path.join(_R, "scheduler.json"), help="JSON path")
+    r.set_defaults(handler=scheduler_report)
+
+    d = _common.add_parser(sub, "bench-scheduler", help="scheduler decision time (measured)",
+                           description=_SCHED_BENCH)
+    d.add_argument("--layers", type=int, default=32, help="model layers")
+    d.add_argument("--experts", type=int, default=64, help="experts per MoE layer")
+    d.add_argument("--devices", type=int, default=16, help="end devices")
+    d.add_argument("--repeats", type=int, default=50, help="timed calls per workload")
+    _codec_sweep_arg(d)
+    d.add_argument("--out", default=os.path.join(_R, "scheduler_decision_time.json"),
+                   help="JSON path")
+    d.set_defaults(handler=bench_scheduler)
+
+    m = _common.add_parser(sub, "bench-moe-layer", help="MoE layer vs dense (measured)",
+                           description=_MOE_LAYER)
+    m.add_argument("--tokens", type=int, default=4096, help="tokens per forward")
+    m.add_argument("--dispatch", default="gather,einsum,ragged",
+                   help="comma-separated dispatch implementations; the first is the fast path "
+                        "the ratio to dense uses")
+    m.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
+    m.add_argument("--out", default=os.path.join(_R, "moe_layer.json"), help="JSON path")
+    m.set_defaults(handler=bench_moe_layer)
+
+
+def _codec_sweep_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--codec-sweep", default=_common.CODEC_SWEEP,
+                   help="measured codec quality (`ec2moe codec-sweep` writes it): the codecs the "
+                        "scheduler may choose")
+
+
+def bench(args: argparse.Namespace) -> dict:
+    from ec2moe_jax.bench import evaluation, report
+
+    needs_model = not (args.no_quality and args.no_validation)
+    if needs_model:
+        _common.require_workdir(args.workdir, "ec2moe train --config small --workdir")
+    regimes = None
+    if args.quick:
+        regimes = evaluation.regimes(workloads=("score-128", "private-generate-128+32"),
+                                     clouds=("t4",), devices=(1, 8), bandwidths=(20.0,))
+    _common.status(f"simulating {len(regimes) if regimes else 90} regimes"
+                   + (", measuring quality" if not args.no_quality else "")
+                   + (", validating the simulator" if not (args.no_validation or args.quick)
+                      else ""))
+    record = report.run(args.workdir, calibration=args.calibration,
+                        codec_sweep=args.codec_sweep, regimes=regimes,
+                        quality=not args.no_quality,
+                        validation=not (args.no_validation or args.quick),
+                        gate_steps=args.gate_steps)
+    record["command"] = _common.command_line("bench", args.argv)
+    stem = os.path.splitext(args.out)[0]
+    record = report.write(record, args.out, stem + ".md", stem + ".png")
+    print(record["tables_markdown"])
+    print(f"wrote {args.out}, {stem}.md, {stem}.png in {record['wall_seconds']:.0f} s")
+    return record
+
+
+def _settings(text: str | None):
+    from ec2moe_jax.bench.codec_sweep import DEFAULT_SETTINGS
+
+    if not text:
+        return DEFAULT_SETTINGS
+    try:
+        return tuple((int(r), b) for r, b in (s.split(":") for s in text.split(",")))
+    except ValueError:
+        raise ValueError(f"--settings {text!r} must be comma-separated rank:bits pairs, e.g. "
+                         "32:int8,112:int4") from None
+
+
+def codec_sweep(args: argparse.Namespace) -> dict:
+    from ec2moe_jax.bench.codec_sweep import run
+
+    _common.require_workdir(args.workdir, "ec2moe train --config small --workdir")
+    settings = _settings(args.settings)
+    _common.status(f"sweeping {len(settings)} codec settings ({args.steps} fine-tuning steps "
+                   "each)")
+    record = run(args.workdir, args.split, settings, finetune_steps=args.steps,
+                 eval_batches=args.eval_batches)
+    record["command"] = _common.command_line("codec-sweep", args.argv)
+    _common.write_json(args.out, record)
+    print(json.dumps({k: record[k] for k in ("baseline_bf16", "best_meeting_target",
+                                             "closest_at_8x")}, indent=2))
+    print(f"wrote {args.out}")
+    return record
+
+
+def hlggn_eval(args: argparse.Namespace) -> list[dict]:
+    import jax
+
+    from ec2moe_jax.bench.hlggn import run
+
+    _common.require_workdir(args.workdir, "ec2moe train --config small --workdir")
+    _common.status("selecting resident experts and training group gates for 3 profiles")
+    rows = run(args.workdir, num_end_layers=args.end_layers, gate_steps=args.gate_steps,
+               eval_batches=args.eval_batches, adapt_steps=args.adapt_steps)
+    command = _common.command_line("hlggn-eval", args.argv)
+    for row in rows:
+        row["method"] = (f"measured on {jax.devices()[0].platform}, jax {jax.__version__}: "
+                         f"bits/char on the first {args.eval_batches} batches of 16 disjoint "
+                         "128-byte windows of the test split")
+        row["command"] = command
+    _common.write_json(args.out, rows)
+    for r in rows:
+        print(f"{r['profile']:>32}  resident {r['resident_fraction']:.2f}  "
+              f"full {r['bits_per_char_full']:.3f}  masked {r['bits_per_char_masked_topk']:.3f}"
+              f"  gate {r['bits_per_char_group_gate']:.3f}  recall {r['routing_recall_at_k']:.3f}"
+              f"  flops {r['gate_flops_ratio']:.3f}")
+    print(f"wrote {args.out}")
+    return rows
+
+
+def scheduler_report(args: argparse.Namespace) -> dict:
+    from ec2moe_jax.bench.scheduler_report import run
+    from ec2moe_jax.scheduler import load_calibration
+
+    if args.routing_stats:
+        _common.require_workdir(args.routing_stats)
+    _common.status(f"scheduling the report's scenarios and {args.gap_instances} small "
+                   "instances against their exhaustive optimum")
+    record = run(load_calibration(args.calibration), args.gap_instances, args.routing_stats,
+                 args.plot or None, codec_sweep=args.codec_sweep)
+    record["command"] = _common.command_line("scheduler-report", args.argv)
+    _common.write_json(args.out, record)
+    print(json.dumps(record["gap_vs_optimum"], indent=2))
+    print(f"wrote {args.out}")
+    return record
+
+
+def bench_scheduler(args: argparse.Namespace) -> dict:
+    from ec2moe_jax.bench.scheduler_bench import run
+
+    _common.status(f"timing {args.repeats} schedule() calls per workload")
+    record = run(args.layers, args.experts, args.devices, args.repeats,
+                 codec_sweep=args.codec_sweep)
+    record["command"] = _common.command_line("bench-scheduler", args.argv)
+    _common.write_json(args.out, record)
+    print(json.dumps(record, indent=2))
+    return record
+
+
+def bench_moe_layer(args: argparse.Namespace) -> dict:
+    from ec2moe_jax.bench.moe_layer import run
+
+    dispatches = tuple(d.strip() for d in args.dispatch.split(",") if d.strip())
+    _common.status(f"timing the MoE layer ({', '.join(dispatches)}) and the dense baseline, "
+                   f"{args.rounds} rounds")
+    record = run(tokens=args.tokens, dispatches=dispatches, rounds=args.rounds)
+    record["command"] = _common.command_line("bench-moe-layer", args.argv)
+    _common.write_json(args.out, record)
+    print(json.dumps(record, indent=2))
+    return record
