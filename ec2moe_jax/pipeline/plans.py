@@ -112,8 +112,9 @@ class PipelinePlan:
 def load_plan(path: str, cfg: ModelConfig) -> PipelinePlan:
     """Reads and validates a plan JSON file for the model ``cfg``.
 
-    The file is one JSON object (what ``PipelinePlan.to_json`` and ``ec2moe generate --plan``
-    records write; extra keys such as ``"name"`` are ignored)::
+    The file is one JSON object: what ``PipelinePlan.to_json`` writes, e.g. the ``"plan"``
+    object of an ``ec2moe generate`` or ``score`` record (extra keys such as ``"name"`` or
+    ``"codec_source"`` are ignored)::
 
         field        type              meaning (default when missing)
         split        int in [0, L]     layers [0, split) run on the end device; 0 is
