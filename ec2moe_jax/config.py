@@ -154,6 +154,8 @@ class TrainConfig:
     batch_size: int = 16  # B: sequences per step (global)
     seq_len: int = 128  # T: tokens per training sequence
     steps: int = 2000  # total optimiser steps (the cosine schedule spans them)
+    schedule_steps: int | None = None  # steps the schedule spans; None = steps. Set when a
+    # finished run is extended: the extra steps train on at the final learning rate
     learning_rate: float = 3e-3  # peak learning rate
     warmup_steps: int = 100  # linear warmup from 0 to the peak
     min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
@@ -176,6 +178,9 @@ class TrainConfig:
             _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         _check(self.learning_rate > 0, f"{self.learning_rate=} must be > 0")
         _check(0 <= self.warmup_steps < self.steps, f"{self.warmup_steps=} must be < {self.steps=}")
+        _check(self.schedule_steps is None or self.warmup_steps < self.schedule_steps,
+               f"train.schedule_steps={self.schedule_steps} must be > warmup_steps="
+               f"{self.warmup_steps} (or None: the schedule spans train.steps)")
         _check(0.0 <= self.min_lr_ratio <= 1.0, f"{self.min_lr_ratio=} must lie in [0, 1]")
         _check(self.keep_checkpoints >= 1, f"{self.keep_checkpoints=} must be >= 1")
         _check(
@@ -256,6 +261,22 @@ def config_keys(cfg: ExperimentConfig) -> list[str]:
             else:
                 keys.append(f"{section}.{f.name}")
     return keys
+
+
+def config_value(cfg: ExperimentConfig, key: str) -> Any:
+    """The value of a dotted key ("model.moe.num_experts") in ``cfg``."""
+    value: Any = cfg
+    for part in key.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def config_diff(old: ExperimentConfig, new: ExperimentConfig,
+                keys: Sequence[str] | None = None) -> list[str]:
+    """``"key: old -> new"`` for every dotted key (default: all) whose values differ."""
+    return [f"{k}: {config_value(old, k)!r} -> {config_value(new, k)!r}"
+            for k in (config_keys(old) if keys is None else keys)
+            if config_value(old, k) != config_value(new, k)]
 
 
 def _parse_value(text: str) -> Any:

