@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from ec2moe_jax.models import generate, generate_recompute, load_hf
+from ec2moe_jax.models import generate, generate_recompute, load_hf, reference_parity
 from ec2moe_jax.models.hf import UnsupportedCheckpoint
 from ec2moe_jax.models.safetensors_io import read_file, write_file
 from ec2moe_jax.sharding import make_mesh
@@ -22,10 +22,8 @@ PARITY = 1e-4  # max |logit difference| in fp32
 
 
 def _parity(folder, **kw):
-    model, params = load_hf(folder, **kw)
-    ref = np.load(os.path.join(folder, "reference.npz"))
-    out = model.apply({"params": params}, ref["token_ids"])
-    return float(np.abs(np.asarray(out) - ref["logits"]).max()), model, params
+    record, model, params = reference_parity(folder, **kw)
+    return record["max_abs_logit_diff"], model, params
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,7 +1,7 @@
 """The MoE language model and generation."""
 
 from ec2moe_jax.models.generate import generate, generate_recompute, make_decoder, sample_token
-from ec2moe_jax.models.hf import UnsupportedCheckpoint, load_hf
+from ec2moe_jax.models.hf import UnsupportedCheckpoint, load_hf, reference_parity
 from ec2moe_jax.models.lm import (
     MoELM,
     init_cache,
@@ -18,6 +18,7 @@ __all__ = [
     "init_cache",
     "init_params",
     "load_hf",
+    "reference_parity",
     "make_decoder",
     "routing_stats",
     "sample_token",

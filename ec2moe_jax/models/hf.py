@@ -244,6 +244,39 @@ def load_hf(folder: str, *, dispatch: str = "einsum", mesh=None) -> tuple[MoELM,
     return model, jax.tree.map(jax.numpy.asarray, params)
 
 
+REFERENCE_FILE = "reference.npz"  # token_ids [B, T] and transformers' logits [B, T, V]
+
+
+def reference_parity(folder: str, **load_kw) -> tuple[dict, MoELM, dict]:
+    """Imports ``folder`` and compares its logits with the reference logits transformers
+    computed for the same checkpoint (``<folder>/reference.npz``, written by
+    ``tests/fixtures/hf/make_fixtures.py``).
+
+    Returns:
+      ``(record, model, params)``; ``record`` holds ``max_abs_logit_diff`` (float32 logits,
+      this backend), ``logit_abs_max`` (the scale of the logits) and the model's shape.
+
+    Raises:
+      FileNotFoundError: ``folder`` has no ``reference.npz``.
+    """
+    path = os.path.join(folder, REFERENCE_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path!r} not found: parity needs transformers' logits saved "
+                                "next to the checkpoint (tests/fixtures/hf/make_fixtures.py "
+                                "writes them)")
+    model, params = load_hf(folder, **load_kw)
+    with np.load(path, allow_pickle=False) as ref:
+        ids, expected = ref["token_ids"], ref["logits"]
+    out = np.asarray(model.apply({"params": params}, ids))
+    c = model.cfg
+    record = {"max_abs_logit_diff": float(np.abs(out - expected).max()),
+              "logit_abs_max": float(np.abs(expected).max()),
+              "shape": {"d_model": c.d_model, "layers": c.num_layers,
+                        "experts": c.moe.num_experts, "top_k": c.moe.top_k,
+                        "heads": c.num_heads, "kv_heads": c.kv_heads}}
+    return record, model, params
+
+
 def num_params(params) -> int:
     return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params)))
 
