@@ -113,3 +113,17 @@ def test_named_configs_install_under_the_package_not_top_level(tmp_path):
                          text=True, timeout=60, check=True).stdout.split()
     assert out[0] == "True", "configs/ must not install as a top-level package"
     assert pathlib.Path(out[1]).resolve() == ROOT / "configs" / "small.py"
+
+
+def test_top_level_api_resolves_without_importing_jax_first():
+    code = ("import sys, ec2moe_jax; light = 'jax' not in sys.modules; "
+            "missing = [n for n in ec2moe_jax.__all__ if getattr(ec2moe_jax, n) is None]; "
+            "print(light, missing)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True).stdout.strip()
+    assert out == "True []"
+    import ec2moe_jax
+
+    for name in ("load_hf", "MoELM", "load_config", "schedule", "make_replanner",
+                 "build_stages", "EndEngine", "CloudEngine"):
+        assert name in ec2moe_jax.__all__
