@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import time
 from typing import Any
 
@@ -181,7 +182,7 @@ def _resumed_config(cfg: ExperimentConfig, workdir: str, progress: bool) -> Expe
     if cfg.train.steps > old_schedule and progress:
         print(f"extending the run in {workdir} from {old_schedule} to {cfg.train.steps} steps: "
               f"steps after {old_schedule} train at the final learning rate (a fresh "
-              f"{cfg.train.steps}-step run would differ)", flush=True)
+              f"{cfg.train.steps}-step run would differ)", file=sys.stderr, flush=True)
     return cfg.replace(train__schedule_steps=old_schedule if cfg.train.steps > old_schedule
                        else old.train.schedule_steps)
 

@@ -7,6 +7,7 @@ Shape legend: M MoE layers, E experts, B batch, T time.
 from __future__ import annotations
 
 import os
+import sys
 
 import jax
 import numpy as np
@@ -80,7 +81,7 @@ def load_run(workdir: str, *, progress: bool = True):
     else:
         if progress:
             print(f"collecting routing statistics of {workdir} (once; cached in {path})",
-                  flush=True)
+                  file=sys.stderr, flush=True)
         stats = collect_stats(setup.model, params, splits.train, progress=progress)
         save_stats(stats, path)
     return setup, params, splits, np.asarray(stats.frequencies)
