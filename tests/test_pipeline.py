@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-from ec2moe_jax.codec import compress
+from ec2moe_jax.codec import CodecSpec, compress
 from ec2moe_jax.models.generate import generate_recompute
 from ec2moe_jax.pipeline import (
     BandwidthTrace,
     Channel,
     Failures,
     LinkError,
-    Transport,
     build_stages,
     fixed_times,
     generate,
@@ -92,7 +91,7 @@ def test_full_rank_float_codec_is_lossless_and_bytes_match_the_wire(world):
     eye = {"mean": np.zeros(d, np.float32), "w_enc": np.eye(d, dtype=np.float32),
            "w_dec": np.eye(d, dtype=np.float32)}
     st = build_stages(world["model"], world["params"], world["end"], world["cloud"], split=1,
-                      transport=Transport("lowrank-float32", d), codec=eye)
+                      transport=CodecSpec("fp32", d), codec=eye)
     ref_logits, _ = _reference_logprob(world)
     _, rep = score(st, world["tokens"], channel=_channel(), micro_batch=2, keep_logits=True,
                    timer=fixed_times(TIMES))
@@ -101,7 +100,7 @@ def test_full_rank_float_codec_is_lossless_and_bytes_match_the_wire(world):
     r8 = {"mean": np.zeros(d, np.float32), "w_enc": np.eye(d, 8, dtype=np.float32),
           "w_dec": np.eye(8, d, dtype=np.float32)}
     h = np.ones((2, 5, d), np.float32)
-    assert Transport("int8", 8).payload_bytes(2, 5, d) == len(compress(r8, h, "int8"))
+    assert CodecSpec("int8", 8).payload_bytes(2, 5, d) == len(compress(r8, h, "int8"))
 
 
 @pytest.mark.parametrize("split", [0, 1, 2])
@@ -182,11 +181,11 @@ def test_link_outage_beyond_the_retry_budget_fails_clearly(world):
 
 def test_transport_and_stage_validation(world):
     with pytest.raises(ValueError, match="rank"):
-        Transport("int8")
+        CodecSpec("int8")
     with pytest.raises(ValueError, match="split=3"):
         build_stages(world["model"], world["params"], world["end"], world["cloud"], split=3)
     with pytest.raises(ValueError, match="codec weights"):
         build_stages(world["model"], world["params"], world["end"], world["cloud"], split=1,
-                     transport=Transport("int8", 8))
+                     transport=CodecSpec("int8", 8))
     with pytest.raises(ValueError, match="max_seq_len"):
         generate(world["stages"][1], world["tokens"][:, :5], 100, channel=_channel())

@@ -93,3 +93,16 @@ def test_hop_moves_hidden_state_from_end_to_cloud(devices):
     moved = hop(h, NamedSharding(cloud, PartitionSpec("data")))
     assert set(moved.sharding.device_set) == set(cloud.devices.flat)
     np.testing.assert_array_equal(moved, h)
+
+
+def test_hop_onto_a_mesh_shards_each_leaf_by_its_own_batch(devices):
+    # The cloud mesh has a 3-way 'data' axis: a [6, 4] leaf is split over it, a [1, 4] leaf
+    # (one request) and a scalar (a KV cache's write index) are replicated; values unchanged.
+    _, cloud = split_end_cloud(MeshConfig())
+    tree = {"six": np.arange(24.0).reshape(6, 4), "one": np.ones((1, 4)), "index": np.int32(5)}
+    moved = hop(tree, cloud)
+    assert moved["six"].sharding.spec == PartitionSpec("data", None)
+    assert moved["one"].sharding.spec == PartitionSpec(None, None)
+    assert moved["index"].sharding.spec == PartitionSpec()
+    assert all(set(x.sharding.device_set) == set(cloud.devices.flat) for x in moved.values())
+    jax.tree.map(np.testing.assert_array_equal, moved, tree)

@@ -112,14 +112,18 @@ def test_decoding_with_real_stages_equals_the_executor(world, split):
 def test_chosen_load_keeps_the_busiest_resource_at_its_target():
     # Two devices of the small model's split plan under the cost model: over a long run the
     # cloud's busy fraction is the target utilisation the rate was chosen for.
-    from ec2moe_jax.bench.pipeline_demo import this_cpu
+    import os
+
     from ec2moe_jax.config import load_config
     from ec2moe_jax.models.costs import model_costs
-    from ec2moe_jax.scheduler import build_instance, codec_options
+    from ec2moe_jax.scheduler import build_instance, codec_options, this_cpu
 
     cfg = load_config("small").model
-    prof, end_cal, cloud_cal = this_cpu(cfg)
-    codecs = [c for c in codec_options(cfg.d_model) if c.name in ("none", "int8-r64")]
+    results = os.path.join(os.path.dirname(__file__), os.pardir, "results")  # committed
+    prof, end_cal, cloud_cal = this_cpu(cfg, os.path.join(results, "calibration_cpu.json"),
+                                        os.path.join(results, "pipeline_calibration.json"))
+    codecs = [c for c in codec_options(cfg.d_model, os.path.join(results, "codec_sweep.json"))
+              if c.name in ("bf16", "int8-r64")]
     costs = model_costs(cfg)
     freq = np.full((int(costs.is_moe.sum()), cfg.moe.num_experts), 1.0)
     inst = build_instance(costs, freq, [prof] * 2, prof, [LINK] * 2, [1.0] * 2,

@@ -5,9 +5,9 @@ Shape legend: N end devices, B micro-batch, T scored tokens, P prompt tokens, G 
 tokens, L layers, E experts.
 
 The same :class:`~ec2moe_jax.bench.sim.Simulator` runs twice on identical Poisson arrivals
-and the same joint plan: once with :class:`RealTiming`, which runs every job's real stage
-functions (:mod:`ec2moe_jax.pipeline.stages`) on this machine's end and cloud submeshes and
-charges their measured wall time, and once with
+and the same joint plan: once with :class:`RealTiming`, which runs every job's real stages
+through the stage engine (:mod:`ec2moe_jax.pipeline.engine`) on this machine's end and cloud
+submeshes and charges their measured wall time, and once with
 :class:`~ec2moe_jax.bench.sim.ModelTiming`, the scheduler's cost model calibrated on this
 CPU. The link is emulated identically on both sides, so the comparison isolates the cost
 model's job times (and what queueing does with them). A second check runs the simulator with
@@ -43,10 +43,11 @@ from ec2moe_jax.bench.sim import (
     device_plans,
     poisson_arrivals,
 )
+from ec2moe_jax.files import write_text_atomic
 from ec2moe_jax.pipeline import executor
-from ec2moe_jax.pipeline.executor import Timer
-from ec2moe_jax.pipeline.link import BandwidthTrace, Channel, Link
-from ec2moe_jax.pipeline.stages import TOKEN_BYTES, Stages, place, token_message_bytes
+from ec2moe_jax.pipeline.engine import CloudEngine, EndEngine, Message, Scores, Timer, measured
+from ec2moe_jax.pipeline.link import BandwidthTrace, Channel
+from ec2moe_jax.pipeline.stages import Stages
 from ec2moe_jax.profiles import LinkProfile
 from ec2moe_jax.scheduler.model import Instance, Plan
 
@@ -56,15 +57,15 @@ SIM_LABEL = "simulated (cost model calibrated on this CPU)"
 LINK = LinkProfile("validation", bandwidth_bps=20e6, rtt_s=0.02)
 # The validated plans: (split, resident fraction of the end layers' experts, codec, batch);
 # a split of -1 means "every layer" (end-only).
-PLANS = {"split": (2, 0.5, "int8-r64", 1), "cloud-only": (0, 0.0, "none", 1),
-         "end-only": (-1, 1.0, "none", 1)}
+PLANS = {"split": (2, 0.5, "int8-r64", 1), "cloud-only": (0, 0.0, "bf16", 1),
+         "end-only": (-1, 1.0, "bf16", 1)}
 TRAIN_COMMAND = "python train/main.py --config small --workdir runs/small"
 
 
 @dataclasses.dataclass
 class _JobState:
     rows: np.ndarray  # [B, T + 1] scoring windows or [B, P] prompts
-    msg: Any = None  # the end's output (or the raw input) on its way to the cloud
+    msg: Message | None = None  # the end's message on its way to the cloud
     end_cache: Any = None
     cloud_cache: Any = None
     token: Any = None  # last sampled token, <int32>[B]
@@ -74,10 +75,10 @@ class _JobState:
 class RealTiming:
     """A :class:`~ec2moe_jax.bench.sim.Timing` that runs each job's real stages.
 
-    Every call runs the stage functions exactly as the executor does (same arguments, the
-    ``hop`` ``device_put`` charged to the cloud stage, caches donated step to step) and
-    returns the seconds ``timer`` charges (default: wall time with
-    ``jax.block_until_ready``); bytes are the real message sizes. Request ``r`` reads row
+    Every call runs the job's end or cloud engine (:mod:`ec2moe_jax.pipeline.engine`),
+    exactly as the executor does (the ``hop`` charged to the cloud, caches donated step to
+    step), and returns the seconds ``timer`` charges (default: wall time with
+    ``jax.block_until_ready``); bytes are the engine's message sizes. Request ``r`` reads row
     ``r % len(texts)`` of ``texts``. Compile first with :meth:`warm_up` for every micro-batch
     size a run can form, or compilation lands in the measured times.
 
@@ -86,7 +87,7 @@ class RealTiming:
       texts: scoring windows [R, T + 1] (``gen_tokens == 0``) or prompts [R, P].
       gen_tokens: G of the simulator (0: single-pass scoring).
       timer: ``timer(name, fn, *args) -> (out, seconds)`` like the executor's
-        (:func:`~ec2moe_jax.pipeline.executor.fixed_times` for deterministic tests).
+        (:func:`~ec2moe_jax.pipeline.engine.fixed_times` for deterministic tests).
 
     Attributes:
       seconds: charged seconds per stage function (end, cloud, hop, end_prefill, ...).
@@ -96,7 +97,7 @@ class RealTiming:
     """
 
     def __init__(self, stages: Stages | Mapping[DevicePlan, Stages], texts: np.ndarray, *,
-                 gen_tokens: int, timer: Timer = executor.measured, seed: int = 0):
+                 gen_tokens: int, timer: Timer = measured, seed: int = 0):
         self.stages = stages
         self.texts = np.asarray(texts, np.int32)
         if self.texts.ndim != 2 or len(self.texts) == 0:
@@ -109,11 +110,14 @@ class RealTiming:
         self.charged: dict[str, list[float]] = {}
         self.outputs: dict[int, np.ndarray] = {}
         self._jobs: dict[Job, _JobState] = {}
-        self._caches: dict[tuple[int, int], tuple] = {}
+        every = [stages] if isinstance(stages, Stages) else stages.values()
+        self._engines = {id(s): (EndEngine(s, self._run), CloudEngine(s, self._run))
+                         for s in every}
 
     # -- bookkeeping ----------------------------------------------------------------------
-    def _stages(self, job: Job) -> Stages:
-        return self.stages if isinstance(self.stages, Stages) else self.stages[job.plan]
+    def _pair(self, job: Job) -> tuple[EndEngine, CloudEngine]:
+        s = self.stages if isinstance(self.stages, Stages) else self.stages[job.plan]
+        return self._engines[id(s)]
 
     def _state(self, job: Job) -> _JobState:
         st = self._jobs.get(job)
@@ -121,25 +125,30 @@ class RealTiming:
             rows = self.texts[np.asarray(job.ids) % len(self.texts)]
             st = self._jobs[job] = _JobState(rows)
             if self.gen:
-                st.end_cache, st.cloud_cache = self._zero_caches(self._stages(job), len(rows))
+                st.end_cache, st.cloud_cache = (e.init_cache(len(rows)) for e in self._pair(job))
         return st
 
-    def _zero_caches(self, s: Stages, b: int):
-        # Prefill does not donate its cache argument, so one zeroed cache per shape serves
-        # every job (init_caches re-traces the model: slow, and not stage compute).
-        key = (id(s), b)
-        if key not in self._caches:
-            self._caches[key] = (s, s.init_caches(b))
-        return self._caches[key][1]
+    def _message(self, job: Job, st: _JobState) -> Message:
+        if st.msg is None:  # split 0: the end sends the raw ids, computing nothing
+            end = self._pair(job)[0]
+            st.msg = (end.score(st.rows)[0] if self.gen == 0
+                      else end.prefill(st.end_cache, st.rows, self.keys[0])[1])
+        return st.msg
 
     def _run(self, name: str, fn, *args):
         out, dt = self.timer(name, fn, *args)
         self.seconds.setdefault(name, []).append(dt)
         return out, dt
 
+    def _keep(self, st: _JobState, res) -> None:
+        if isinstance(res, Scores):
+            st.out.append(np.asarray(res.logprobs))
+        else:
+            st.token = res.token
+            st.out.append(res.token)
+
     def _finish(self, job: Job, st: _JobState) -> None:
-        out = (np.concatenate(st.out) if self.gen == 0
-               else np.stack([np.asarray(t) for t in st.out], 1))
+        out = np.concatenate(st.out) if self.gen == 0 else np.stack(st.out, 1)
         for rid, row in zip(job.ids, out, strict=True):
             self.outputs[rid] = row
         del self._jobs[job]
@@ -151,78 +160,40 @@ class RealTiming:
 
     # -- the Timing protocol --------------------------------------------------------------
     def end(self, job: Job, step: int) -> float:
-        return self._charge("end", step, self._end(job, step))
-
-    def cloud(self, job: Job, step: int) -> float:
-        return self._charge("cloud", step, self._cloud(job, step))
-
-    def _end(self, job: Job, step: int) -> float:
-        s, st = self._stages(job), self._state(job)
-        b = len(st.rows)
+        end, st = self._pair(job)[0], self._state(job)
         if self.gen == 0:
-            x, y = st.rows[:, :-1], st.rows[:, 1:]
-            if s.end_only:
-                (_, lp), dt = self._run("end", s.score_end, s.end_params, s.end_extra,
-                                        place(x, s.end_mesh, b), place(y, s.end_mesh, b))
-                st.out.append(np.asarray(lp))
-                self._finish(job, st)
-                return dt
-            st.msg, dt = self._run("end", s.score_end, s.end_params, s.end_extra,
-                                   place(x, s.end_mesh, b), None)
-            return dt
-        kind = "prefill" if step == 0 else "step"
-        fn = s.prefill_end if step == 0 else s.step_end
-        inputs = place(st.rows if step == 0 else st.token[:, None], s.end_mesh, b)
-        (st.end_cache, out), dt = self._run(f"end_{kind}", fn, s.end_params, s.end_extra,
-                                            st.end_cache, inputs, self.keys[step])
-        if s.end_only:
-            st.token = out[0]
-            st.out.append(st.token)
+            out, dt = end.score(st.rows)
+        elif step == 0:
+            st.end_cache, out, dt = end.prefill(st.end_cache, st.rows, self.keys[0])
+        else:
+            st.end_cache, out, dt = end.step(st.end_cache, st.token, self.keys[step])
+        if isinstance(out, Message):
+            st.msg = out
+        else:  # end-only: the end's result is final
+            self._keep(st, out)
             if step == max(self.gen, 1) - 1:
                 self._finish(job, st)
-        else:
-            st.msg = out
-        return dt
+        return self._charge("end", step, dt)
 
-    def _cloud(self, job: Job, step: int) -> float:
-        s, st = self._stages(job), self._state(job)
-        b = len(st.rows)
+    def cloud(self, job: Job, step: int) -> float:
+        cloud, st = self._pair(job)[1], self._state(job)
         if self.gen == 0:
-            x, y = st.rows[:, :-1], st.rows[:, 1:]
-            m, dt_hop = self._run("hop", place, (x if s.cloud_only else st.msg, y),
-                                  s.cloud_mesh, b)
-            (_, lp), dt = self._run("cloud", s.score_cloud, s.cloud_params, s.cloud_codec,
-                                    *m)
-            st.out.append(np.asarray(lp))
-            return dt_hop + dt
-        if s.cloud_only and step > 0:  # the cloud feeds back its own token: no hop
-            (st.cloud_cache, (tok, _)), dt = self._run(
-                "cloud_step", s.step_cloud, s.cloud_params, s.cloud_codec, st.cloud_cache,
-                st.token[:, None], self.keys[step])
+            res, dt = cloud.score(self._message(job, st))
+        elif step > 0 and cloud.stages.cloud_only:  # its own token: no hop
+            st.cloud_cache, res, dt = cloud.generate(st.cloud_cache, st.token, self.keys[step])
         else:
-            kind = "prefill" if step == 0 else "step"
-            fn = s.prefill_cloud if step == 0 else s.step_cloud
-            msg = place(st.rows, s.cloud_mesh, b) if s.cloud_only else st.msg
-            m, dt_hop = self._run("hop", place, msg, s.cloud_mesh, b)
-            (st.cloud_cache, (tok, _)), dt = self._run(
-                f"cloud_{kind}", fn, s.cloud_params, s.cloud_codec, st.cloud_cache, m,
-                self.keys[step])
-            dt += dt_hop
-        st.token = tok
-        st.out.append(tok)
-        return dt
+            fn = cloud.prefill if step == 0 else cloud.step
+            st.cloud_cache, res, dt = fn(st.cloud_cache, self._message(job, st),
+                                         self.keys[step])
+        self._keep(st, res)
+        return self._charge("cloud", step, dt)
 
     def up_bytes(self, job: Job, step: int) -> float:
-        s, b = self._stages(job), len(job.ids)
-        if self.gen == 0:
-            t = self.texts.shape[1] - 1
-            # A split request's T target ids travel with its hidden state (executor.score).
-            return float(s.up_bytes(b, t) + (0 if s.cloud_only else TOKEN_BYTES * b * t))
-        return float(s.up_bytes(b, self.texts.shape[1] if step == 0 else 1))
+        return float(self._message(job, self._state(job)).nbytes)
 
     def down_bytes(self, job: Job, step: int) -> float:
         b = len(job.ids)
-        nbytes = token_message_bytes(b, self.texts.shape[1] - 1 if self.gen == 0 else 1)
+        nbytes = CloudEngine.reply_bytes(b, self.texts.shape[1] - 1 if self.gen == 0 else 1)
         if step == max(self.gen, 1) - 1:  # the last call of a job that used the cloud
             self._finish(job, self._state(job))
         return float(nbytes)
@@ -233,16 +204,13 @@ class RealTiming:
         costs."""
         from ec2moe_jax.pipeline import runtime
 
-        every = [self.stages] if isinstance(self.stages, Stages) else list(
-            {id(s): s for s in self.stages.values()}.values())
-        for s in every:
+        for s in (end.stages for end, _ in self._engines.values()):
             for b in batch_sizes:
                 rows = self.texts[np.arange(b) % len(self.texts)]
                 for _ in range(repeats):
                     runtime.warm_up(s, texts=None if self.gen else rows,
                                     prompts=rows if self.gen else None, micro_batch=b,
                                     link=LINK)
-                    self._zero_caches(s, b)
 
 
 # -- plans, loads, runs -------------------------------------------------------------------
@@ -303,16 +271,12 @@ def other_cpu_share(start, stop) -> float | None:
     return max(others, 0.0) / ((stop[0] - start[0]) * (os.cpu_count() or 1))
 
 
-def _links(n: int, link: LinkProfile):
-    trace = BandwidthTrace.constant(link.bandwidth_bps)
-    return [trace] * n, [trace] * n, [link.rtt_s] * n
-
-
 def simulate(timing, plans: Sequence[DevicePlan], arrivals, horizon_s: float, gen_tokens: int,
              link: LinkProfile = LINK) -> Result:
     """One simulation of ``plans`` (one per device) over constant links."""
-    return Simulator(timing, StaticController(plans), *_links(len(plans), link),
-                     gen_tokens).run(arrivals, horizon_s)
+    n, trace = len(plans), BandwidthTrace.constant(link.bandwidth_bps)
+    return Simulator(timing, StaticController(plans), [trace] * n, [trace] * n,
+                     [link.rtt_s] * n, gen_tokens).run(arrivals, horizon_s)
 
 
 def metrics(res: Result) -> dict:
@@ -371,7 +335,7 @@ class _World:
         if kind not in self.stages:
             names = [c.name for c in self.codecs]
             pplan = from_scheduler(scheduler_plan(kind, inst, names), inst,
-                                   self.setup.cfg.model, kind, codec_names=names)
+                                   self.setup.cfg.model, kind)
             self.stages[kind] = runtime.prepare(
                 self.setup.model, self.params, pplan, *self.meshes, frequencies=self.freq,
                 workdir=self.workdir, train_tokens=self.train_tokens)
@@ -387,11 +351,10 @@ class _World:
 
 
 def _load_world(workdir: str, score_tokens: int, prompt_tokens: int, gen_tokens: int,
-                rows: int = 64) -> _World:
-    from ec2moe_jax.bench.hlggn import load_run
-    from ec2moe_jax.bench.pipeline_demo import this_cpu
-    from ec2moe_jax.scheduler import codec_options
+                calibration, pipeline_calibration, codec_sweep, rows: int = 64) -> _World:
+    from ec2moe_jax.scheduler import codec_options, this_cpu
     from ec2moe_jax.sharding import split_end_cloud
+    from ec2moe_jax.training import load_run
 
     ckpt = os.path.join(workdir, "checkpoints")
     if not (os.path.isdir(ckpt) and os.listdir(ckpt)):
@@ -401,31 +364,31 @@ def _load_world(workdir: str, score_tokens: int, prompt_tokens: int, gen_tokens:
     setup, params, splits, freq = load_run(workdir)
     cfg = setup.cfg.model
     meshes = split_end_cloud(setup.cfg.mesh)
-    profile, end_cal, cloud_cal = this_cpu(cfg)
+    profile, end_cal, cloud_cal = this_cpu(cfg, calibration, pipeline_calibration)
     test = np.asarray(splits.test)
     starts = np.linspace(0, len(test) - score_tokens - 2, rows).astype(int)
     texts = np.stack([test[s:s + score_tokens + 1] for s in starts]).astype(np.int32)
     prompts = np.stack([test[s:s + prompt_tokens] for s in starts]).astype(np.int32)
-    codecs = [c for c in codec_options(cfg.d_model) if c.name in
-              {"none", *(p[2] for p in PLANS.values())}]
+    codecs = [c for c in codec_options(cfg.d_model, codec_sweep) if c.name in
+              {p[2] for p in PLANS.values()}]
     return _World(setup, params, freq, meshes, workdir, np.asarray(splits.train), texts,
                   prompts, profile, end_cal, cloud_cal, codecs, gen_tokens=gen_tokens)
 
 
-def _recalibrate(world: _World, progress: bool) -> tuple[_World, dict]:
+def _recalibrate(world: _World, progress: bool, calibration) -> tuple[_World, dict]:
     """The world with end and cloud calibrations refitted now on the stages at splits 1 and
     3 (measured on this machine), and the fit's own summary."""
     from ec2moe_jax.bench.pipeline_calibration import calibrate
-    from ec2moe_jax.bench.pipeline_demo import _calibration
+    from ec2moe_jax.scheduler import Calibration
 
     if progress:
         print("sim validation: refitting the stage model on splits 1 and 3 (measured now)")
     rec = calibrate(world.setup.model, world.params, world.meshes, LINK, freq=world.freq,
                     prompt=world.prompts[:1], texts=world.texts[:4], gen_tokens=16,
-                    fit_splits=(1, 3), repeats=3)
+                    fit_splits=(1, 3), repeats=3, calibration=calibration)
     fits = rec["calibrations"]
-    end = _calibration(fits["refit_end"], "end: " + fits["refit_end"]["source"])
-    cloud = _calibration(fits["refit_cloud"], "cloud: " + fits["refit_cloud"]["source"])
+    end = Calibration.from_fit(fits["refit_end"], "end: " + fits["refit_end"]["source"])
+    cloud = Calibration.from_fit(fits["refit_cloud"], "cloud: " + fits["refit_cloud"]["source"])
     return (dataclasses.replace(world, end_cal=end, cloud_cal=cloud),
             {"end": fits["refit_end"], "cloud": fits["refit_cloud"],
              "fit_summary": rec.get("summary")})
@@ -445,13 +408,11 @@ def _one_run(world: _World, n: int, workload: str, kind: str, *, seed: int,
     arrivals = poisson_arrivals([rate] * n, horizon, seed)
     stages = world.stages_for(kind, inst)
     rt = world.real_timing(kind, workload, stages, seed)
-    gen = rt.gen
-    c0 = _cpu_counters()
-    t0 = time.perf_counter()
-    real = metrics(simulate(rt, plans, arrivals, horizon, gen))
+    c0, t0 = _cpu_counters(), time.perf_counter()
+    real = metrics(simulate(rt, plans, arrivals, horizon, rt.gen))
     wall = time.perf_counter() - t0
     contention = other_cpu_share(c0, _cpu_counters())
-    sim = metrics(simulate(model, plans, arrivals, horizon, gen))
+    sim = metrics(simulate(model, plans, arrivals, horizon, rt.gen))
     return {"devices": n, "workload": workload, "plan": kind,
             "pipeline_plan": world.stages[kind][1], "rate_per_device_rps": rate,
             "horizon_s": horizon, "offered_requests": int(sum(len(a) for a in arrivals)),
@@ -485,26 +446,24 @@ def _cross_check(world: _World, workload: str, kind: str, n_requests: int) -> di
     rt = world.real_timing(kind, workload, stages, 0)
     plan = DevicePlan(stages.split, b, kind)
     res = simulate(rt, [plan], [np.zeros(n_requests)], 1.0, rt.gen)
-    ch = Channel(Link("up", BandwidthTrace.constant(LINK.bandwidth_bps), LINK.rtt_s),
-                 Link("down", BandwidthTrace.constant(LINK.bandwidth_bps), LINK.rtt_s))
+    ch = Channel.from_profile(LINK)
     rows = rt.texts[np.arange(n_requests) % len(rt.texts)]
+    got = np.stack([rt.outputs[i] for i in range(n_requests)])
     if workload == "score":
         out, rep = executor.score(stages, rows, channel=ch, micro_batch=b)
-        same = bool(np.allclose(np.stack([rt.outputs[i] for i in range(n_requests)]), out,
-                                rtol=1e-4, atol=1e-4))
+        same = bool(np.allclose(got, out, rtol=1e-4, atol=1e-4))
     else:
         out, rep = executor.generate(stages, rows, rt.gen, channel=ch, micro_batch=b)
-        same = bool(np.array_equal(np.stack([rt.outputs[i] for i in range(n_requests)]), out))
+        same = bool(np.array_equal(got, out))
     sim_lat = np.array([r.done - r.arrival for r in res.requests])
     ex_lat = np.array([r.latency_s for r in rep.requests])
     sim_m, ex_m = float(sim_lat.max()), rep.makespan_s
+    total = lambda seconds: float(sum(map(sum, seconds.values())))  # noqa: E731
     return {"workload": workload, "plan": kind, "requests": n_requests, "micro_batch": b,
             "sim_real_timing": {"makespan_s": sim_m, "latency_mean_s": float(sim_lat.mean()),
-                                "stage_seconds_total": float(sum(map(sum,
-                                                                     rt.seconds.values())))},
+                                "stage_seconds_total": total(rt.seconds)},
             "executor": {"makespan_s": ex_m, "latency_mean_s": float(ex_lat.mean()),
-                         "stage_seconds_total": float(sum(map(sum,
-                                                              rep.stage_seconds.values())))},
+                         "stage_seconds_total": total(rep.stage_seconds)},
             "makespan_rel_diff": (sim_m - ex_m) / ex_m,
             "latency_mean_rel_diff": float((sim_lat.mean() - ex_lat.mean()) / ex_lat.mean()),
             "bytes_equal": bool(sum(r.bytes_up for r in res.requests) == rep.bytes_up
@@ -539,6 +498,7 @@ def _summary(runs: list[dict], tolerance: float, quiet: float = 0.1) -> dict:
 
 
 def validate(workdir: str = "runs/small", devices: Sequence[int] = (1, 2, 4), *,
+             calibration: str, codec_sweep, pipeline_calibration: str | None = None,
              seed: int = 0, progress: bool = True, plans: Sequence[str] = tuple(PLANS),
              workloads: Sequence[str] = ("score", "generate"), requests: int = 30,
              utilisation: float = 0.6, score_tokens: int = 128, prompt_tokens: int = 16,
@@ -549,6 +509,9 @@ def validate(workdir: str = "runs/small", devices: Sequence[int] = (1, 2, 4), *,
 
     Args:
       devices: end-device counts N sharing the cloud.
+      calibration, pipeline_calibration: this CPU's calibration files (see
+        :func:`ec2moe_jax.scheduler.this_cpu`); codec_sweep: ``ec2moe codec-sweep``'s record
+        or its path.
       seed: arrivals of run ``i`` use ``seed + i``.
       plans: plan kinds of :data:`PLANS`.
       requests: about how many requests each run offers (all devices together).
@@ -559,7 +522,7 @@ def validate(workdir: str = "runs/small", devices: Sequence[int] = (1, 2, 4), *,
         the validated plans run splits 0, 2 and L, so none of them is fitted on). This
         machine's speed drifts between sessions by more than the tolerance, so a calibration
         from another session is not a fair test of the simulator. ``False`` uses
-        ``results/pipeline_calibration.json``.
+        ``pipeline_calibration`` (the single-device fit when None).
 
     Returns:
       ``{"runs": [...], "summary": {...}, "cross_check": [...], ...}``; every run holds
@@ -568,10 +531,11 @@ def validate(workdir: str = "runs/small", devices: Sequence[int] = (1, 2, 4), *,
     from tqdm.auto import tqdm
 
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
-    world = _load_world(workdir, score_tokens, prompt_tokens, gen_tokens)
+    world = _load_world(workdir, score_tokens, prompt_tokens, gen_tokens, calibration,
+                        pipeline_calibration, codec_sweep)
     fresh = None
     if recalibrate:
-        world, fresh = _recalibrate(world, progress)
+        world, fresh = _recalibrate(world, progress, calibration)
     grid = [(n, w, k) for w in workloads for k in plans for n in devices]
     bar = tqdm(total=len(grid) + len(plans) * len(workloads), disable=not progress,
                desc="sim validation")
@@ -618,13 +582,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--devices", default="1,2,4")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the JSON here")
+    ap.add_argument("--calibration", default="results/calibration_cpu.json")
+    ap.add_argument("--codec-sweep", default="results/codec_sweep.json")
     args = ap.parse_args(argv)
     res = validate(args.workdir, tuple(int(d) for d in args.devices.split(",")),
-                   seed=args.seed)
-    text = json.dumps(res, indent=2, default=float)
+                   seed=args.seed, calibration=args.calibration, codec_sweep=args.codec_sweep)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(text + "\n")
+        write_text_atomic(args.out, json.dumps(res, indent=2, default=float) + "\n")
     print(json.dumps(res["summary"], indent=2))
     return res
 

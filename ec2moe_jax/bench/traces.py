@@ -8,7 +8,9 @@ defaults (CV 0.5, 3 s correlation time, 0.5 s steps) give the seconds-scale swin
 measured 4G/LTE throughput logs (e.g. the Ghent 4G/LTE dataset, van der Hooft et al., IEEE
 Commun. Lett. 2016) without claiming to reproduce any one of them. A step drop multiplies
 the bandwidth by ``factor`` over ``[start, start + duration)`` (rounded to the step grid):
-a handover, a tunnel, a congested cell.
+a handover, a tunnel, a congested cell. :class:`Drop` itself lives with the link
+(:mod:`ec2moe_jax.pipeline.link`, re-exported here), as does a constant trace with exact
+drops: :meth:`~ec2moe_jax.pipeline.link.BandwidthTrace.constant`.
 """
 
 from __future__ import annotations
@@ -17,20 +19,9 @@ import dataclasses
 
 import numpy as np
 
-from ec2moe_jax.pipeline.link import BandwidthTrace
+from ec2moe_jax.pipeline.link import BandwidthTrace, Drop
 
-
-@dataclasses.dataclass(frozen=True)
-class Drop:
-    start_s: float
-    duration_s: float
-    factor: float  # bandwidth multiplier during the drop, in (0, 1]
-
-    def __post_init__(self):
-        if self.start_s < 0 or self.duration_s <= 0 or not 0 < self.factor <= 1:
-            raise ValueError(f"Drop(start_s={self.start_s}, duration_s={self.duration_s}, "
-                             f"factor={self.factor}) needs start >= 0, duration > 0 and a "
-                             "factor in (0, 1]")
+__all__ = ["Drop", "LteParams", "lte_trace"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,12 +64,3 @@ def lte_trace(params: LteParams, horizon_s: float, seed: int,
                        bps * d.factor, bps)
     return BandwidthTrace(tuple(float(t) for t in times), tuple(float(b) for b in bps))
 
-
-def constant_trace(bps: float, drops: tuple[Drop, ...] = ()) -> BandwidthTrace:
-    """A constant bandwidth with optional step drops (exact breakpoints)."""
-    points = {0.0: float(bps)}
-    for d in sorted(drops, key=lambda d: d.start_s):
-        points[d.start_s] = float(bps) * d.factor
-        points.setdefault(d.start_s + d.duration_s, float(bps))
-    times = sorted(points)
-    return BandwidthTrace(tuple(times), tuple(points[t] for t in times))

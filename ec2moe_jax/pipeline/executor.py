@@ -1,5 +1,6 @@
-"""The pipeline executor: runs a split (:class:`~.stages.Stages`) over a batch of requests,
-in micro-batches, for single-pass scoring and for autoregressive generation.
+"""The pipeline executor: runs a split over a batch of requests, in micro-batches, for
+single-pass scoring and for autoregressive generation, through the stage engine
+(:mod:`~.engine`: the end and cloud jobs and their message bytes).
 
 Shape legend: N requests, B micro-batch, T scored tokens, P prompt length, G generated
 tokens, V vocab.
@@ -26,27 +27,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ec2moe_jax.pipeline.engine import (
+    CloudEngine,
+    EndEngine,
+    Message,
+    Scores,
+    Timer,
+    fixed_times,
+    measured,
+)
 from ec2moe_jax.pipeline.link import Channel
-from ec2moe_jax.pipeline.stages import TOKEN_BYTES, Stages, place, token_message_bytes
+from ec2moe_jax.pipeline.stages import Stages
 
-Timer = Callable[..., tuple[Any, float]]
-
-
-def measured(name: str, fn: Callable, *args) -> tuple[Any, float]:
-    """Runs ``fn(*args)`` to completion; returns (result, wall seconds)."""
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
-    return out, time.perf_counter() - t0
-
-
-def fixed_times(seconds: dict[str, float]) -> Timer:
-    """A timer that runs each stage but charges it ``seconds[name]`` (deterministic tests;
-    names: end, cloud, hop, end_prefill, end_step, cloud_prefill, cloud_step)."""
-
-    def timer(name, fn, *args):
-        return jax.block_until_ready(fn(*args)), float(seconds.get(name, 0.0))
-
-    return timer
+__all__ = ["Report", "RequestStats", "Timer", "fixed_times", "full_logits", "generate",
+           "measured", "micro_batches", "score", "score_overlapped"]
 
 
 @dataclasses.dataclass
@@ -162,34 +156,26 @@ def score(stages: Stages, tokens: np.ndarray, *, channel: Channel, micro_batch: 
     if tokens.shape[1] < 2:
         raise ValueError("scoring needs at least 2 tokens per request (input and target)")
     clock, out, reqs, logits = _Clock(timer, pace), [], [], []
-    end, cloud, p = stages.end_mesh, stages.cloud_mesh, stages
+    end, cloud = EndEngine(stages, clock.run), CloudEngine(stages, clock.run)
     for i, idx in enumerate(micro_batches(len(tokens), micro_batch)):
-        x, y, b, t = tokens[idx, :-1], tokens[idx, 1:], len(idx), tokens.shape[1] - 1
-        ex = None
-        if stages.end_only:
-            (lg, lp), dt = clock.run("end", p.score_end, p.end_params, p.end_extra,
-                                     place(x, end, b), place(y, end, b))
-            done = clock.end(0.0, dt)
+        b, t = len(idx), tokens.shape[1] - 1
+        up, dt = end.score(tokens[idx])
+        ready, ex = clock.end(0.0, dt), None  # 0 s at split 0: the end only sends the ids
+        if isinstance(up, Scores):  # split L: nothing crosses
+            res, done = up, ready
         else:
-            ready, msg = 0.0, x
-            if not stages.cloud_only:
-                msg, dt = clock.run("end", p.score_end, p.end_params, p.end_extra,
-                                    place(x, end, b), None)
-                ready = clock.end(0.0, dt)
-            result = {}
+            box = {}
 
-            def serve(arrival, msg=msg, y=y, b=b, result=result):
-                m, dt_hop = clock.run("hop", place, (msg, y), cloud, b)
-                (result["lg"], result["lp"]), dt = clock.run(
-                    "cloud", p.score_cloud, p.cloud_params, p.cloud_codec, *m)
-                return clock.cloud(arrival, dt_hop + dt)
+            def serve(arrival, up=up, box=box):
+                box["res"], dt = cloud.score(up)
+                return clock.cloud(arrival, dt)
 
-            up = stages.up_bytes(b, t) + (0 if stages.cloud_only else TOKEN_BYTES * b * t)
-            ex = channel.round_trip(("score", i), ready, up, serve, token_message_bytes(b, t))
-            done, lp, lg = clock.wait(ex.arrival), result["lp"], result["lg"]
-        out.append(np.asarray(lp))
+            ex = channel.round_trip(("score", i), ready, up.nbytes, serve,
+                                    cloud.reply_bytes(b, t))
+            done, res = clock.wait(ex.arrival), box["res"]
+        out.append(np.asarray(res.logprobs))
         if keep_logits:
-            logits.append(np.asarray(lg))
+            logits.append(np.asarray(res.logits))
         reqs += (_stats(idx, done) if ex is None
                  else _stats(idx, done, ex.bytes_up, ex.bytes_down, ex.attempts))
     rep = Report("score", reqs, clock.seconds, max(r.latency_s for r in reqs),
@@ -216,47 +202,36 @@ class _Stream:
     attempts: int = 1
 
 
-def _decode_one(stages: Stages, clock: _Clock, channel: Channel, s: _Stream, k: int,
-                inputs, rng) -> None:
-    """Step ``k`` (0 = prefill with ``inputs`` [B, P]) of one micro-batch stream."""
-    p, b = stages, len(s.idx)
+def _decode_one(end: EndEngine, cloud: CloudEngine, clock: _Clock, channel: Channel,
+                s: _Stream, k: int, prompts: np.ndarray, rng) -> None:
+    """Step ``k`` (0 = prefill with ``prompts`` [B, P]) of one micro-batch stream."""
     kind = "prefill" if k == 0 else "step"
-    end_fn = p.prefill_end if k == 0 else p.step_end
-    cloud_fn = p.prefill_cloud if k == 0 else p.step_cloud
-    if stages.end_only:
-        (s.end_cache, (tok, _)), dt = clock.run(f"end_{kind}", end_fn, p.end_params,
-                                                p.end_extra, s.end_cache, inputs, rng)
-        s.token, s.ready = tok, clock.end(s.ready, dt)
-    elif stages.cloud_only and k > 0:  # the cloud feeds back its own token; tokens stream
-        (s.cloud_cache, (tok, _)), dt = clock.run("cloud_step", cloud_fn, p.cloud_params,
-                                                  p.cloud_codec, s.cloud_cache,
-                                                  s.token[:, None], rng)
-        done = clock.cloud(s.cloud_done, dt)
-        s.token, s.cloud_done = tok, done
-        ex = channel.push(("token", int(s.idx[0]), k), done, token_message_bytes(b, 1))
-        s.ready, s.bytes_down = ex.arrival, s.bytes_down + ex.bytes_down
+    if end.stages.cloud_only and k > 0:  # the cloud feeds back its own token; tokens stream
+        s.cloud_cache, res, dt = cloud.generate(s.cloud_cache, s.token, rng)
+        s.cloud_done = clock.cloud(s.cloud_done, dt)
+        ex = channel.push(("token", int(s.idx[0]), k), s.cloud_done, res.nbytes)
+        s.token, s.ready, s.bytes_down = res.token, ex.arrival, s.bytes_down + ex.bytes_down
         s.attempts = max(s.attempts, ex.attempts)
     else:
-        ready, msg = s.ready, inputs
-        if not stages.cloud_only:
-            (s.end_cache, msg), dt = clock.run(f"end_{kind}", end_fn, p.end_params,
-                                               p.end_extra, s.end_cache, inputs, rng)
-            ready = clock.end(s.ready, dt)
-        result = {}
+        s.end_cache, up, dt = (end.prefill(s.end_cache, prompts, rng) if k == 0
+                               else end.step(s.end_cache, s.token, rng))
+        ready = clock.end(s.ready, dt)  # 0 s at split 0: the end only sends the ids
+        if not isinstance(up, Message):  # split L: the end sampled, nothing crosses
+            s.token, s.ready = up.token, ready
+        else:
+            box = {}
 
-        def serve(arrival):
-            m, dt_hop = clock.run("hop", place, msg, p.cloud_mesh, b)
-            (s.cloud_cache, (result["tok"], _)), dt = clock.run(
-                f"cloud_{kind}", cloud_fn, p.cloud_params, p.cloud_codec, s.cloud_cache, m, rng)
-            s.cloud_done = clock.cloud(arrival, dt_hop + dt)
-            return s.cloud_done
+            def serve(arrival):
+                fn = cloud.prefill if k == 0 else cloud.step
+                s.cloud_cache, box["res"], dt = fn(s.cloud_cache, up, rng)
+                s.cloud_done = clock.cloud(arrival, dt)
+                return s.cloud_done
 
-        t = inputs.shape[1]
-        ex = channel.round_trip((kind, int(s.idx[0]), k), ready, stages.up_bytes(b, t), serve,
-                                token_message_bytes(b, 1))
-        s.token, s.ready = result["tok"], ex.arrival
-        s.bytes_up, s.bytes_down = s.bytes_up + ex.bytes_up, s.bytes_down + ex.bytes_down
-        s.attempts = max(s.attempts, ex.attempts)
+            ex = channel.round_trip((kind, int(s.idx[0]), k), ready, up.nbytes, serve,
+                                    cloud.reply_bytes(len(s.idx), 1))
+            s.token, s.ready = box["res"].token, ex.arrival
+            s.bytes_up, s.bytes_down = s.bytes_up + ex.bytes_up, s.bytes_down + ex.bytes_down
+            s.attempts = max(s.attempts, ex.attempts)
     s.times.append(clock.wait(s.ready))
     s.out.append(np.asarray(s.token))
 
@@ -280,20 +255,13 @@ def generate(stages: Stages, prompts: np.ndarray, max_new_tokens: int, *, channe
                          f"{limit} and max_new_tokens >= 1")
     rng = jax.random.key(0) if rng is None else rng
     clock = _Clock(timer, pace)
-    streams = []
-    for idx in micro_batches(n, micro_batch):
-        ec, cc = stages.init_caches(len(idx))
-        streams.append(_Stream(idx, ec, cc))
+    end, cloud = EndEngine(stages, clock.run), CloudEngine(stages, clock.run)
+    streams = [_Stream(idx, end.init_cache(len(idx)), cloud.init_cache(len(idx)))
+               for idx in micro_batches(n, micro_batch)]
     for k in range(max_new_tokens):
         for s in streams:
             rng, sub = jax.random.split(rng)
-            b = len(s.idx)
-            mesh = stages.cloud_mesh if stages.cloud_only else stages.end_mesh
-            if k == 0:
-                inputs = place(prompts[s.idx], mesh, b)
-            else:  # the sampled token comes back to the end (cloud-only: stays put)
-                inputs = None if stages.cloud_only else place(s.token[:, None], mesh, b)
-            _decode_one(stages, clock, channel, s, k, inputs, sub)
+            _decode_one(end, cloud, clock, channel, s, k, prompts[s.idx], sub)
             if on_token is not None:
                 on_token(s.idx, s.out[-1], s.times[-1])
     reqs = []
@@ -309,33 +277,33 @@ def generate(stages: Stages, prompts: np.ndarray, max_new_tokens: int, *, channe
     return out, rep
 
 
+def _dispatched(name, fn, *args):
+    return fn(*args), 0.0
+
+
+def _blocked(name, fn, *args):
+    return jax.block_until_ready(fn(*args)), 0.0
+
+
 def score_overlapped(stages: Stages, tokens: np.ndarray, micro_batch: int) -> tuple[float, float]:
     """Measured wall seconds of split scoring with asynchronous dispatch (end of micro-batch
     ``i + 1`` dispatched before the cloud's ``i`` completes; no link emulation), and of the
-    same work run stage by stage with a block after each: (overlapped, sequential)."""
+    same work run stage by stage with a block after each (hop included): (overlapped,
+    sequential)."""
     if stages.end_only or stages.cloud_only:
         raise ValueError("overlap needs a split with work on both sides")
     tokens = _check_tokens(stages, tokens, "tokens")
     mbs = micro_batches(len(tokens), micro_batch)
-    p = stages
 
-    def run(block: bool) -> float:
-        t0, outs = time.perf_counter(), []
-        for idx in mbs:
-            b = len(idx)
-            msg = p.score_end(p.end_params, p.end_extra, place(tokens[idx, :-1], p.end_mesh, b),
-                              None)
-            if block:
-                jax.block_until_ready(msg)
-            m, y = place((msg, tokens[idx, 1:]), p.cloud_mesh, b)
-            outs.append(p.score_cloud(p.cloud_params, p.cloud_codec, m, y)[1])
-            if block:
-                jax.block_until_ready(outs[-1])
+    def run(timer: Timer) -> float:
+        end, cloud = EndEngine(stages, timer), CloudEngine(stages, timer)
+        t0 = time.perf_counter()
+        outs = [cloud.score(end.score(tokens[idx])[0])[0].logprobs for idx in mbs]
         jax.block_until_ready(outs)
         return time.perf_counter() - t0
 
-    run(True)  # compile
-    return run(False), run(True)
+    run(_blocked)  # compile
+    return run(_dispatched), run(_blocked)
 
 
 def full_logits(model, params, tokens) -> jnp.ndarray:

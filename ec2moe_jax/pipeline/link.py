@@ -30,6 +30,22 @@ class LinkError(RuntimeError):
 
 
 @dataclasses.dataclass(frozen=True)
+class Drop:
+    """A step drop of bandwidth: ``factor`` times the bandwidth over ``[start_s, start_s +
+    duration_s)`` (a handover, a tunnel, a congested cell)."""
+
+    start_s: float
+    duration_s: float
+    factor: float  # bandwidth multiplier during the drop, in (0, 1]
+
+    def __post_init__(self):
+        if self.start_s < 0 or self.duration_s <= 0 or not 0 < self.factor <= 1:
+            raise ValueError(f"Drop(start_s={self.start_s}, duration_s={self.duration_s}, "
+                             f"factor={self.factor}) needs start >= 0, duration > 0 and a "
+                             "factor in (0, 1]")
+
+
+@dataclasses.dataclass(frozen=True)
 class BandwidthTrace:
     """Piecewise-constant bandwidth: ``bps[i]`` bits/s from ``times[i]`` (s) until the next
     change; ``times[0]`` must be 0 and the last value holds forever."""
@@ -48,8 +64,15 @@ class BandwidthTrace:
                              "with Failures.down instead)")
 
     @classmethod
-    def constant(cls, bps: float) -> BandwidthTrace:
-        return cls((0.0,), (float(bps),))
+    def constant(cls, bps: float, drops: Sequence[Drop] = ()) -> BandwidthTrace:
+        """``bps`` bits/s throughout, except during ``drops`` (exact breakpoints). Drops are
+        meant not to overlap: each one's end restores ``bps``."""
+        points = {0.0: float(bps)}
+        for d in sorted(drops, key=lambda d: d.start_s):
+            points[d.start_s] = float(bps) * d.factor
+            points.setdefault(d.start_s + d.duration_s, float(bps))
+        times = sorted(points)
+        return cls(tuple(times), tuple(points[t] for t in times))
 
     def mean_bps(self, start: float, stop: float) -> float:
         """Time-averaged bandwidth over ``[start, stop)`` (what a device measures over a

@@ -9,7 +9,8 @@ HL-GGN group gates, then encodes the boundary hidden state for the link. The clo
 it and runs layers ``[s, L)`` with every expert (stacked weights sharded over the cloud
 mesh's 'expert' axis) and the LM head. ``s = 0`` is cloud-only (token ids go up), ``s = L``
 end-only (the end samples, nothing crosses the link). The hop between the two meshes is an
-explicit :func:`jax.device_put` (one jit cannot span two meshes). Hyperparameters (split,
+explicit :func:`~ec2moe_jax.sharding.hop` (one jit cannot span two meshes), made by the
+stage engine (:mod:`~.engine`), which runs these stages. Hyperparameters (split,
 transport, temperature) are closed over; values (tokens, masks, gate and codec weights) are
 arguments.
 """
@@ -21,69 +22,28 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from ec2moe_jax.codec import lowrank, wire
+from ec2moe_jax.codec import FP32, CodecSpec, lowrank, wire
+from ec2moe_jax.layers.group_gate import make_gates
 from ec2moe_jax.models.generate import sample_token
 from ec2moe_jax.models.lm import MoELM, init_cache
-from ec2moe_jax.sharding import param_shardings, unbox, use_mesh
+from ec2moe_jax.sharding import hop, param_shardings, unbox, use_mesh
 
 TOKEN_BYTES = wire.TOKEN_BYTES
-RAW_KINDS = ("float32", "bfloat16")
-LOWRANK_BITS = {"int8": "int8", "int4": "int4", "lowrank-float32": None}
-
-
-@dataclasses.dataclass(frozen=True)
-class Transport:
-    """What crosses the link at a split.
-
-    ``kind``: "float32" (the raw hidden state, lossless), "bfloat16" (raw, 2 bytes per value:
-    the scheduler's "no codec"), or a low-rank codec: "int8", "int4" (quantised latents with
-    per-token scales) or "lowrank-float32". ``rank``: R of the codec (None for raw kinds).
-    """
-
-    kind: str = "float32"
-    rank: int | None = None
-
-    def __post_init__(self):
-        if self.kind not in RAW_KINDS + tuple(LOWRANK_BITS):
-            raise ValueError(f"transport kind {self.kind!r} must be one of "
-                             f"{list(RAW_KINDS + tuple(LOWRANK_BITS))}")
-        if (self.kind in RAW_KINDS) != (self.rank is None):
-            raise ValueError(f"transport {self.kind!r}: rank={self.rank} must be None for raw "
-                             "hidden states and an int >= 1 for a low-rank codec")
-
-    @property
-    def lowrank(self) -> bool:
-        return self.kind not in RAW_KINDS
-
-    def payload_bytes(self, batch: int, time: int, d_model: int) -> int:
-        """Exact wire bytes of one [batch, time] hidden-state message (24-byte header
-        included). The wire format has no bfloat16 kind; bfloat16 is counted at float16's
-        2 bytes per value."""
-        if self.kind == "float32":
-            return wire.payload_bytes("float32", batch, time, d_model)
-        if self.kind == "bfloat16":
-            return wire.payload_bytes("float16", batch, time, d_model)
-        kind = "float32" if self.kind == "lowrank-float32" else self.kind
-        return wire.payload_bytes(kind, batch, time, self.rank)
-
-
 def token_message_bytes(batch: int, time: int) -> int:
     """Wire bytes of [batch, time] token ids or float32 scores (header + 4 bytes each)."""
     return wire.HEADER_BYTES + TOKEN_BYTES * batch * time
 
 
-def _encode(transport: Transport, codec, h):
-    if transport.kind == "float32":
-        return {"h": h.astype(jnp.float32)}
-    if transport.kind == "bfloat16":
-        return {"h": h.astype(jnp.bfloat16)}
+def _encode(transport: CodecSpec, codec, h):
+    if not transport.lowrank:
+        return {"h": h.astype(jnp.bfloat16 if transport.kind == "bf16" else jnp.float32)}
     z = lowrank.encode(codec, h)
-    bits = LOWRANK_BITS[transport.kind]
-    if bits is None:
+    if transport.quant_bits is None:
         return {"z": z}
-    q, scale = lowrank.quantize(z, bits)
+    q, scale = lowrank.quantize(z, transport.quant_bits)
     return {"q": q, "scale": scale}
 
 
@@ -101,32 +61,19 @@ def _layer_subset(tree, layers: range):
     return {k: v for k, v in tree.items() if not k.startswith("layer_") or k in keep}
 
 
-def batch_sharding_for(mesh: Mesh, batch: int, ndim: int) -> NamedSharding:
-    """Batch over 'data' when it divides, else replicated (e.g. one request on 3 devices)."""
-    if ndim == 0:  # e.g. a KV cache's write index
-        return NamedSharding(mesh, PartitionSpec())
-    axis = "data" if batch % mesh.shape["data"] == 0 else None
-    return NamedSharding(mesh, PartitionSpec(axis, *([None] * (ndim - 1))))
-
-
-def place(tree, mesh: Mesh, batch: int):
-    """Puts a pytree of [B, ...] arrays onto ``mesh`` (the explicit hop between meshes)."""
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding_for(mesh, batch, x.ndim)),
-                        tree)
-
-
 @dataclasses.dataclass
 class Stages:
     """Jitted end and cloud stages of one split, with their parameters already placed.
 
     Build with :func:`build_stages`. Every function returns device arrays without blocking.
-    ``end_*`` take end-resident arguments, ``cloud_*`` cloud-resident ones; the executor
-    moves messages across with :func:`place`.
+    ``end_*`` take end-resident arguments, ``cloud_*`` cloud-resident ones. Run them through
+    :mod:`~.engine` (:class:`~.engine.EndEngine`, :class:`~.engine.CloudEngine`), which
+    places inputs, hops messages across (:func:`~ec2moe_jax.sharding.hop`) and counts bytes.
     """
 
     model: MoELM
     split: int
-    transport: Transport
+    transport: CodecSpec
     end_mesh: Mesh
     cloud_mesh: Mesh
     end_params: dict
@@ -140,6 +87,7 @@ class Stages:
     prefill_cloud: Callable
     step_cloud: Callable
     full_params: dict = dataclasses.field(repr=False, default=None)  # cache shapes only
+    _cache_shapes: dict = dataclasses.field(repr=False, default_factory=dict)  # B -> shapes
 
     @property
     def num_layers(self) -> int:
@@ -153,12 +101,20 @@ class Stages:
     def cloud_only(self) -> bool:
         return self.split == 0
 
-    def init_caches(self, batch: int):
-        """Zeroed KV caches for ``batch`` sequences: (end layers < s, cloud layers >= s)."""
-        full = init_cache(self.model, self.full_params, batch)
-        end = _layer_subset(full, range(self.split))
-        cloud = _layer_subset(full, range(self.split, self.num_layers))
-        return place(end, self.end_mesh, batch), place(cloud, self.cloud_mesh, batch)
+    def init_cache(self, side: str, batch: int):
+        """Zeroed KV cache for ``batch`` sequences of one side: ``"end"`` (layers < s, on the
+        end mesh) or ``"cloud"`` (layers >= s, on the cloud mesh); ``{}`` for a side
+        without layers. Fresh buffers every call (a decode step donates its cache)."""
+        if side not in ("end", "cloud"):
+            raise ValueError(f"{side=} must be 'end' or 'cloud'")
+        if batch not in self._cache_shapes:  # tracing the model for shapes is slow
+            self._cache_shapes[batch] = jax.eval_shape(
+                lambda: init_cache(self.model, self.full_params, batch))
+        layers = (range(self.split) if side == "end"
+                  else range(self.split, self.num_layers))
+        shapes = _layer_subset(self._cache_shapes[batch], layers)
+        zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+        return hop(zeros, self.end_mesh if side == "end" else self.cloud_mesh)
 
     def up_bytes(self, batch: int, time: int) -> int:
         """Wire bytes of one end-to-cloud message of [batch, time] positions."""
@@ -183,11 +139,9 @@ def _run_layers(model, v, x, start, stop, cache, **kw):
     return x, state["cache"]
 
 
-def _make_fns(model: MoELM, split: int, transport: Transport, temperature: float,
+def _make_fns(model: MoELM, split: int, transport: CodecSpec, temperature: float,
               gate_spec, end_mesh: Mesh, cloud_mesh: Mesh):
     """The six stage functions (unjitted) closed over the static choices."""
-    from ec2moe_jax.training.gate import make_gates
-
     L = model.cfg.num_layers
     dtype = jnp.dtype(model.cfg.dtype)
 
@@ -241,7 +195,7 @@ def build_stages(
     cloud_mesh: Mesh,
     *,
     split: int,
-    transport: Transport = Transport(),
+    transport: CodecSpec = FP32,
     allowed: jax.Array | None = None,
     gates: tuple | None = None,
     codec: dict | None = None,
@@ -252,7 +206,7 @@ def build_stages(
     Args:
       params: the LM's parameters (plain arrays, anywhere).
       split: layers ``[0, split)`` run on the end.
-      transport: what crosses the link (see :class:`Transport`).
+      transport: what crosses the link (a :class:`~ec2moe_jax.codec.CodecSpec`).
       allowed: <bool>[L, E] resident experts of the end layers (None: all).
       gates: ``(GateSpec, gate_params)`` of the end's group gates, or None (the router).
       codec: ``{"mean", "w_enc", "w_dec"}`` for a low-rank transport.
@@ -265,7 +219,7 @@ def build_stages(
     if transport.lowrank and (codec is None or codec["w_enc"].shape != (cfg.d_model,
                                                                          transport.rank)):
         got = None if codec is None else tuple(codec["w_enc"].shape)
-        raise ValueError(f"transport {transport.kind!r} rank {transport.rank} needs codec "
+        raise ValueError(f"transport {transport.name!r} rank {transport.rank} needs codec "
                          f"weights w_enc of shape {(cfg.d_model, transport.rank)}, got {got}")
     if gates is not None and gates[0].num_end_layers != split:
         raise ValueError(f"the gates were trained for {gates[0].num_end_layers} end layers, "

@@ -138,18 +138,41 @@ def unbox(tree):
     return nn.meta.unbox(tree)
 
 
-def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
-    """Sharding of a [B, ...] input batch: batch over 'data', the rest replicated."""
-    return NamedSharding(mesh, PartitionSpec("data", *([None] * (ndim - 1))))
+def batch_sharding(mesh: Mesh, ndim: int = 2, batch: int | None = None) -> NamedSharding:
+    """Sharding of a [B, ...] input batch: B over 'data', the rest replicated.
+
+    With ``batch`` given, B stays replicated where 'data' does not divide it (one request on
+    a 3-way 'data' axis); a scalar (``ndim == 0``, e.g. a KV cache's write index) is
+    replicated.
+    """
+    if ndim == 0:
+        return NamedSharding(mesh, PartitionSpec())
+    axis = "data" if batch is None or batch % mesh.shape["data"] == 0 else None
+    return NamedSharding(mesh, PartitionSpec(axis, *([None] * (ndim - 1))))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def hop(tree, sharding):
-    """The explicit end-to-cloud (or cloud-to-end) transfer: a ``jax.device_put``."""
-    return jax.device_put(tree, sharding)
+def hop(tree, dest: Mesh | jax.sharding.Sharding):
+    """The explicit transfer of a pytree between meshes (end to cloud, cloud to end, or from
+    host arrays): a ``jax.device_put`` of every leaf, since one jit cannot span two meshes.
+
+    Args:
+      tree: a pytree of arrays (jax or NumPy; ``None`` leaves stay ``None``).
+      dest: one sharding for every leaf, or a mesh: then every [B, ...] leaf is placed by
+        :func:`batch_sharding` with its own B (over 'data' where that divides B, else
+        replicated) and every scalar is replicated.
+    """
+    if not isinstance(dest, Mesh):
+        return jax.device_put(tree, dest)
+
+    def one(x):
+        ndim = np.ndim(x)
+        return jax.device_put(x, batch_sharding(dest, ndim, np.shape(x)[0] if ndim else None))
+
+    return jax.tree.map(one, tree)
 
 
 _state = threading.local()
