@@ -8,7 +8,6 @@ method of each figure.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -481,13 +480,15 @@ def _clean(x):
     return x
 
 
-def run(workdir: str, *, regimes=None, quality: bool = True, validation: bool = True,
-        gate_steps: int = 0, progress: bool = True, log=print) -> dict:
-    """Everything ``infer/bench.py`` writes, as one JSON-ready record."""
+def run(workdir: str, *, calibration, codec_sweep, regimes=None, quality: bool = True,
+        validation: bool = True, gate_steps: int = 0, progress: bool = True, log=print) -> dict:
+    """Everything ``infer/bench.py`` writes, as one JSON-ready record; ``calibration`` and
+    ``codec_sweep``: the paths of ``ec2moe calibrate``'s and ``ec2moe codec-sweep``'s files
+    (see :meth:`~ec2moe_jax.bench.evaluation.Context.default`)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    ctx = ev.Context.default()
+    ctx = ev.Context.default(calibration, codec_sweep)
     regimes = regimes or ev.regimes()
     rows = []
     for rg in tqdm(regimes, desc="regimes (simulated)", disable=not progress):
@@ -508,7 +509,7 @@ def run(workdir: str, *, regimes=None, quality: bool = True, validation: bool = 
     val = {"status": "not run"}
     if validation:
         t1 = time.time()
-        val = _validation(workdir, progress)
+        val = _validation(workdir, progress, calibration, codec_sweep)
         log(f"validation: {time.time() - t1:.0f} s")
     cal = ctx.calibration
     record.update({
@@ -570,11 +571,12 @@ def _quality(ctx, rows, workdir, gate_steps, progress) -> dict:
                      for q, r in measured.items()}}
 
 
-def _validation(workdir, progress) -> dict:
+def _validation(workdir, progress, calibration, codec_sweep) -> dict:
     from ec2moe_jax.bench.sim_validation import validate
 
     try:
-        return validate(workdir, progress=progress)
+        return validate(workdir, progress=progress, calibration=calibration,
+                        codec_sweep=codec_sweep)
     except (FileNotFoundError, ValueError) as e:
         return {"status": f"not run: {e}"}
 
