@@ -1,5 +1,5 @@
 """The evaluation harness: EC2MoE against its ablations and the baselines, per regime, in
-one run (*ours*). Entry point: ``infer/bench.py``.
+one run (*ours*). Entry point: ``ec2moe bench``.
 
 Method. Timing is **simulated** (:mod:`~ec2moe_jax.bench.sim`, a discrete-event simulator
 whose job times come from the cost model calibrated on this CPU, presets scaled by their

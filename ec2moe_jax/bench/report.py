@@ -1,7 +1,7 @@
 """The evaluation report: the regime grid, three sweeps for plots, measured quality, the
 simulator's validation, the paper-shaped tables and ``results/bench.json`` (*ours*).
 
-Entry point: ``python infer/bench.py``. See :mod:`~ec2moe_jax.bench.evaluation` for the
+Entry point: ``ec2moe bench``. See :mod:`~ec2moe_jax.bench.evaluation` for the
 method of each figure.
 """
 
@@ -19,7 +19,7 @@ from ec2moe_jax.bench import sim, strategies
 from ec2moe_jax.bench.traces import Drop
 from ec2moe_jax.files import write_json_atomic, write_text_atomic
 
-COMMAND = "python infer/bench.py"
+COMMAND = "ec2moe bench"
 LOAD_SWEEP = ev.Regime("private-score-512", "t4", 64, 20.0)
 LOAD_FRACTIONS = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0, 1.3)
 BANDWIDTH_SWEEP = ev.Regime("generate-128+32", "t4", 8, 20.0)
@@ -482,7 +482,7 @@ def _clean(x):
 
 def run(workdir: str, *, calibration, codec_sweep, regimes=None, quality: bool = True,
         validation: bool = True, gate_steps: int = 0, progress: bool = True, log=print) -> dict:
-    """Everything ``infer/bench.py`` writes, as one JSON-ready record; ``calibration`` and
+    """Everything ``ec2moe bench`` writes, as one JSON-ready record; ``calibration`` and
     ``codec_sweep``: the paths of ``ec2moe calibrate``'s and ``ec2moe codec-sweep``'s files
     (see :meth:`~ec2moe_jax.bench.evaluation.Context.default`)."""
     from tqdm.auto import tqdm

@@ -59,7 +59,7 @@ LINK = LinkProfile("validation", bandwidth_bps=20e6, rtt_s=0.02)
 # a split of -1 means "every layer" (end-only).
 PLANS = {"split": (2, 0.5, "int8-r64", 1), "cloud-only": (0, 0.0, "bf16", 1),
          "end-only": (-1, 1.0, "bf16", 1)}
-TRAIN_COMMAND = "python train/main.py --config small --workdir runs/small"
+TRAIN_COMMAND = "ec2moe train --config small --workdir runs/small"
 
 
 @dataclasses.dataclass

@@ -25,7 +25,7 @@ class Checkpointer:
         if not create and not os.path.isdir(self.directory):
             raise FileNotFoundError(
                 f"checkpoint directory {self.directory!r} does not exist; train first "
-                "(python train/main.py) or pass --workdir of a trained run"
+                "(`ec2moe train`) or pass --workdir of a trained run"
             )
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=create)
         self.manager = ocp.CheckpointManager(self.directory, options=options)

@@ -124,7 +124,7 @@ def _read_workdir(workdir: str) -> dict:
     path = os.path.join(os.path.expanduser(workdir), "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path!r} not found: {workdir!r} is not a training workdir "
-                                "(train first with python train/main.py --workdir ...)")
+                                "(train one first with `ec2moe train --workdir ...`)")
     with open(path) as f:
         return json.load(f)
 
