@@ -166,5 +166,12 @@ def test_tiny_model_on_own_text_runs_every_model_subcommand(tmp_path, capsys):
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert printed["bits_per_char"] == record["bits_per_char"]
 
+    # A plan JSON (the format of generate/score --help): one end layer, a low-rank codec.
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"split": 1, "resident": [4, 8], "codec": "int8-r8"}))
+    record = cli.run(["score", "--workdir", wd, "--plan", str(plan), "--text", "KING: Speak."])
+    assert record["plan"]["split"] == 1 and record["plan"]["codec"] == "int8-r8"
+    assert record["summary"]["bytes_up"] > 0 and math.isfinite(record["bits_per_char"])
+
     record = cli.run(["eval", "--workdir", wd, "--json"])
     assert record["split"] == "test" and math.isfinite(record["bits_per_char"])

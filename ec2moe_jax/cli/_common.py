@@ -34,8 +34,8 @@ class Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionH
         return super()._get_help_string(action)
 
 
-def add_parser(sub, name: str, *, help: str, description: str,
-               devices: bool = False) -> argparse.ArgumentParser:
+def add_parser(sub, name: str, *, help: str, description: str, devices: bool = False,
+               epilog: str | None = None) -> argparse.ArgumentParser:
     """A subcommand parser with the shared formatter and ``--debug``.
 
     Args:
@@ -45,8 +45,10 @@ def add_parser(sub, name: str, *, help: str, description: str,
       description: what the subcommand does, what it writes and how long it takes.
       devices: the subcommand runs the end and cloud submeshes, so it needs 8 devices
         (``JAX_NUM_CPU_DEVICES=8`` is set before JAX starts unless the user set it).
+      epilog: text after the options (formats, examples).
     """
-    p = sub.add_parser(name, help=help, description=description, formatter_class=Formatter)
+    p = sub.add_parser(name, help=help, description=description, epilog=epilog,
+                       formatter_class=Formatter)
     # SUPPRESS: a flag before the subcommand (ec2moe --debug train) is not reset here.
     p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                    help="show the full traceback of an error")
@@ -170,8 +172,8 @@ def require_workdir(path: str, command: str = "ec2moe train --workdir") -> str:
     """
     if not _is_trained(os.path.expanduser(path)):
         raise FileNotFoundError(
-            f"{path!r} holds no trained model (no config.json); train one with `{command} "
-            f"{path}` or `{DEMO}`; {_found(RUNS)}")
+            f"{path!r} holds no trained model (no config.json); `{command} {path}` trains one; "
+            f"{_found(RUNS)}")
     return path
 
 

@@ -31,7 +31,7 @@ CPU."""
 def register(sub) -> None:
     c = _common.add_parser(sub, "calibrate", help="calibrate the scheduler's cost model here",
                            description=_CALIBRATE)
-    c.add_argument("--config", default="small", help="config whose stages are timed")
+    _common.add_config_args(c)
     c.add_argument("--tokens", default="1,16,64,256",
                    help="comma-separated token counts per timed stage call")
     c.add_argument("--repeats", type=int, default=15, help="timings per stage (median)")
@@ -67,12 +67,11 @@ def _ints(text: str, flag: str) -> tuple[int, ...]:
 def calibrate(args: argparse.Namespace) -> dict:
     import jax
 
-    from ec2moe_jax.config import load_config
     from ec2moe_jax.profiles import measure
     from ec2moe_jax.scheduler.calibrate import fit, time_stages
 
     tokens = _ints(args.tokens, "--tokens")
-    cfg = load_config(args.config)
+    cfg = _common.build_config(args)
     start = time.time()
     load_before = os.getloadavg()
     _common.status("profiling this CPU (matmul and copy probes)")
@@ -86,7 +85,7 @@ def calibrate(args: argparse.Namespace) -> dict:
                   f"{os.cpu_count()} cores, jax {jax.__version__}); the CPU is shared with "
                   "another engineer's niced jobs, so every timing is the median of repeats "
                   "(round-robin over stages) after two warm-up calls",
-        "model": args.config,
+        "model": cfg.name,
         "stage_model": "seconds = overhead + layers * layer_overhead + FLOPs / (eta_flops * F)"
                        " + weight bytes / (eta_bw * BW) (ec2moe_jax.scheduler.model."
                        "stage_time); F, BW = this machine's live profile; fitted by least "

@@ -68,21 +68,10 @@ def convert_hf(args: argparse.Namespace) -> dict:
     return info
 
 
-def parity(folder: str) -> dict:
-    """Max |logit difference| of ``folder``'s import against its ``reference.npz``
-    (transformers' fp32 logits of ``token_ids``), with the checkpoint's shape."""
-    import numpy as np
+def _parity(folder: str) -> dict:
+    from ec2moe_jax.models import reference_parity
 
-    from ec2moe_jax.models import load_hf
-
-    model, params = load_hf(folder)
-    ref = np.load(os.path.join(folder, "reference.npz"))
-    out = np.asarray(model.apply({"params": params}, ref["token_ids"]))
-    c = model.cfg
-    return {"max_abs_logit_diff": float(np.abs(out - ref["logits"]).max()),
-            "logit_abs_max": float(np.abs(ref["logits"]).max()),
-            "shape": {"d_model": c.d_model, "layers": c.num_layers, "experts": c.moe.num_experts,
-                      "top_k": c.moe.top_k, "heads": c.num_heads, "kv_heads": c.kv_heads}}
+    return reference_parity(folder)[0]
 
 
 def hf_parity(args: argparse.Namespace) -> dict:
@@ -91,7 +80,7 @@ def hf_parity(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"--fixtures {args.fixtures!r} lacks {missing}: run from the "
                                 "repository root or point --fixtures at tests/fixtures/hf")
     record = {"benchmark": "hf_logits_parity", "method": "measured, fp32 on CPU",
-              "fixture": {f: parity(os.path.join(args.fixtures, f)) for f in FAMILIES}}
+              "fixture": {f: _parity(os.path.join(args.fixtures, f)) for f in FAMILIES}}
     maker = os.path.join(args.fixtures, "make_fixtures.py")
     seeds = [s.strip() for s in args.fresh_seeds.split(",") if s.strip()]
     absent = [m for m in ("torch", "transformers") if importlib.util.find_spec(m) is None]
@@ -103,7 +92,7 @@ def hf_parity(args: argparse.Namespace) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             subprocess.run([sys.executable, maker, "--out", tmp, "--variant", "fresh", "--seed",
                             seed], check=True, capture_output=True)
-            record[f"fresh_seed{seed}"] = {f: parity(os.path.join(tmp, f)) for f in FAMILIES}
+            record[f"fresh_seed{seed}"] = {f: _parity(os.path.join(tmp, f)) for f in FAMILIES}
     record["command"] = _common.command_line("hf-parity", args.argv)
     _common.write_json(args.out, record)
     print(json.dumps({k: {f: v["max_abs_logit_diff"] for f, v in r.items()}

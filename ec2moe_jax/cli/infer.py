@@ -14,8 +14,17 @@ from ec2moe_jax.cli import _common
 _PLAN_HELP = (
     "run through the end-cloud pipeline with this plan: ec2moe (the scheduler's plan for "
     "--end-device over --link), a baseline (cloud-only, end-only, end-only-drop, "
-    "end-only-swap, best-split) or a plan JSON file (format: the docstring of "
-    "ec2moe_jax.pipeline.plans.load_plan)")
+    "end-only-swap, best-split) or a plan JSON file (format below)")
+
+_PLAN_JSON = """\
+a plan JSON file holds one object, e.g. for 4 layers and 8 experts:
+  {"split": 2, "resident": [6, 6, 8, 8], "codec": "int8-r64", "micro_batch": 1, "swap": false}
+split: layers [0, split) run on the end (0: cloud-only); resident: experts kept per end layer
+(one int for all; default all); codec: what crosses the link, bf16 (default), fp32 or
+int8-r<R> / int4-r<R> / fp32-r<R> (low-rank latents, rank R); micro_batch: requests per
+micro-batch (default 1); swap: read non-resident experts from storage instead of dropping
+them (default false). The "plan" object of a score --json record is such a plan. Full
+format: the docstring of ec2moe_jax.pipeline.plans.load_plan."""
 
 _GENERATE = """\
 Generate text from a trained model with its KV cache and print it. With --plan, the model
@@ -51,14 +60,14 @@ def _pipeline_args(p: argparse.ArgumentParser) -> None:
 
 def register(sub) -> None:
     g = _common.add_parser(sub, "generate", help="generate text (whole model or --plan)",
-                           description=_GENERATE)
+                           description=_GENERATE, epilog=_PLAN_JSON)
     g.add_argument("--workdir", default=None, help=_common.workdir_help())
     g.add_argument("--hf", default=None,
                    help="generate straight from a Hugging Face folder instead of a workdir")
     g.add_argument("--prompt", default="ROMEO:\n", help="prompt text (UTF-8 bytes are tokens)")
     g.add_argument("--prompt-ids", default=None,
                    help="comma-separated token ids instead of --prompt (imported models with "
-                        "their own vocabulary); prints ids instead of text")
+                        "their own vocabulary); prints the new token ids instead of text")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: 300, or as many as the model's "
                         "max_seq_len leaves after the prompt; an explicit value that does not "
@@ -71,7 +80,7 @@ def register(sub) -> None:
     g.set_defaults(handler=generate, needs_devices=False)
 
     s = _common.add_parser(sub, "score", help="bits/char of a text through the pipeline",
-                           description=_SCORE, devices=True)
+                           description=_SCORE, devices=True, epilog=_PLAN_JSON)
     s.add_argument("--workdir", default=None, help=_common.workdir_help())
     s.add_argument("--text", default=None,
                    help="text to score, at most max_seq_len + 1 bytes (default: a line of "
@@ -268,12 +277,16 @@ def _generate_split(args: argparse.Namespace) -> str:
     ids_out = args.prompt_ids is not None
     started = []
 
-    def on_token(_, tokens, __):  # streams request 0; the prompt goes out with its first token
-        if not started:
-            started.append(True)
-            print(args.prompt_ids if ids_out else args.prompt, end="", flush=True)
+    # Streams request 0 as the plain path prints it: the prompt text and the new text, or
+    # the new token ids alone. The prompt goes out with the first token, after the stages
+    # compiled (their progress lines are on stderr).
+    def on_token(_, tokens, __):
         t = int(tokens[0])
-        print(f",{t}" if ids_out else tok.decode([t]), end="", flush=True)
+        if ids_out:
+            print(("," if started else "") + str(t), end="", flush=True)
+        else:
+            print(("" if started else args.prompt) + tok.decode([t]), end="", flush=True)
+        started.append(True)
 
     rec = _run_split(args, workdir, np.asarray([ids], np.int32), max_new_tokens=n,
                      on_token=on_token)
@@ -281,7 +294,7 @@ def _generate_split(args: argparse.Namespace) -> str:
     _common.status(json.dumps(rec["summary"], indent=1))
     new = rec["output"][0].tolist()
     if ids_out:
-        return ",".join(str(int(i)) for i in [*ids, *new])
+        return ",".join(str(int(i)) for i in new)
     return args.prompt + tok.decode(new)
 
 
@@ -358,15 +371,14 @@ def describe_plan(plan: dict, num_experts: int) -> str:
         else:
             experts = (f"; resident experts per end layer {kept} of {num_experts} (the others "
                        "dropped)")
-    codec = str(plan.get("codec", "none"))
+    from ec2moe_jax.codec import CodecSpec
+
+    spec = CodecSpec.parse(str(plan.get("codec", "bf16")))
     if 0 < split < layers:
-        if codec in ("none", "bf16", "bfloat16"):
-            link = "; hidden states cross as bf16 (no codec)"
-        elif codec in ("float32", "fp32"):
-            link = "; hidden states cross as float32 (no codec)"
+        if not spec.lowrank:
+            link = f"; hidden states cross as {spec.kind} (no codec)"
         else:
-            bits, _, rank = codec.partition("-r")
-            link = f"; low-rank codec rank {rank} with {bits} latents on the link"
+            link = f"; low-rank codec rank {spec.rank} with {spec.kind} latents on the link"
     else:
         link = ""
     return f"{where}{experts}{link}; micro-batch {plan.get('micro_batch', 1)}"
