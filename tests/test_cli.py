@@ -107,8 +107,9 @@ def test_plan_is_described_in_words():
     assert "split after layer 1 of 2" in text and "[5] of 8" in text
     assert "rank 16 with int8" in text and "micro-batch 2" in text
     swap = {"split": 2, "resident": [4, 4], "codec": "none", "micro_batch": 1, "swap": True}
-    assert describe_plan(swap, 8).startswith("end-only (all 2 layers on the end); every "
-                                             "expert usable")
+    assert describe_plan(swap, 8) == ("end-only (all 2 layers on the end); resident experts "
+                                      "per end layer [4, 4] of 8 (the others swapped in from "
+                                      "storage when chosen); micro-batch 1")
     assert describe_plan({**swap, "split": 0}, 8).startswith("cloud-only")
 
 

@@ -4,7 +4,8 @@ One module per group of subcommands registers its parsers; each handler imports 
 library only when it runs, so ``ec2moe --help`` is fast. A documented error (ValueError,
 FileNotFoundError, the project's LinkError, WireFormatError, UnsupportedCheckpoint) prints one
 line, ``ec2moe <cmd>: error: <message>``, and exits with status 2; ``--debug`` shows the
-traceback instead.
+traceback instead. A new group of subcommands (``serve``, next) is a module with a
+``register(sub)`` function, listed in ``_GROUPS``.
 
   ec2moe demo                                     # README command 1
   ec2moe train --config tiny --set train.steps=5 --data my.txt --workdir runs/mine

@@ -94,13 +94,20 @@ def demo(args: argparse.Namespace) -> dict:
                                        max_new_tokens=args.max_new_tokens,
                                        score_len=min(128, cfg.model.max_seq_len))
 
-    def stream(ids, tokens, t):  # request 0 of the EC2MoE plan, as its tokens arrive
-        if ids[0] == 0:
-            print(tok.decode([int(tokens[0])]), end="", flush=True)
+    started = []
+
+    # Request 0 of the EC2MoE plan, as its tokens arrive; the header and prompt go out with
+    # the first token, after the progress lines of scheduling and compiling (on stderr).
+    def stream(ids, tokens, t):
+        if ids[0] != 0:
+            return
+        if not started:
+            started.append(True)
+            print(f"EC2MoE, streaming request 0 (link {args.link}):\n{args.prompt}", end="")
+        print(tok.decode([int(tokens[0])]), end="", flush=True)
 
     _common.status("scheduling EC2MoE, then running it and 4 baselines through the pipeline "
                    "(compiling each plan's stages first)")
-    print(f"EC2MoE, streaming request 0 (link {args.link}):\n{args.prompt}", end="", flush=True)
     result = pipeline_demo.run_demo(workdir, profile, work, temperature=args.temperature,
                                     calibration=args.calibration,
                                     pipeline_calibration=_common.pipeline_calibration(args),

@@ -359,18 +359,16 @@ def describe_plan(plan: dict, num_experts: int) -> str:
     elif split == layers:
         where = f"end-only (all {layers} layers on the end)"
     else:
-        where = f"split after layer {split} of {layers} (layers 0-{split - 1} on the end)"
+        ends = f"layers 0-{split - 1}" if split > 1 else "layer 0"
+        where = f"split after layer {split} of {layers} ({ends} on the end)"
     if split == 0:
         experts = ""
-    elif plan.get("swap"):
-        experts = "; every expert usable, the non-resident ones swapped in from storage"
+    elif all(n >= num_experts for n in resident[:split]):
+        experts = "; every expert resident on the end"
     else:
-        kept = resident[:split]
-        if all(n >= num_experts for n in kept):
-            experts = "; every expert resident on the end"
-        else:
-            experts = (f"; resident experts per end layer {kept} of {num_experts} (the others "
-                       "dropped)")
+        fate = "swapped in from storage when chosen" if plan.get("swap") else "dropped"
+        experts = (f"; resident experts per end layer {resident[:split]} of {num_experts} "
+                   f"(the others {fate})")
     from ec2moe_jax.codec import CodecSpec
 
     spec = CodecSpec.parse(str(plan.get("codec", "bf16")))
