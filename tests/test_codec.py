@@ -3,7 +3,9 @@ format (round trips, exact sizes, and every malformed payload rejected), fine-tu
 
 import math
 import struct
+import time
 
+import google_crc32c
 import hypothesis.extra.numpy as hnp
 import jax
 import jax.numpy as jnp
@@ -31,6 +33,7 @@ from ec2moe_jax.codec import (
     token_bytes,
     unpack,
 )
+from ec2moe_jax.codec.wire import WireLimits
 from ec2moe_jax.layers.codec import LowRankCodec
 
 
@@ -102,18 +105,28 @@ def _good_payload():
     return pack(np.ones((1, 3, 4), np.int8), np.ones((1, 3), np.float32), "int8")
 
 
-def _with_header(**fields):
-    magic, version, kind, rank, b, t, length = struct.unpack_from("<4sBBHIIQ", _good_payload())
-    vals = dict(magic=magic, version=version, kind=kind, rank=rank, b=b, t=t, length=length)
+_FIELDS = ("magic", "version", "kind", "rank", "b", "t", "length", "crc")
+
+
+def _with_header(body=None, *, fix_crc=True, **fields):
+    """The good payload (or ``body``) under a header with ``fields`` replaced; the checksum
+    recomputed unless ``fix_crc`` is False (a forged header, not a corrupted one)."""
+    good = _good_payload()
+    vals = dict(zip(_FIELDS, struct.unpack_from("<4sBBHIIII", good), strict=True))
     vals.update(fields)
-    header = struct.pack("<4sBBHIIQ", *vals.values())
-    return header + _good_payload()[HEADER_BYTES:]
+    body = good[HEADER_BYTES:] if body is None else body
+    head = struct.pack("<4sBBHIIII", *vals.values())
+    if fix_crc and "crc" not in fields:
+        crc = google_crc32c.extend(google_crc32c.value(head[:20]), body)
+        head = head[:20] + struct.pack("<I", crc)
+    return head + body
 
 
 def _with_scale(value):
-    buf = bytearray(_good_payload())
-    buf[HEADER_BYTES:HEADER_BYTES + 4] = struct.pack("<f", value)
-    return bytes(buf)
+    # A forged payload: the bad scale under a valid checksum, so the value check is reached.
+    body = bytearray(_good_payload()[HEADER_BYTES:])
+    body[:4] = struct.pack("<f", value)
+    return _with_header(bytes(body))
 
 
 @pytest.mark.parametrize("payload,match", [
@@ -122,11 +135,12 @@ def _with_scale(value):
     (_good_payload()[:-1], "length field says 24 body bytes but 23 follow"),
     (_good_payload() + b"\0", "but 25 follow"),
     (_with_header(magic=b"NOPE"), "bad magic"),
-    (_with_header(version=2), "unsupported wire version 2"),
+    (_with_header(version=3), "unsupported wire version 3"),
     (_with_header(kind=9), "unknown latent kind code 9"),
-    (_with_header(rank=5), "payload rank 5 does not match the codec's rank 4"),
+    (_with_header(rank=5), "payload rank 5 does not match the expected rank 4"),
     (_with_header(t=4), r"shape \[B=1, T=4, R=4\] of kind int8 needs 32"),
-    (_with_header(length=2**40), "exceeds the"),
+    (_with_header(length=2**31), "length field says 2147483648"),
+    (_with_header(crc=12345), "checksum mismatch"),
     (_with_scale(float("nan")), "NaN"),
     (_with_scale(float("inf")), "infinity"),
     (_with_scale(-1.0), "negative"),
@@ -137,6 +151,93 @@ def test_malformed_payloads_are_rejected_clearly(payload, match):
         unpack(payload, expected_rank=4)
 
 
+def test_the_retired_version_is_refused_by_name():
+    # A version-1 payload (24-byte header: magic, version 1, kind, rank, B, T, uint64 length,
+    # no checksum), exactly as the old writer produced it.
+    old = struct.pack("<4sBBHIIQ", b"EC2W", 1, 1, 4, 1, 3, 24) + _good_payload()[HEADER_BYTES:]
+    with pytest.raises(WireFormatError, match=r"wire version 1 \(no checksum.*re-encode"):
+        unpack(old, expected_rank=4)
+
+
+def test_a_header_with_b_and_t_swapped_is_refused():
+    # [B=1, T=3] and [B=3, T=1] need the same body: the swap is caught by the checksum (the
+    # header is covered), and by the expected shape when the reader knows it.
+    with pytest.raises(WireFormatError, match="checksum mismatch"):
+        unpack(_with_header(b=3, t=1, fix_crc=False), expected_rank=4)
+    with pytest.raises(WireFormatError, match="payload batch 3 does not match the expected "
+                                              "batch 1"):
+        unpack(_with_header(b=3, t=1), expected_rank=4, expected_batch=1)
+    with pytest.raises(WireFormatError, match="payload time 3 does not match the expected "
+                                              "time 1"):
+        unpack(_good_payload(), expected_rank=4, expected_time=1)
+
+
+def test_oversized_declarations_are_refused_at_once():
+    # 24 bytes declaring B = 2^32 - 1, T = 0 (an empty body): once it made decompress spend
+    # 14 s; now the declared sizes meet the limits before any allocation or loop.
+    huge = _with_header(b"", b=2**32 - 1, t=0, length=0)
+    assert len(huge) == 24
+    for payload, match in ((huge, "B=4294967295, outside"),
+                           (_with_header(b"", b=1, t=0, length=0), "T=0, outside"),
+                           (_with_header(b"", b=2**16, t=2**16, rank=2**16 - 1, length=0),
+                            "B=65536, outside")):
+        t0 = time.perf_counter()
+        for _ in range(100):
+            with pytest.raises(WireFormatError, match=match):
+                unpack(payload)
+        assert (time.perf_counter() - t0) / 100 < 1e-3  # microseconds each, not seconds
+    limits = WireLimits(max_batch=8, max_time=64, max_rank=32, max_values=8 * 64 * 16)
+    with pytest.raises(WireFormatError, match=r"B\*T\*R = 8\*64\*32 = 16384 values, over"):
+        unpack(_with_header(b"", b=8, t=64, rank=32, length=0), limits=limits)
+    assert WireLimits.for_model(32, 64, 4).max_values == 4 * 64 * 32
+    with pytest.raises(ValueError, match="max_batch=0"):
+        WireLimits(max_batch=0)
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(["int8", "int4", "float32", "bfloat16", "int32"]))
+def test_property_every_bit_flip_is_detected(data, kind):
+    # Any single bit flip anywhere (header or body) of a valid payload is refused: by the
+    # checksum, or earlier by a header check the flip broke.
+    b, t, r = data.draw(st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6)))
+    if kind in ("int8", "int4"):
+        top = 127 if kind == "int8" else 7
+        values = data.draw(hnp.arrays(np.int8, (b, t, r), elements=st.integers(-top, top)))
+        buf = pack(values, np.full((b, t), 0.5, np.float32), kind)
+    elif kind == "int32":
+        buf = pack(data.draw(hnp.arrays(np.int32, (b, t, r),
+                                        elements=st.integers(0, 255))), None, kind)
+    else:
+        buf = pack(data.draw(hnp.arrays(np.float32, (b, t, r), elements=st.floats(-4, 4,
+                                                                          width=32))),
+                   None, kind)
+    unpack(buf)  # the payload itself is valid
+    bit = data.draw(st.integers(0, 8 * len(buf) - 1))
+    flipped = bytearray(buf)
+    flipped[bit // 8] ^= 1 << (bit % 8)
+    with pytest.raises(WireFormatError):
+        unpack(bytes(flipped))
+
+
+def test_pack_refuses_what_unpack_would_refuse():
+    # int8 200 once wrapped to -56; int4 beyond 7, a -128 level, a fractional level, a
+    # negative scale and a negative token id are refused too, never written.
+    one = np.ones((1, 1), np.float32)
+    for values, kind, match in ((np.full((1, 1, 2), 200), "int8", r"\[-127, 127\].*200"),
+                                (np.full((1, 1, 2), -128), "int8", r"\[-127, 127\]"),
+                                (np.full((1, 1, 2), 8), "int4", r"\[-7, 7\]"),
+                                (np.full((1, 1, 2), 1.5), "int8", "whole numbers")):
+        with pytest.raises(WireFormatError, match=match):
+            pack(values, one, kind)
+    with pytest.raises(WireFormatError, match="negative"):
+        pack(np.ones((1, 1, 2), np.int8), -one, "int8")
+    with pytest.raises(WireFormatError, match="token ids must lie"):
+        pack(np.full((1, 1, 1), -1, np.int32), None, "int32")
+    ids = np.arange(6, dtype=np.int32).reshape(2, 3, 1)
+    np.testing.assert_array_equal(unpack(pack(ids, None, "int32")).values, ids)
+    assert len(pack(ids, None, "int32")) == payload_bytes("int32", 2, 3, 1) == 24 + 6 * 4
+
+
 def test_non_finite_and_out_of_range_values_are_refused():
     h = _hidden(n=4, d=16).reshape(1, 4, 16)
     codec = _codec(_hidden(), 5)
@@ -145,14 +246,16 @@ def test_non_finite_and_out_of_range_values_are_refused():
         compress(codec, jnp.asarray(h), "int8")
     with pytest.raises(WireFormatError, match="not finite as float16"):
         pack(np.full((1, 1, 2), 1e6, np.float32), None, "float16")
-    buf = bytearray(_good_payload())
-    buf[-1] = 0x80  # int8 -128
+    body = bytearray(_good_payload()[HEADER_BYTES:])
+    body[-1] = 0x80  # int8 -128 under a valid checksum
     with pytest.raises(WireFormatError, match="-128"):
-        unpack(bytes(buf), expected_rank=4)
-    odd = bytearray(pack(np.ones((1, 1, 3), np.int8), np.ones((1, 1), np.float32), "int4"))
-    odd[-1] |= 0x10  # the unused high nibble of the last byte
+        unpack(_with_header(bytes(body)), expected_rank=4)
+    odd = pack(np.ones((1, 1, 3), np.int8), np.ones((1, 1), np.float32), "int4")
+    body = bytearray(odd[HEADER_BYTES:])
+    body[-1] |= 0x10  # the unused high nibble of the last byte
     with pytest.raises(WireFormatError, match="padding nibble"):
-        unpack(bytes(odd), expected_rank=3)
+        unpack(_with_header(bytes(body), kind=2, rank=3, t=1, length=len(body)),
+               expected_rank=3)
 
 
 @pytest.mark.parametrize("kind", ["float16", "bfloat16", "float32"])
@@ -200,7 +303,7 @@ def test_codec_spec_names_round_trip_and_size_real_payloads():
 
 
 def test_pack_refuses_bad_input():
-    with pytest.raises(WireFormatError, match="NaN or infinity"):
+    with pytest.raises(WireFormatError, match="NaN, infinity"):
         pack(np.ones((1, 1, 2), np.int8), np.array([[np.nan]], np.float32), "int8")
     with pytest.raises(WireFormatError, match=r"\[B, T, R\]"):
         pack(np.ones((2, 2), np.int8), None, "int8")
