@@ -13,12 +13,14 @@ import dataclasses
 import difflib
 import importlib
 import importlib.util
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
 
 DISPATCHES = ("einsum", "gather", "ragged")
 NAMED_CONFIGS = ("tiny", "small", "base")
+BYTE_VOCAB = 256  # the byte tokenizer's ids 0..255: every corpus here is tokenised as bytes
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -26,75 +28,150 @@ def _check(cond: bool, msg: str) -> None:
         raise ValueError(msg)
 
 
+def _rule(default: Any, **rule: Any) -> Any:
+    """A config field whose constraint sits next to it: ``ge``/``gt``/``le``/``lt`` bounds,
+    ``choices`` or ``nonempty``. :func:`check_field` reads the rule (and the annotation) for
+    the dataclasses and ``--set`` overrides alike, so there is one validation path."""
+    return dataclasses.field(default=default, metadata=rule)
+
+
+# Annotation option -> accepted Python types. bool is an int in Python, never in a config.
+_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
+          "tuple[int, ...]": (tuple, list)}
+_BOUNDS = (("ge", ">=", lambda v, b: v >= b), ("gt", ">", lambda v, b: v > b),
+           ("le", "<=", lambda v, b: v <= b), ("lt", "<", lambda v, b: v < b))
+
+
+def _type_ok(value: Any, opt: str) -> bool:
+    if opt == "None":
+        return value is None
+    if opt in _CLASSES:
+        return isinstance(value, _CLASSES[opt])
+    if isinstance(value, bool) and opt != "bool":
+        return False
+    if opt == "tuple[int, ...]":
+        return isinstance(value, tuple | list) and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value)
+    return isinstance(value, _TYPES.get(opt, ()))
+
+
+def check_field(cls: type, name: str, value: Any) -> Any:
+    """Checks ``value`` for field ``name`` of the config dataclass ``cls``: its type (from the
+    annotation: ``32.0`` is not an int, ``"8"`` not a number, ``True`` not an int), finiteness
+    (no NaN or infinity in a float) and the field's rule (sign, range, choices).
+
+    Returns:
+      the value, normalised (a list for a ``tuple[int, ...]`` field becomes a tuple).
+
+    Raises:
+      ValueError: naming the dotted key (``model.norm_eps``), the value and what it must be.
+    """
+    key = f"{_SECTIONS[cls]}.{name}"
+    f = next((f for f in dataclasses.fields(cls) if f.name == name), None)
+    _check(f is not None, f"unknown config key {key!r}")
+    annotation = str(f.type)
+    options = [a.strip() for a in annotation.split("|")]
+    if not any(_type_ok(value, opt) for opt in options):
+        raise ValueError(f"{key}={value!r} must be {annotation.replace('|', 'or')}, got "
+                         f"{type(value).__name__}")
+    if value is None:
+        return value
+    if isinstance(value, float):
+        _check(math.isfinite(value), f"{key}={value!r} must be a finite number")
+    rule = f.metadata
+    if "choices" in rule:
+        _check(value in rule["choices"], f"{key}={value!r} must be one of {rule['choices']}")
+    if rule.get("nonempty"):
+        _check(len(value) > 0, f"{key}={value!r} must not be empty")
+    for word, sign, holds in _BOUNDS:
+        if word in rule:
+            _check(holds(value, rule[word]), f"{key}={value!r} must be {sign} {rule[word]}")
+    return tuple(value) if isinstance(value, list) else value
+
+
+def _check_fields(obj: Any) -> None:
+    """Runs :func:`check_field` over every field of a config dataclass (at construction)."""
+    for f in dataclasses.fields(obj):
+        value = check_field(type(obj), f.name, getattr(obj, f.name))
+        if value is not getattr(obj, f.name):
+            object.__setattr__(obj, f.name, value)  # frozen: normalise once, here
+
+
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    source: str = "shakespeare"  # "shakespeare" or a comma-separated list of UTF-8 text files
-    cache_dir: str = "~/.cache/ec2moe_jax"  # where the downloaded corpus and cleaned text live
-    val_fraction: float = 0.05  # per work, the slice after the training part
-    test_fraction: float = 0.05  # per work, the last slice
+    # "shakespeare" or a comma-separated list of UTF-8 text files
+    source: str = _rule("shakespeare", nonempty=True)
+    # where the downloaded corpus and cleaned text live
+    cache_dir: str = _rule("~/.cache/ec2moe_jax", nonempty=True)
+    val_fraction: float = _rule(0.05, gt=0.0, lt=0.5)  # per work, the slice after training
+    test_fraction: float = _rule(0.05, gt=0.0, lt=0.5)  # per work, the last slice
+
+    def __post_init__(self):
+        _check_fields(self)
 
     def validate(self) -> DataConfig:
-        _check(bool(self.source), f"{self.source=!r} must name 'shakespeare' or text files")
-        for name in ("val_fraction", "test_fraction"):
-            v = getattr(self, name)
-            _check(0.0 < v < 0.5, f"{name}={v} must lie in (0, 0.5)")
         return self
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
-    num_experts: int = 8  # E: routed experts per MoE layer
-    top_k: int = 2  # K: experts chosen per token
-    expert_dim: int = 512  # F: hidden width of each SwiGLU expert
-    capacity_factor: float | None = 1.25  # training capacity per expert; None = dropless
-    eval_capacity_factor: float | None = None  # capacity when deterministic; None = dropless
-    # (a finite value makes KV-cache decoding differ from the full forward: groups differ)
+    num_experts: int = _rule(8, ge=1)  # E: routed experts per MoE layer
+    top_k: int = _rule(2, ge=1)  # K: experts chosen per token
+    expert_dim: int = _rule(512, ge=1)  # F: hidden width of each SwiGLU expert
+    # training capacity per expert; None = dropless
+    capacity_factor: float | None = _rule(1.25, gt=0.0)
+    # capacity when deterministic; None = dropless (a finite value makes KV-cache decoding
+    # differ from the full forward: groups differ)
+    eval_capacity_factor: float | None = _rule(None, gt=0.0)
     renormalize: bool = True  # renormalise combine weights over the chosen experts (Mixtral)
-    aux_loss_coef: float = 0.01  # load-balance loss weight (Switch Transformer eq. 4)
-    z_loss_coef: float = 1e-3  # router z-loss weight (ST-MoE eq. 5)
-    shared_expert_dim: int = 0  # width of an always-on shared expert; 0 = none
+    aux_loss_coef: float = _rule(0.01, ge=0.0)  # load-balance loss weight (Switch eq. 4)
+    z_loss_coef: float = _rule(1e-3, ge=0.0)  # router z-loss weight (ST-MoE eq. 5)
+    shared_expert_dim: int = _rule(0, ge=0)  # width of an always-on shared expert; 0 = none
     shared_expert_gate: bool = False  # sigmoid gate on the shared expert (Qwen2-MoE)
-    dispatch: str = "einsum"  # "einsum" (portable), "gather" (sort/gather), "ragged" (dropless)
-    group_size: int | None = None  # tokens per routing group; None = one sequence per group
+    # "einsum" (portable), "gather" (sort/gather), "ragged" (dropless)
+    dispatch: str = _rule("einsum", choices=DISPATCHES)
+    group_size: int | None = _rule(None, ge=1)  # tokens per routing group; None = a sequence
+
+    def __post_init__(self):
+        _check_fields(self)
 
     def validate(self, expert_shards: int = 1) -> MoEConfig:
-        _check(self.num_experts >= 1, f"{self.num_experts=} must be >= 1")
         _check(
             1 <= self.top_k <= self.num_experts,
             f"{self.top_k=} must lie in [1, num_experts={self.num_experts}]",
         )
-        _check(self.expert_dim >= 1, f"{self.expert_dim=} must be >= 1")
-        for name in ("capacity_factor", "eval_capacity_factor"):
-            v = getattr(self, name)
-            _check(v is None or v > 0, f"{name}={v} must be > 0 or None (dropless)")
-        _check(self.dispatch in DISPATCHES, f"{self.dispatch=!r} must be one of {DISPATCHES}")
         _check(
             self.num_experts % expert_shards == 0,
             f"num_experts={self.num_experts} not divisible by expert_shards={expert_shards}; "
             "choose an expert axis size that divides the number of experts",
         )
-        _check(self.group_size is None or self.group_size >= 1, f"{self.group_size=} must be >= 1")
         return self
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    vocab_size: int = 256  # V: byte-level tokenizer
-    d_model: int = 256  # D
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int | None = None  # grouped-query attention; None = num_heads
-    head_dim: int | None = None  # None = d_model // num_heads
-    d_ff: int = 1024  # hidden width of the dense SwiGLU in non-MoE layers
+    vocab_size: int = _rule(256, ge=1)  # V: byte-level tokenizer
+    d_model: int = _rule(256, ge=1)  # D
+    num_layers: int = _rule(4, ge=1)
+    num_heads: int = _rule(4, ge=1)
+    num_kv_heads: int | None = _rule(None, ge=1)  # grouped-query attention; None = num_heads
+    head_dim: int | None = _rule(None, ge=1)  # None = d_model // num_heads
+    d_ff: int = _rule(1024, ge=1)  # hidden width of the dense SwiGLU in non-MoE layers
     moe_layers: tuple[int, ...] | None = None  # which layers are MoE; None = all
-    max_seq_len: int = 512  # KV cache length and the longest sequence the model accepts
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
+    max_seq_len: int = _rule(512, ge=1)  # KV cache length and the longest sequence accepted
+    rope_theta: float = _rule(10000.0, gt=0.0)  # RoPE base wavelength
+    norm_eps: float = _rule(1e-6, gt=0.0)  # RMSNorm epsilon (0 divides by zero on a zero row)
     tie_embeddings: bool = False
-    attention_bias: str = "none"  # "none", "qkv" (Qwen2-MoE) or "all" (q, k, v and output)
-    qk_norm: str = "none"  # RMSNorm on q/k: "none", "head" (per head, Qwen3) or "full" (OLMoE)
-    dtype: str = "float32"  # activation dtype; router maths always runs in float32
+    # "none", "qkv" (Qwen2-MoE) or "all" (q, k, v and output)
+    attention_bias: str = _rule("none", choices=("none", "qkv", "all"))
+    # RMSNorm on q/k: "none", "head" (per head, Qwen3) or "full" (OLMoE)
+    qk_norm: str = _rule("none", choices=("none", "head", "full"))
+    # activation dtype; router maths always runs in float32
+    dtype: str = _rule("float32", choices=("float32", "bfloat16"))
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
+
+    def __post_init__(self):
+        _check_fields(self)
 
     @property
     def kv_heads(self) -> int:
@@ -108,8 +185,6 @@ class ModelConfig:
         return self.moe_layers is None or i in self.moe_layers
 
     def validate(self, expert_shards: int = 1) -> ModelConfig:
-        for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_seq_len"):
-            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         _check(
             self.head_dim is not None or self.d_model % self.num_heads == 0,
             f"d_model={self.d_model} not divisible by num_heads={self.num_heads}; set head_dim",
@@ -122,25 +197,22 @@ class ModelConfig:
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
             _check(not bad, f"moe_layers {bad} outside [0, num_layers={self.num_layers})")
-        _check(self.dtype in ("float32", "bfloat16"), f"{self.dtype=!r} must be float32/bfloat16")
-        _check(self.attention_bias in ("none", "qkv", "all"),
-               f"attention_bias={self.attention_bias!r} must be 'none', 'qkv' or 'all'")
-        _check(self.qk_norm in ("none", "head", "full"),
-               f"qk_norm={self.qk_norm!r} must be 'none', 'head' or 'full'")
         self.moe.validate(expert_shards)
         return self
 
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    train_expert_shards: int = 1  # size of the 'expert' axis of the training mesh
-    end_devices: int = 2  # devices of the end submesh (taken first)
-    cloud_devices: int = 6  # devices of the cloud submesh (taken next)
-    cloud_expert_shards: int = 2  # size of the cloud's 'expert' axis; the rest is 'data'
+    train_expert_shards: int = _rule(1, ge=1)  # size of the 'expert' axis of the training mesh
+    end_devices: int = _rule(2, ge=1)  # devices of the end submesh (taken first)
+    cloud_devices: int = _rule(6, ge=1)  # devices of the cloud submesh (taken next)
+    # size of the cloud's 'expert' axis; the rest is 'data'
+    cloud_expert_shards: int = _rule(2, ge=1)
+
+    def __post_init__(self):
+        _check_fields(self)
 
     def validate(self) -> MeshConfig:
-        for name in ("train_expert_shards", "end_devices", "cloud_devices", "cloud_expert_shards"):
-            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
         _check(
             self.cloud_devices % self.cloud_expert_shards == 0,
             f"cloud_devices={self.cloud_devices} not divisible by "
@@ -151,43 +223,47 @@ class MeshConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = 16  # B: sequences per step (global)
-    seq_len: int = 128  # T: tokens per training sequence
-    steps: int = 2000  # total optimiser steps (the cosine schedule spans them)
-    schedule_steps: int | None = None  # steps the schedule spans; None = steps. Set when a
-    # finished run is extended: the extra steps train on at the final learning rate
-    learning_rate: float = 3e-3  # peak learning rate
-    warmup_steps: int = 100  # linear warmup from 0 to the peak
-    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
-    weight_decay: float = 0.1  # AdamW decoupled weight decay
-    b1: float = 0.9
-    b2: float = 0.95
-    clip_norm: float = 1.0  # global gradient-norm clipping
-    seed: int = 0  # parameter init and data order
-    eval_every: int = 250  # steps between held-out evaluations
-    eval_batches: int = 16  # batches of the validation split per periodic evaluation
-    eval_stride: int | None = None  # sliding-window eval: scored bytes see >= T - stride
-    # bytes of context; None = non-overlapping windows (the first bytes of each see little)
-    checkpoint_every: int = 250  # steps between orbax checkpoints
-    keep_checkpoints: int = 2  # how many checkpoints to keep
-    log_every: int = 25  # steps between JSON-lines metric records
+    batch_size: int = _rule(16, ge=1)  # B: sequences per step (global)
+    seq_len: int = _rule(128, ge=1)  # T: tokens per training sequence
+    steps: int = _rule(2000, ge=1)  # total optimiser steps (the cosine schedule spans them)
+    # steps the schedule spans; None = steps. Set when a finished run is extended: the extra
+    # steps train on at the final learning rate
+    schedule_steps: int | None = _rule(None, ge=1)
+    learning_rate: float = _rule(3e-3, gt=0.0)  # peak learning rate
+    warmup_steps: int = _rule(100, ge=0)  # linear warmup from 0 to the peak
+    min_lr_ratio: float = _rule(0.1, ge=0.0, le=1.0)  # final learning rate / the peak
+    weight_decay: float = _rule(0.1, ge=0.0)  # AdamW decoupled weight decay
+    b1: float = _rule(0.9, ge=0.0, lt=1.0)  # Adam first-moment decay
+    b2: float = _rule(0.95, ge=0.0, lt=1.0)  # Adam second-moment decay
+    clip_norm: float = _rule(1.0, gt=0.0)  # global gradient-norm clipping
+    seed: int = _rule(0, ge=0)  # parameter init and data order
+    eval_every: int = _rule(250, ge=1)  # steps between held-out evaluations
+    eval_batches: int = _rule(16, ge=1)  # validation batches per periodic evaluation
+    # sliding-window eval: scored bytes see >= T - stride bytes of context; None =
+    # non-overlapping windows (the first bytes of each see little)
+    eval_stride: int | None = _rule(None, ge=1)
+    checkpoint_every: int = _rule(250, ge=1)  # steps between orbax checkpoints
+    keep_checkpoints: int = _rule(2, ge=1)  # how many checkpoints to keep
+    log_every: int = _rule(25, ge=1)  # steps between JSON-lines metric records
+
+    def __post_init__(self):
+        _check_fields(self)
 
     def validate(self) -> TrainConfig:
-        for name in ("batch_size", "seq_len", "steps", "eval_every", "checkpoint_every",
-                     "eval_batches", "log_every"):
-            _check(getattr(self, name) >= 1, f"{name}={getattr(self, name)} must be >= 1")
-        _check(self.learning_rate > 0, f"{self.learning_rate=} must be > 0")
-        _check(0 <= self.warmup_steps < self.steps, f"{self.warmup_steps=} must be < {self.steps=}")
+        _check(self.warmup_steps < self.steps, f"{self.warmup_steps=} must be < {self.steps=}")
         _check(self.schedule_steps is None or self.warmup_steps < self.schedule_steps,
                f"train.schedule_steps={self.schedule_steps} must be > warmup_steps="
                f"{self.warmup_steps} (or None: the schedule spans train.steps)")
-        _check(0.0 <= self.min_lr_ratio <= 1.0, f"{self.min_lr_ratio=} must lie in [0, 1]")
-        _check(self.keep_checkpoints >= 1, f"{self.keep_checkpoints=} must be >= 1")
         _check(
-            self.eval_stride is None or 1 <= self.eval_stride <= self.seq_len,
+            self.eval_stride is None or self.eval_stride <= self.seq_len,
             f"train.eval_stride={self.eval_stride} must lie in [1, seq_len={self.seq_len}]",
         )
         return self
+
+
+_SECTIONS = {DataConfig: "data", MoEConfig: "model.moe", ModelConfig: "model",
+             MeshConfig: "mesh", TrainConfig: "train"}
+_CLASSES = {cls.__name__: cls for cls in _SECTIONS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,27 +304,65 @@ class ExperimentConfig:
         return dataclasses.replace(self, **updates).validate()
 
 
-def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+def require_byte_vocab(cfg: ModelConfig, what: str) -> None:
+    """Refuses byte-tokenised input (training text, a ``--prompt``) for a model whose
+    vocabulary cannot hold every byte: an id >= ``vocab_size`` would index past the
+    embedding, which JAX clamps silently instead of failing. (Imported models with their own,
+    smaller vocabulary are valid; they take token ids, not text.)
+
+    Raises:
+      ValueError: ``cfg.vocab_size`` < 256, naming ``what`` needed the bytes.
+    """
+    _check(cfg.vocab_size >= BYTE_VOCAB,
+           f"model.vocab_size={cfg.vocab_size} is below the byte tokenizer's {BYTE_VOCAB} ids, "
+           f"which {what} uses; set model.vocab_size >= {BYTE_VOCAB}")
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    _check(isinstance(values, dict), f"config section {where!r} must be a mapping of field "
+           f"names to values, got {type(values).__name__}")
     known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
+    unknown = sorted(str(k) for k in set(values) - known)
     _check(not unknown, f"unknown field(s) {unknown} in config section {where!r}; known: "
            f"{sorted(known)}")
     return cls(**values)
 
 
-def from_dict(name: str, d: dict[str, Any]) -> ExperimentConfig:
-    """Converts a nested dict (the shape of ``configs/*.py``) into a validated config."""
-    model = dict(d.get("model", {}))
-    moe = _build(MoEConfig, model.pop("moe", {}), "model.moe")
-    if model.get("moe_layers") is not None:
-        model["moe_layers"] = tuple(model["moe_layers"])
-    return ExperimentConfig(
-        name=name,
-        data=_build(DataConfig, d.get("data", {}), "data"),
-        model=_build(ModelConfig, {**model, "moe": moe}, "model"),
-        mesh=_build(MeshConfig, d.get("mesh", {}), "mesh"),
-        train=_build(TrainConfig, d.get("train", {}), "train"),
-    ).validate()
+def from_dict(name: str, d: Any, source: str | None = None) -> ExperimentConfig:
+    """Converts a nested dict (the shape of ``configs/*.py``) into a validated config.
+
+    Args:
+      name: the config's label.
+      d: ``{"data": {...}, "model": {..., "moe": {...}}, "mesh": {...}, "train": {...}}``;
+        missing sections and fields take their defaults.
+      source: the file ``d`` came from, named in error messages.
+
+    Raises:
+      ValueError: a section that is not a mapping, an unknown field, or a value of the wrong
+        type, sign or range (the message names the file, the field and the value).
+    """
+    try:
+        _check(isinstance(d, dict), f"a config must be a mapping of sections, got "
+               f"{type(d).__name__}")
+        unknown = sorted(str(k) for k in set(d) - {"data", "model", "mesh", "train"})
+        _check(not unknown, f"unknown config section(s) {unknown}; known: data, model, mesh, "
+               "train")
+        model = d.get("model", {})
+        _check(isinstance(model, dict), "config section 'model' must be a mapping of field "
+               f"names to values, got {type(model).__name__}")
+        model = dict(model)
+        moe = _build(MoEConfig, model.pop("moe", {}), "model.moe")
+        return ExperimentConfig(
+            name=name,
+            data=_build(DataConfig, d.get("data", {}), "data"),
+            model=_build(ModelConfig, {**model, "moe": moe}, "model"),
+            mesh=_build(MeshConfig, d.get("mesh", {}), "mesh"),
+            train=_build(TrainConfig, d.get("train", {}), "train"),
+        ).validate()
+    except ValueError as e:
+        if source is None:
+            raise
+        raise ValueError(f"config {source!r}: {e}") from None
 
 
 def config_keys(cfg: ExperimentConfig) -> list[str]:
@@ -283,34 +397,14 @@ def _parse_value(text: str) -> Any:
     """A Python literal (``16``, ``0.5``, ``None``, ``[1, 2]``, ``'x'``), else the bare string."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
         return text
 
 
-_TYPES = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,),
-          "tuple[int, ...]": (tuple,)}
-
-
-def _field_type(key: str) -> str:
+def _field_class(key: str) -> tuple[type, str]:
     section, _, name = key.rpartition(".")
-    cls = {"data": DataConfig, "model": ModelConfig, "model.moe": MoEConfig, "mesh": MeshConfig,
-           "train": TrainConfig}[section]
-    return next(f.type for f in dataclasses.fields(cls) if f.name == name)
-
-
-def _check_type(key: str, value: Any) -> None:
-    """Refuses an override whose value does not fit the field's annotation (``"8"`` for an
-    int, ``True`` for an int: bool is an int in Python, never in a config)."""
-    annotation = str(_field_type(key))
-    options = [a.strip() for a in annotation.split("|")]
-    if value is None and "None" in options:
-        return
-    for opt in options:
-        types = _TYPES.get(opt, ())
-        if isinstance(value, types) and not (isinstance(value, bool) and opt != "bool"):
-            return
-    raise ValueError(f"config key {key!r} takes {annotation}, got {value!r} "
-                     f"({type(value).__name__})")
+    cls = {v: k for k, v in _SECTIONS.items()}[section]
+    return cls, name
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> ExperimentConfig:
@@ -339,10 +433,7 @@ def apply_overrides(cfg: ExperimentConfig, overrides: Sequence[str]) -> Experime
             hint = f"; did you mean {', '.join(near)}?" if near else ""
             raise ValueError(f"unknown config key {key!r}{hint} (sections: data, model, "
                              "model.moe, mesh, train; every key is listed in configs/small.py)")
-        value = _parse_value(text.strip())
-        if key == "model.moe_layers" and isinstance(value, list):
-            value = tuple(value)
-        _check_type(key, value)
+        value = check_field(*_field_class(key), _parse_value(text.strip()))
         updates[key.replace(".", "__")] = value
     return cfg.replace(**updates) if updates else cfg
 
@@ -361,7 +452,14 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
         if spec is None or spec.loader is None or not os.path.exists(name):
             raise FileNotFoundError(f"config file {name!r} not found")
         module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        try:
+            spec.loader.exec_module(module)
+        except SyntaxError as e:
+            raise ValueError(f"config file {name!r} is not valid Python (line {e.lineno}: "
+                             f"{e.msg})") from None
+        if not callable(getattr(module, "get_config", None)):
+            raise ValueError(f"config file {name!r} must define get_config() returning the "
+                             "nested dict (see configs/small.py)")
         label = os.path.splitext(os.path.basename(name))[0]
     else:
         if name not in NAMED_CONFIGS:
@@ -369,4 +467,5 @@ def load_config(name: str, overrides: Sequence[str] = ()) -> ExperimentConfig:
                              f"{', '.join(NAMED_CONFIGS)} or a path to a configs-style .py file")
         module = importlib.import_module(f"ec2moe_jax.configs.{name}")
         label = name
-    return apply_overrides(from_dict(label, module.get_config()), overrides)
+    source = name if label != name else f"configs/{name}.py"
+    return apply_overrides(from_dict(label, module.get_config(), source), overrides)
