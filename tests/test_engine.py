@@ -19,6 +19,7 @@ from ec2moe_jax.pipeline import (
     build_stages,
     insert,
 )
+from ec2moe_jax.pipeline.stages import place_params
 
 
 @pytest.fixture(scope="module")
@@ -150,15 +151,86 @@ def test_insert_joins_prefilled_requests_into_one_decode_state(world):
     np.testing.assert_array_equal(again.token, second.token)
     assert_close(again.logits, second.logits, rtol=1e-4, atol=1e-4)
 
-    # The state is at position 6 now: a 4-token prefix cannot join it, nor can rows [2, 3).
+    # Rows [2, 3) do not exist, a prefix longer than the state does not fit its rows.
     short, _, _ = end.prefill(end.init_cache(1), prompts[:1, :4], key)
-    full, _, _ = end.prefill(end.init_cache(2), prompts, key)
-    with pytest.raises(ValueError, match="position"):
-        insert(short, full, 0)
+    with pytest.raises(ValueError, match="positions per row"):
+        insert(short, end.init_cache(2, 16), 0)
     with pytest.raises(ValueError, match="do not fit"):
         insert(short, end.init_cache(2), 2)
     with pytest.raises(ValueError, match="different layers"):
         insert(short, cloud.init_cache(2), 0)
+
+
+def test_sequences_at_different_positions_share_one_decode_state(world):
+    # Continuous batching at split 1: three prompts of 3, 5 and 7 tokens (right-padded to 8,
+    # prefilled alone into 16-position caches) join a 4-slot, 32-position decode state one
+    # per step; every step runs all 4 slots with an active-row mask (slot 3 never used, and
+    # a row idles once it has its 4 tokens). Each row's greedy tokens equal its sequence
+    # decoded alone by full recomputation, token for token, and the logits behind every
+    # token equal the unsplit model's on that row's sequence alone (random weights barely
+    # attend, so the tokens alone would not see a wrong position).
+    stages, key, n = world["stages"][1], jax.random.key(0), 4
+    model, params = world["model"], world["params"]
+    end, cloud = EndEngine(stages), CloudEngine(stages)
+    lens = [3, 5, 7]
+    prompts = np.asarray(jax.random.randint(jax.random.key(7), (3, 8), 0, 256), np.int32)
+    es, cs = end.init_cache(4, 32), cloud.init_cache(4, 32)
+    out, logits = [[] for _ in range(3)], [[] for _ in range(3)]
+    last = np.zeros(4, np.int32)
+    for k in range(3 + n):
+        if k < 3:
+            pe, up, _ = end.prefill(end.init_cache(1, 16), prompts[k:k + 1], key, [lens[k]])
+            assert up.nbytes == 24 + lens[k] * 32 * 4  # the padding is not sent
+            pc, first, _ = cloud.prefill(cloud.init_cache(1, 16), up, key)
+            es, cs = insert(pe, es, k), insert(pc, cs, k)
+            last[k] = int(first.token[0])
+            out[k].append(last[k])
+            logits[k].append(np.asarray(first.logits[0]))
+        active = np.array([r < 3 and 0 < len(out[r]) < n for r in range(4)])
+        es, up, _ = end.step(es, last, key, active)
+        cs, res, _ = cloud.step(cs, up, key)
+        last = np.where(active, np.asarray(res.token), last)
+        for r in np.flatnonzero(active):
+            out[r].append(int(last[r]))
+            logits[r].append(np.asarray(res.logits[r]))
+    for r in range(3):
+        alone = prompts[r:r + 1, :lens[r]]
+        np.testing.assert_array_equal(out[r], generate_recompute(model, params, alone, n)[0],
+                                      err_msg=f"row {r}")
+        seq = np.concatenate([alone[0], out[r][:-1]])[None]
+        full = np.asarray(model.apply({"params": params}, seq))[0, lens[r] - 1:]
+        assert_close(np.stack(logits[r]), full, rtol=1e-4, atol=1e-4)
+
+
+def test_one_sided_builds_share_placed_parameters_and_decode_alike(world):
+    # A client builds only the end side, a server only the cloud side, from parameters it
+    # placed once on its mesh and shares across splits (the same buffers at splits 0 and 1).
+    # Decoding through the two one-sided builds equals recomputation, as the in-process
+    # pipeline does; each build refuses the side it does not hold.
+    model, params, key = world["model"], world["params"], jax.random.key(0)
+    placed = place_params(model, params, world["cloud"])
+    c1 = build_stages(model, placed, None, world["cloud"], split=1, side="cloud")
+    c0 = build_stages(model, placed, None, world["cloud"], split=0, side="cloud")
+    w1, w0 = c1.cloud_params["layer_1"], c0.cloud_params["layer_1"]
+    assert all(a is b for a, b in zip(jax.tree.leaves(w1), jax.tree.leaves(w0), strict=True))
+    assert "layer_0" not in c1.cloud_params and c1.end_params is None
+    e1 = build_stages(model, params, world["end"], None, split=1, side="end")
+    assert set(k for k in e1.end_params if k.startswith("layer_")) == {"layer_0"}
+    with pytest.raises(ValueError, match="side='end'"):
+        CloudEngine(e1)
+    with pytest.raises(ValueError, match="side='cloud'"):
+        EndEngine(c1)
+    end, cloud = EndEngine(e1), CloudEngine(c1)
+    prompts = world["rows"][:, :5]
+    ec, up, _ = end.prefill(end.init_cache(2, 16), prompts, key)
+    cc, res, _ = cloud.prefill(cloud.init_cache(2, 16), up, key)
+    out = [np.asarray(res.token)]
+    for _ in range(2):
+        ec, up, _ = end.step(ec, res.token, key)
+        cc, res, _ = cloud.step(cc, up, key)
+        out.append(np.asarray(res.token))
+    ref = generate_recompute(model, params, prompts, 3)
+    np.testing.assert_array_equal(np.stack(out, 1), ref)
 
 
 _COMPILES = []

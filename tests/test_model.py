@@ -44,7 +44,7 @@ def test_kv_cache_decoding_equals_full_forward(overrides):
     model, params = _model(**overrides)
     tokens = _tokens(t=10)
     full = model.apply({"params": params}, tokens)
-    cache = init_cache(model, params, 2)
+    cache = init_cache(model, 2)
     prefix, state = model.apply({"params": params, "cache": cache}, tokens[:, :6], decode=True,
                                 mutable=["cache"])
     steps = [prefix]

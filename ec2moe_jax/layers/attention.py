@@ -1,6 +1,6 @@
 """Causal multi-head (grouped-query) attention with RoPE and a KV cache for decoding.
 
-Shape legend: B batch, T new tokens, S attended positions, M cache length (max_seq_len),
+Shape legend: B batch, T new tokens, S attended positions, M cache length (sized to the request),
 D model, H query heads, Hk key/value heads, Dh head dim.
 """
 
@@ -16,10 +16,18 @@ from ec2moe_jax.layers.basic import RMSNorm, default_init, dense, param_with_axe
 
 class Attention(nn.Module):
     """Self-attention; with ``decode=True`` it appends to and attends over the 'cache'
-    collection (cached keys/values [B, M, Hk, Dh] and a scalar write index), so one call
-    can prefill a whole prompt and later calls add one token each. Writing past
-    ``max_seq_len`` cannot be checked inside jit (``dynamic_update_slice`` clamps), so callers
-    must guard it, as :func:`ec2moe_jax.models.generate` does."""
+    collection: ``cached_key``/``cached_value`` [B, M, Hk, Dh] and ``cache_index`` <int32>[B],
+    each row's write position. Row b's new tokens take positions ``cache_index[b] + [0, T)``
+    (RoPE and the causal mask use them), its keys/values land in those slots, and its index
+    advances by T. Slot j of a row holds position j, so a query at position p attends to
+    slots ``[0, p]``: rows at different lengths share one cache, and slots past a row's
+    position (never written, or stale from an earlier occupant of the row) are masked.
+
+    M is the length of the cache passed in (:func:`ec2moe_jax.models.init_cache` sizes it to
+    the request); a cache this module creates itself has ``max_seq_len``. Writing past M
+    cannot be checked inside jit (``dynamic_update_slice`` clamps the start, overwriting the
+    row's last slots), so callers must guard it, as :func:`ec2moe_jax.models.generate` does.
+    """
 
     cfg: ModelConfig
 
@@ -46,22 +54,23 @@ class Attention(nn.Module):
             return y
 
         if decode:
-            # The cache knows where this chunk goes; positions follow from its write index.
-            idx = self.variable("cache", "cache_index", lambda: jnp.zeros((), jnp.int32))
-            positions = jnp.broadcast_to(idx.value + jnp.arange(t, dtype=jnp.int32), (b, t))
+            # The cache knows where each row's chunk goes; positions follow from its index.
+            idx = self.variable("cache", "cache_index", jnp.zeros, (b,), jnp.int32)
+            positions = idx.value[:, None] + jnp.arange(t, dtype=jnp.int32)
         q = rope(proj("wq", h), positions, cfg.rope_theta)
         k = rope(proj("wk", hk), positions, cfg.rope_theta)
         v = proj("wv", hk)
         q_pos, k_pos = positions, positions
         if decode:
-            k, v, k_pos = self._update_cache(k, v, idx)
+            k, v = self._update_cache(k, v, idx)
+            k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)[None]  # slot j holds position j
 
         if hk != h:  # grouped-query attention: each key/value head serves h // hk queries
             k, v = jnp.repeat(k, h // hk, axis=2), jnp.repeat(v, h // hk, axis=2)
         # [B, H, T, Dh] layout: plain batched matmuls are the fastest form on XLA:CPU.
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         scores = (q @ k.transpose(0, 1, 3, 2)).astype(jnp.float32) * dh**-0.5
-        causal = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S]
+        causal = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S] (B may broadcast)
         scores = jnp.where(causal[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = (probs @ v).transpose(0, 2, 1, 3)  # [B, T, H, Dh]
@@ -74,16 +83,18 @@ class Attention(nn.Module):
         return y
 
     def _update_cache(self, k, v, idx):
-        """Writes the new keys/values at the cache index; returns the whole cache."""
+        """Writes each row's new keys/values [B, T, Hk, Dh] at its own index and advances
+        it; returns the whole cache (k, v) [B, M, Hk, Dh] in the cache's dtype."""
         b, t, hk, dh = k.shape
         m = self.cfg.max_seq_len
         ck = self.variable("cache", "cached_key", jnp.zeros, (b, m, hk, dh), k.dtype)
         cv = self.variable("cache", "cached_value", jnp.zeros, (b, m, hk, dh), v.dtype)
-        start = idx.value
-        ck.value = jax.lax.dynamic_update_slice(ck.value, k, (0, start, 0, 0))
-        cv.value = jax.lax.dynamic_update_slice(cv.value, v, (0, start, 0, 0))
-        idx.value = start + t
-        # Slots not yet written get position m (beyond every query), so they are masked.
-        slot = jnp.arange(m, dtype=jnp.int32)
-        k_pos = jnp.where(slot < start + t, slot, m)
-        return ck.value, cv.value, jnp.broadcast_to(k_pos, (b, m))
+
+        # One dynamic_update_slice per row (a scatter after vmap): rows start anywhere.
+        def write(cache, new, start):
+            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (start, 0, 0))
+
+        ck.value = jax.vmap(write)(ck.value, k, idx.value)
+        cv.value = jax.vmap(write)(cv.value, v, idx.value)
+        idx.value = idx.value + t
+        return ck.value, cv.value

@@ -133,10 +133,76 @@ def init_params(model: MoELM, rng: jax.Array, batch_size: int = 1, seq_len: int 
     return model.init(rng, tokens)["params"]
 
 
-def init_cache(model: MoELM, params, batch_size: int):
-    """A zeroed KV cache for ``batch_size`` sequences of up to ``max_seq_len`` tokens."""
-    tokens = jnp.zeros((batch_size, 1), jnp.int32)
-    shapes = jax.eval_shape(
-        lambda: model.apply({"params": params}, tokens, decode=True, mutable=["cache"])[1]
-    )
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes["cache"])
+def cache_bucket(length: int, max_seq_len: int, smallest: int = 64) -> int:
+    """The cache (or padded prompt) length for ``length`` positions: the next power of two,
+    at least ``smallest``, at most ``max_seq_len``. A handful of sizes, so requests of similar
+    lengths share one compiled program.
+
+    Raises:
+      ValueError: ``length`` is < 1 or exceeds ``max_seq_len``.
+    """
+    if not 1 <= length <= max_seq_len:
+        raise ValueError(f"{length=} positions must lie in [1, max_seq_len={max_seq_len}]; "
+                         "shorten the prompt or max_new_tokens")
+    return min(max_seq_len, max(smallest, 1 << (length - 1).bit_length()))
+
+
+def cache_shapes(cfg: ModelConfig, batch_size: int, length: int | None = None,
+                 dtype=None, layers: range | None = None) -> dict:
+    """Shapes of the KV cache of ``layers`` (default all): per layer ``{"attn":
+    {"cached_key", "cached_value": [B, M, Hk, Dh], "cache_index": <int32>[B]}}`` with
+    M = ``length`` (default ``max_seq_len``) in ``dtype`` (default the activation dtype).
+    Built from the config, without tracing the model."""
+    m = cfg.max_seq_len if length is None else length
+    if not 1 <= m <= cfg.max_seq_len:
+        raise ValueError(f"cache length {m} must lie in [1, max_seq_len={cfg.max_seq_len}]")
+    dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
+    kv = jax.ShapeDtypeStruct((batch_size, m, cfg.kv_heads, cfg.dim_per_head), dtype)
+    one = {"cache_index": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+           "cached_key": kv, "cached_value": kv}
+    layers = range(cfg.num_layers) if layers is None else layers
+    return {f"layer_{i}": {"attn": dict(one)} for i in layers}
+
+
+def init_cache(model: MoELM, batch_size: int, length: int | None = None, dtype=None):
+    """A zeroed KV cache (every row at position 0) for ``batch_size`` sequences of up to
+    ``length`` positions (default ``max_seq_len``; :func:`cache_bucket` sizes one to a
+    request), keys/values in ``dtype`` (default the model's activation dtype; bfloat16
+    halves the cache). See :func:`cache_shapes`."""
+    shapes = cache_shapes(model.cfg, batch_size, length, dtype)
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+
+
+def cache_length(cache) -> int | None:
+    """M, the positions each row of ``cache`` can hold (None for a cache without layers)."""
+    keys = [layer["attn"]["cached_key"] for layer in cache.values()]
+    return int(keys[0].shape[1]) if keys else None
+
+
+def cache_positions(cache) -> jax.Array | None:
+    """<int32>[B] the next write position of each row (None for a cache without layers)."""
+    idx = [layer["attn"]["cache_index"] for layer in cache.values()]
+    return idx[0] if idx else None
+
+
+def set_cache_positions(cache, positions: jax.Array):
+    """``cache`` with every layer's write position set to ``positions`` <int32>[B]: after a
+    right-padded prefill (a row's true length) or a step where some rows were idle (they keep
+    their position; what the step wrote past it is masked and overwritten later)."""
+    return {name: {"attn": {**layer["attn"], "cache_index": positions.astype(jnp.int32)}}
+            for name, layer in cache.items()}
+
+
+def cast_params(params, dtype="bfloat16"):
+    """The parameters with every weight matrix (ndim >= 2) stored in ``dtype``: half the
+    bytes a decode step streams from memory in bfloat16. Routers stay float32 (router maths
+    runs in float32, and a rounded router can choose other experts), as do vectors (norm
+    scales, biases). Use with a model whose config ``dtype`` matches."""
+    dtype = jnp.dtype(dtype)
+
+    def one(path, x):
+        if x.ndim < 2 or any(getattr(k, "key", None) == "router" for k in path):
+            return x
+        return x.astype(dtype)
+
+    return jax.tree_util.tree_map_with_path(one, params)

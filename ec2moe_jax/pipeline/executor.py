@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ec2moe_jax.models.generate import CACHE_BUCKET_MIN, PROMPT_BUCKET_MIN
+from ec2moe_jax.models.lm import cache_bucket
 from ec2moe_jax.pipeline.engine import (
     CloudEngine,
     EndEngine,
@@ -203,8 +205,9 @@ class _Stream:
 
 
 def _decode_one(end: EndEngine, cloud: CloudEngine, clock: _Clock, channel: Channel,
-                s: _Stream, k: int, prompts: np.ndarray, rng) -> None:
-    """Step ``k`` (0 = prefill with ``prompts`` [B, P]) of one micro-batch stream."""
+                s: _Stream, k: int, prompts: np.ndarray, plen: int, rng) -> None:
+    """Step ``k`` (0 = prefill with ``prompts`` [B, Pb], valid up to ``plen``) of one
+    micro-batch stream."""
     kind = "prefill" if k == 0 else "step"
     if end.stages.cloud_only and k > 0:  # the cloud feeds back its own token; tokens stream
         s.cloud_cache, res, dt = cloud.generate(s.cloud_cache, s.token, rng)
@@ -213,7 +216,8 @@ def _decode_one(end: EndEngine, cloud: CloudEngine, clock: _Clock, channel: Chan
         s.token, s.ready, s.bytes_down = res.token, ex.arrival, s.bytes_down + ex.bytes_down
         s.attempts = max(s.attempts, ex.attempts)
     else:
-        s.end_cache, up, dt = (end.prefill(s.end_cache, prompts, rng) if k == 0
+        lengths = np.full(len(s.idx), plen, np.int32)
+        s.end_cache, up, dt = (end.prefill(s.end_cache, prompts, rng, lengths) if k == 0
                                else end.step(s.end_cache, s.token, rng))
         ready = clock.end(s.ready, dt)  # 0 s at split 0: the end only sends the ids
         if not isinstance(up, Message):  # split L: the end sampled, nothing crosses
@@ -256,12 +260,17 @@ def generate(stages: Stages, prompts: np.ndarray, max_new_tokens: int, *, channe
     rng = jax.random.key(0) if rng is None else rng
     clock = _Clock(timer, pace)
     end, cloud = EndEngine(stages, clock.run), CloudEngine(stages, clock.run)
-    streams = [_Stream(idx, end.init_cache(len(idx)), cloud.init_cache(len(idx)))
+    # Caches sized to the request and prompts right-padded to a bucket: requests of similar
+    # lengths reuse the compiled stages (padding is not sent: bytes count valid positions).
+    m = cache_bucket(plen + max_new_tokens, limit, CACHE_BUCKET_MIN)
+    padded = np.zeros((n, cache_bucket(plen, limit, PROMPT_BUCKET_MIN)), np.int32)
+    padded[:, :plen] = prompts
+    streams = [_Stream(idx, end.init_cache(len(idx), m), cloud.init_cache(len(idx), m))
                for idx in micro_batches(n, micro_batch)]
     for k in range(max_new_tokens):
         for s in streams:
             rng, sub = jax.random.split(rng)
-            _decode_one(end, cloud, clock, channel, s, k, prompts[s.idx], sub)
+            _decode_one(end, cloud, clock, channel, s, k, padded[s.idx], plen, sub)
             if on_token is not None:
                 on_token(s.idx, s.out[-1], s.times[-1])
     reqs = []

@@ -18,6 +18,7 @@ arguments.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import jax
@@ -26,12 +27,15 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ec2moe_jax.codec import FP32, CodecSpec, lowrank, wire
+from ec2moe_jax.config import ModelConfig
 from ec2moe_jax.layers.group_gate import make_gates
-from ec2moe_jax.models.generate import sample_token
-from ec2moe_jax.models.lm import MoELM, init_cache
+from ec2moe_jax.models.generate import last_valid, sample_token
+from ec2moe_jax.models.lm import MoELM, cache_positions, cache_shapes, set_cache_positions
 from ec2moe_jax.sharding import hop, param_shardings, unbox, use_mesh
 
 TOKEN_BYTES = wire.TOKEN_BYTES
+
+
 def token_message_bytes(batch: int, time: int) -> int:
     """Wire bytes of [batch, time] token ids or float32 scores (header + 4 bytes each)."""
     return wire.HEADER_BYTES + TOKEN_BYTES * batch * time
@@ -61,6 +65,9 @@ def _layer_subset(tree, layers: range):
     return {k: v for k, v in tree.items() if not k.startswith("layer_") or k in keep}
 
 
+SIDES = ("both", "end", "cloud")
+
+
 @dataclasses.dataclass
 class Stages:
     """Jitted end and cloud stages of one split, with their parameters already placed.
@@ -69,25 +76,33 @@ class Stages:
     ``end_*`` take end-resident arguments, ``cloud_*`` cloud-resident ones. Run them through
     :mod:`~.engine` (:class:`~.engine.EndEngine`, :class:`~.engine.CloudEngine`), which
     places inputs, hops messages across (:func:`~ec2moe_jax.sharding.hop`) and counts bytes.
+
+    A one-sided build (``side="end"``: a client process; ``side="cloud"``: a server process)
+    holds only that side's mesh, parameters and functions; the other side's are None.
+
+    Decode stage functions: ``prefill_end``/``step_end(params, extra, cache, tokens [B, T],
+    lengths [B], rng)`` and ``prefill_cloud``/``step_cloud(params, codec, cache, msg,
+    lengths [B], rng)`` return ``(cache, out)``; ``lengths`` counts each row's valid
+    positions (right padding after them; 0: the row idles), and each row's cache advances
+    by its length. ``step_*`` donate the cache.
     """
 
     model: MoELM
     split: int
     transport: CodecSpec
-    end_mesh: Mesh
-    cloud_mesh: Mesh
-    end_params: dict
-    cloud_params: dict
-    end_extra: dict  # {"allowed", "gates", "codec"}: traced end arguments
+    end_mesh: Mesh | None
+    cloud_mesh: Mesh | None
+    end_params: dict | None
+    cloud_params: dict | None
+    end_extra: dict | None  # {"allowed", "gates", "codec"}: traced end arguments
     cloud_codec: dict | None
-    score_end: Callable
-    score_cloud: Callable
-    prefill_end: Callable
-    step_end: Callable
-    prefill_cloud: Callable
-    step_cloud: Callable
-    full_params: dict = dataclasses.field(repr=False, default=None)  # cache shapes only
-    _cache_shapes: dict = dataclasses.field(repr=False, default_factory=dict)  # B -> shapes
+    score_end: Callable | None
+    score_cloud: Callable | None
+    prefill_end: Callable | None
+    step_end: Callable | None
+    prefill_cloud: Callable | None
+    step_cloud: Callable | None
+    side: str = "both"
 
     @property
     def num_layers(self) -> int:
@@ -101,20 +116,33 @@ class Stages:
     def cloud_only(self) -> bool:
         return self.split == 0
 
-    def init_cache(self, side: str, batch: int):
-        """Zeroed KV cache for ``batch`` sequences of one side: ``"end"`` (layers < s, on the
-        end mesh) or ``"cloud"`` (layers >= s, on the cloud mesh); ``{}`` for a side
-        without layers. Fresh buffers every call (a decode step donates its cache)."""
-        if side not in ("end", "cloud"):
-            raise ValueError(f"{side=} must be 'end' or 'cloud'")
-        if batch not in self._cache_shapes:  # tracing the model for shapes is slow
-            self._cache_shapes[batch] = jax.eval_shape(
-                lambda: init_cache(self.model, self.full_params, batch))
+    def has(self, side: str) -> bool:
+        """Whether this build holds ``side`` ("end" or "cloud")."""
+        return self.side in ("both", side)
+
+    def init_cache(self, side: str, batch: int, length: int | None = None, dtype=None):
+        """Zeroed KV cache for ``batch`` sequences of up to ``length`` positions (default
+        ``max_seq_len``; size it to the request with
+        :func:`~ec2moe_jax.models.lm.cache_bucket`) of one side: ``"end"`` (layers < s, on the
+        end mesh) or ``"cloud"`` (layers >= s, on the cloud mesh); ``{}`` for a side without
+        layers. Fresh buffers every call (a decode step donates its cache).
+
+        Raises:
+          ValueError: an unknown side, one this build does not hold, or a bad length.
+        """
+        self._check_side(side)
         layers = (range(self.split) if side == "end"
                   else range(self.split, self.num_layers))
-        shapes = _layer_subset(self._cache_shapes[batch], layers)
+        shapes = cache_shapes(self.model.cfg, batch, length, dtype, layers)
         zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
         return hop(zeros, self.end_mesh if side == "end" else self.cloud_mesh)
+
+    def _check_side(self, side: str) -> None:
+        if side not in ("end", "cloud"):
+            raise ValueError(f"{side=} must be 'end' or 'cloud'")
+        if not self.has(side):
+            raise ValueError(f"these stages were built with side={self.side!r} and hold no "
+                             f"{side} side; build them with side='both' or side={side!r}")
 
     def up_bytes(self, batch: int, time: int) -> int:
         """Wire bytes of one end-to-cloud message of [batch, time] positions."""
@@ -130,32 +158,37 @@ def _score_tail(model, v, x, targets):
     return logits, jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
 
 
-def _run_layers(model, v, x, start, stop, cache, **kw):
-    """Layers ``[start, stop)``; with a cache, decode mode and the updated cache."""
+def _run_layers(model, v, x, start, stop, cache, lengths, **kw):
+    """Layers ``[start, stop)``; with a cache, decode mode and the updated cache, each row
+    advanced by its ``lengths`` (right padding and idle rows do not count)."""
     if cache is None:
         return model.apply(v, x, start, stop, method="layers", **kw)[0], None
+    if not cache:  # no layers on this side
+        return x, cache
+    pos = cache_positions(cache)
     (x, _), state = model.apply(v, x, start, stop, decode=True, method="layers",
                                 mutable=["cache"], **kw)
-    return x, state["cache"]
+    return x, set_cache_positions(state["cache"], pos + lengths)
 
 
 def _make_fns(model: MoELM, split: int, transport: CodecSpec, temperature: float,
-              gate_spec, end_mesh: Mesh, cloud_mesh: Mesh):
-    """The six stage functions (unjitted) closed over the static choices."""
+              gate_spec, end_mesh: Mesh | None, cloud_mesh: Mesh | None):
+    """The four stage functions (unjitted) closed over the static choices."""
     L = model.cfg.num_layers
     dtype = jnp.dtype(model.cfg.dtype)
 
-    def end_body(params, extra, tokens, cache):
+    def end_body(params, extra, tokens, cache, lengths=None):
         v = {"params": params} if cache is None else {"params": params, "cache": cache}
         gates = None if gate_spec is None else make_gates(model, gate_spec, extra["gates"])
         x = model.apply(v, tokens, method="embed")
-        return _run_layers(model, v, x, 0, split, cache, allowed=extra["allowed"], gates=gates)
+        return _run_layers(model, v, x, 0, split, cache, lengths, allowed=extra["allowed"],
+                           gates=gates)
 
-    def cloud_body(params, codec, msg, cache):
+    def cloud_body(params, codec, msg, cache, lengths=None):
         v = {"params": params} if cache is None else {"params": params, "cache": cache}
         x = (model.apply(v, msg, method="embed") if split == 0
              else _decode(codec, msg, dtype))
-        return _run_layers(model, v, x, split, L, cache)
+        return _run_layers(model, v, x, split, L, cache, lengths)
 
     def score_end(params, extra, tokens, targets):
         with use_mesh(end_mesh):
@@ -169,30 +202,71 @@ def _make_fns(model: MoELM, split: int, transport: CodecSpec, temperature: float
             x, _ = cloud_body(params, codec, msg, None)
             return _score_tail(model, {"params": params}, x, targets)
 
-    def sample(params, x, rng):
-        last = model.apply({"params": params}, x[:, -1:], method="head")[:, 0]
+    def sample(params, x, lengths, rng):
+        last = model.apply({"params": params}, last_valid(x, lengths)[:, None],
+                           method="head")[:, 0]
         return sample_token(last, rng, temperature), last
 
-    def decode_end(params, extra, cache, tokens, rng):
+    def decode_end(params, extra, cache, tokens, lengths, rng):
         with use_mesh(end_mesh):
-            x, cache = end_body(params, extra, tokens, cache)
+            x, cache = end_body(params, extra, tokens, cache, lengths)
             if split == L:
-                return cache, sample(params, x, rng)
+                return cache, sample(params, x, lengths, rng)
             return cache, _encode(transport, extra["codec"], x)
 
-    def decode_cloud(params, codec, cache, msg, rng):
+    def decode_cloud(params, codec, cache, msg, lengths, rng):
         with use_mesh(cloud_mesh):
-            x, cache = cloud_body(params, codec, msg, cache)
-            return cache, sample(params, x, rng)
+            x, cache = cloud_body(params, codec, msg, cache, lengths)
+            return cache, sample(params, x, lengths, rng)
 
     return score_end, score_cloud, decode_end, decode_cloud
+
+
+@functools.lru_cache(maxsize=8)
+def _boxed_shapes(cfg: ModelConfig):
+    """Parameter shapes with their logical axes (tracing the model's init is slow: once)."""
+    model = MoELM(cfg)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
+                          )["params"]
+
+
+def place_params(model: MoELM, params, mesh: Mesh, layers: range | None = None) -> dict:
+    """The parameters a side needs on ``mesh`` (blocks in ``layers``, default all, and every
+    non-layer entry: embedding, final norm, head), sharded by the logical axis rules
+    (experts over 'expert'). An array already placed so is not copied: a server places the
+    cloud's parameters once (``layers=None``) and builds the cloud side of every split from
+    that one tree (:func:`build_stages` with ``side="cloud"``), sharing the buffers."""
+    layers = range(model.cfg.num_layers) if layers is None else layers
+    sh = param_shardings(_layer_subset(_boxed_shapes(model.cfg), layers), mesh)
+    return jax.device_put(_layer_subset(unbox(params), layers), sh)
+
+
+def _check_build(model, split, side, end_mesh, cloud_mesh, transport, codec, gates):
+    cfg = model.cfg
+    if not 0 <= split <= cfg.num_layers:
+        raise ValueError(f"{split=} must lie in [0, num_layers={cfg.num_layers}]")
+    if side not in SIDES:
+        raise ValueError(f"{side=} must be one of {SIDES}")
+    for name, mesh, need in (("end_mesh", end_mesh, "cloud"), ("cloud_mesh", cloud_mesh, "end")):
+        if mesh is None and side != need:
+            raise ValueError(f"side={side!r} needs {name}; pass a Mesh (or build side={need!r})")
+    if transport.lowrank:
+        key, shape = (("w_enc", (cfg.d_model, transport.rank)) if side != "cloud"
+                      else ("w_dec", (transport.rank, cfg.d_model)))
+        got = None if codec is None or key not in codec else tuple(np.shape(codec[key]))
+        if got != shape:
+            raise ValueError(f"transport {transport.name!r} rank {transport.rank} needs codec "
+                             f"weights {key} of shape {shape}, got {got}")
+    if gates is not None and gates[0].num_end_layers != split:
+        raise ValueError(f"the gates were trained for {gates[0].num_end_layers} end layers, "
+                         f"the plan runs {split} on the end")
 
 
 def build_stages(
     model: MoELM,
     params,
-    end_mesh: Mesh,
-    cloud_mesh: Mesh,
+    end_mesh: Mesh | None,
+    cloud_mesh: Mesh | None,
     *,
     split: int,
     transport: CodecSpec = FP32,
@@ -200,58 +274,58 @@ def build_stages(
     gates: tuple | None = None,
     codec: dict | None = None,
     temperature: float = 0.0,
+    side: str = "both",
 ) -> Stages:
-    """Places the parameters on both submeshes and jits the stages of one split.
+    """Places the parameters on the submesh(es) and jits the stages of one split.
 
     Args:
-      params: the LM's parameters (plain arrays, anywhere).
+      params: the LM's parameters (plain arrays, anywhere; for the cloud side, ideally the
+        tree :func:`place_params` placed once on ``cloud_mesh``: then nothing is copied).
+      end_mesh, cloud_mesh: the two submeshes; the side not built may be None.
       split: layers ``[0, split)`` run on the end.
       transport: what crosses the link (a :class:`~ec2moe_jax.codec.CodecSpec`).
       allowed: <bool>[L, E] resident experts of the end layers (None: all).
       gates: ``(GateSpec, gate_params)`` of the end's group gates, or None (the router).
-      codec: ``{"mean", "w_enc", "w_dec"}`` for a low-rank transport.
+      codec: ``{"mean", "w_enc", "w_dec"}`` for a low-rank transport (the end needs
+        ``mean``/``w_enc``, the cloud ``mean``/``w_dec``).
       temperature: sampling temperature (0 = greedy), closed over.
+      side: ``"both"`` (the in-process pipeline), ``"end"`` (embedding, layers
+        ``[0, split)`` and the encoder only: a client process) or ``"cloud"`` (decoder,
+        layers ``[split, L)`` and the head only: a server process).
+
+    Raises:
+      ValueError: a split outside ``[0, L]``, an unknown side or a missing mesh, codec
+        weights of the wrong shape, gates trained for another split, or a mask not [L, E].
     """
     cfg = model.cfg
     L, E = cfg.num_layers, cfg.moe.num_experts
-    if not 0 <= split <= L:
-        raise ValueError(f"{split=} must lie in [0, num_layers={L}]")
-    if transport.lowrank and (codec is None or codec["w_enc"].shape != (cfg.d_model,
-                                                                         transport.rank)):
-        got = None if codec is None else tuple(codec["w_enc"].shape)
-        raise ValueError(f"transport {transport.name!r} rank {transport.rank} needs codec "
-                         f"weights w_enc of shape {(cfg.d_model, transport.rank)}, got {got}")
-    if gates is not None and gates[0].num_end_layers != split:
-        raise ValueError(f"the gates were trained for {gates[0].num_end_layers} end layers, "
-                         f"the plan runs {split} on the end")
+    _check_build(model, split, side, end_mesh, cloud_mesh, transport, codec, gates)
     allowed = jnp.ones((L, E), bool) if allowed is None else jnp.asarray(allowed, bool)
     if allowed.shape != (L, E):
         raise ValueError(f"allowed mask has shape {allowed.shape}, expected {(L, E)}")
-    boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-                           )["params"]
-    params = unbox(params)
-
-    def put(layers, mesh):
-        sh = param_shardings(_layer_subset(boxed, layers), mesh)
-        return jax.device_put(_layer_subset(params, layers), sh)
-
-    end_params = put(range(split), end_mesh)
-    cloud_params = put(range(split, L), cloud_mesh)
-    rep_end = NamedSharding(end_mesh, PartitionSpec())
-    codec_enc = None if codec is None else {k: codec[k] for k in ("mean", "w_enc")}
-    end_extra = jax.device_put({"allowed": allowed, "codec": codec_enc,
-                                "gates": None if gates is None else gates[1]}, rep_end)
-    cloud_codec = None if codec is None else jax.device_put(
-        {k: codec[k] for k in ("mean", "w_dec")}, NamedSharding(cloud_mesh, PartitionSpec()))
     score_end, score_cloud, dec_end, dec_cloud = _make_fns(
         model, split, transport, temperature, None if gates is None else gates[0],
         end_mesh, cloud_mesh)
-    stages = Stages(
-        model=model, split=split, transport=transport, end_mesh=end_mesh,
-        cloud_mesh=cloud_mesh, end_params=end_params, cloud_params=cloud_params,
-        end_extra=end_extra, cloud_codec=cloud_codec,
-        score_end=jax.jit(score_end), score_cloud=jax.jit(score_cloud),
-        prefill_end=jax.jit(dec_end), step_end=jax.jit(dec_end, donate_argnums=2),
-        prefill_cloud=jax.jit(dec_cloud), step_cloud=jax.jit(dec_cloud, donate_argnums=2),
-        full_params=params)
-    return stages
+    end = cloud = {}
+    if side != "cloud":
+        codec_enc = None if codec is None else {k: codec[k] for k in ("mean", "w_enc")}
+        extra = {"allowed": allowed, "codec": codec_enc,
+                 "gates": None if gates is None else gates[1]}
+        end = {"end_params": place_params(model, params, end_mesh, range(split)),
+               "end_extra": jax.device_put(extra, NamedSharding(end_mesh, PartitionSpec())),
+               "score_end": jax.jit(score_end), "prefill_end": jax.jit(dec_end),
+               "step_end": jax.jit(dec_end, donate_argnums=2)}
+    if side != "end":
+        cloud_codec = None if codec is None else jax.device_put(
+            {k: codec[k] for k in ("mean", "w_dec")}, NamedSharding(cloud_mesh, PartitionSpec()))
+        cloud = {"cloud_params": place_params(model, params, cloud_mesh, range(split, L)),
+                 "cloud_codec": cloud_codec, "score_cloud": jax.jit(score_cloud),
+                 "prefill_cloud": jax.jit(dec_cloud),
+                 "step_cloud": jax.jit(dec_cloud, donate_argnums=2)}
+    none = dict.fromkeys(("end_params", "end_extra", "score_end", "prefill_end", "step_end",
+                          "cloud_params", "cloud_codec", "score_cloud", "prefill_cloud",
+                          "step_cloud"))
+    return Stages(model=model, split=split, transport=transport, side=side,
+                  end_mesh=end_mesh if side != "cloud" else None,
+                  cloud_mesh=cloud_mesh if side != "end" else None,
+                  **{**none, **end, **cloud})
