@@ -138,6 +138,8 @@ def read_json(path: str | os.PathLike, *, what: str = "JSON file", command: str 
     except UnicodeDecodeError as e:
         raise ValueError(f"{what} {path!r} is not UTF-8 text ({e.reason} at byte {e.start})"
                          f"{hint}") from None
+    except RecursionError:
+        raise ValueError(f"{what} {path!r} nests too deeply to be read{hint}") from None
 
 
 def _reject_constant(name: str) -> Any:

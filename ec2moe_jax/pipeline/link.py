@@ -11,9 +11,12 @@ Failures: a message is lost if its index on that link (every attempt counts) is 
 ``Failures.drop`` or it starts inside a ``Failures.down`` interval. The sender notices a loss
 ``2 RTT`` after the lost message left its sender (the expected reply time plus one RTT of
 slack; at least 2 ms) and resends, at most ``max_attempts`` times in all, then raises
-:class:`LinkError`. The receiver remembers what it served per message key, so a resent
-request whose *reply* was lost is answered again without recomputing (a decode step's KV
-cache never advances twice): nothing is lost silently and nothing runs twice.
+:class:`LinkError`. The receiver remembers what it served per message key while that
+exchange lasts, so a resent request whose *reply* was lost is answered again without
+recomputing (a decode step's KV cache never advances twice): nothing is lost silently and
+nothing runs twice. The memory ends with the exchange, so a later call that uses the same
+keys on the same channel (a second ``generate``) is served afresh, never answered with the
+first call's replies.
 """
 
 from __future__ import annotations
@@ -158,13 +161,17 @@ class Exchange:
 
 
 class Channel:
-    """Uplink + downlink with bounded retries and per-key exactly-once service."""
+    """Uplink + downlink with bounded retries and exactly-once service per exchange.
+
+    ``served_count[key]``: how often a request under ``key`` was computed over the channel's
+    life (once per exchange; a later call reusing the key adds one). ``up.bytes`` and
+    ``down.bytes`` likewise count the channel's whole life.
+    """
 
     def __init__(self, up: Link, down: Link, max_attempts: int = 3):
         if max_attempts < 1:
             raise ValueError(f"{max_attempts=} must be >= 1")
         self.up, self.down, self.max_attempts = up, down, max_attempts
-        self._served: dict[Hashable, float] = {}
         self.served_count: dict[Hashable, int] = {}
 
     @classmethod
@@ -183,16 +190,22 @@ class Channel:
     def round_trip(self, key: Hashable, ready: float, up_bytes: int,
                    serve: Callable[[float], float], down_bytes: int) -> Exchange:
         """Sends a request at ``ready``; ``serve(arrival) -> reply ready time`` runs at the
-        receiver at most once per ``key``; returns when the reply reached the sender."""
+        receiver exactly once in this exchange, however many attempts it takes; returns when
+        the reply reached the sender.
+
+        Raises:
+          LinkError: no reply after ``max_attempts`` attempts.
+        """
         sent_up = sent_down = 0
+        served: float | None = None  # the receiver's memory of this exchange's reply
         for attempt in range(1, self.max_attempts + 1):
             up = self.up.send(ready, up_bytes)
             sent_up += up_bytes
             if up.delivered:
-                if key not in self._served:
-                    self._served[key] = serve(up.arrival)
+                if served is None:
+                    served = serve(up.arrival)
                     self.served_count[key] = self.served_count.get(key, 0) + 1
-                reply_ready = max(self._served[key], up.arrival)
+                reply_ready = max(served, up.arrival)
                 down = self.down.send(reply_ready, down_bytes)
                 sent_down += down_bytes
                 if down.delivered:

@@ -17,7 +17,7 @@ import numpy as np
 
 from ec2moe_jax.codec import CodecSpec
 from ec2moe_jax.config import ModelConfig
-from ec2moe_jax.files import read_json
+from ec2moe_jax.files import get_field, read_json
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import DeviceProfile, LinkProfile
 from ec2moe_jax.routing.masks import top_n_mask
@@ -140,21 +140,31 @@ def load_plan(path: str, cfg: ModelConfig) -> PipelinePlan:
     A low-rank codec uses the fine-tuned codec saved in the run for this split, rank and
     precision if there is one, else a PCA initialisation on training text.
 
+    Types are strict: ``"swap": "false"`` or ``"split": 1.0`` is an error, not a guess.
+
     Raises:
       FileNotFoundError: ``path`` does not exist.
-      ValueError: the file is not JSON, ``split`` is missing, or a field is out of range
-        (the message names the plan and the value).
+      ValueError: the file is not JSON or not an object, ``split`` is missing, a field has
+        the wrong type, or a value is out of range (the message names the file, the field
+        and the value).
     """
     d = read_json(path, what="plan JSON")
-    if not isinstance(d, dict) or "split" not in d:
-        raise ValueError(f"plan JSON {path!r} must be an object with at least a 'split' "
-                         f"(see ec2moe_jax.pipeline.plans.load_plan), got {str(d)[:80]}")
-    L = cfg.num_layers
-    res = d.get("resident", cfg.moe.num_experts)
-    res = [int(res)] * L if isinstance(res, int) else [int(r) for r in res]
-    return PipelinePlan(os.path.basename(path), int(d["split"]), tuple(res),
-                        d.get("codec", "bf16"), int(d.get("micro_batch", 1)),
-                        bool(d.get("swap", False))).validate(cfg)
+    kw = {"path": path, "what": "plan JSON"}
+    split = get_field(d, "split", int, **kw)
+    res = get_field(d, "resident", (int, list), **kw, default=cfg.moe.num_experts)
+    if isinstance(res, list) and not all(isinstance(r, int) and not isinstance(r, bool)
+                                         for r in res):
+        raise ValueError(f"plan JSON {path!r}: field 'resident' must be an int or a list of "
+                         f"ints, got {res!r}")
+    res = [res] * cfg.num_layers if isinstance(res, int) else res
+    codec = get_field(d, "codec", str, **kw, default="bf16")
+    micro_batch = get_field(d, "micro_batch", int, **kw, default=1)
+    swap = get_field(d, "swap", bool, **kw, default=False)
+    try:
+        return PipelinePlan(os.path.basename(path), split, tuple(res), codec, micro_batch,
+                            swap).validate(cfg)
+    except ValueError as e:
+        raise ValueError(f"plan JSON {path!r}: {e}") from None
 
 
 def from_scheduler(plan: Plan, inst: Instance, cfg: ModelConfig, name: str = "ec2moe",
