@@ -1,4 +1,5 @@
-"""The three dispatch implementations agree with each other and with a per-token loop."""
+"""The dispatch implementations (einsum, gather, ragged and the decode-shaped gathered path)
+agree with each other and with a per-token loop."""
 
 import dataclasses
 
@@ -10,7 +11,8 @@ from conftest import assert_close
 
 from ec2moe_jax.config import MoEConfig
 from ec2moe_jax.layers import MoEBlock
-from ec2moe_jax.routing import einsum_moe, gather_moe, ragged_moe, top_k_route
+from ec2moe_jax.layers.moe import uses_gathered
+from ec2moe_jax.routing import einsum_moe, gather_moe, gathered_moe, ragged_moe, top_k_route
 
 G, S, D, F, E, K = 3, 10, 8, 12, 4, 2
 
@@ -54,6 +56,8 @@ def test_einsum_and_gather_match_loop_reference(factor, masked):
     fn = _expert_fn(wg, wu, wd)
     assert_close(einsum_moe(x, route, fn), ref, atol=1e-4, rtol=1e-4)
     assert_close(gather_moe(x, route, fn), ref, atol=1e-4, rtol=1e-4)
+    # Drops (factor 0.5) and masked experts included: a dropped choice weighs 0.
+    assert_close(gathered_moe(x, route, wg, wu, wd), ref, atol=1e-4, rtol=1e-4)
     if factor is None:
         assert_close(ragged_moe(x, route, wg, wu, wd), ref, atol=1e-4, rtol=1e-4)
 
@@ -89,6 +93,22 @@ def test_moe_block_dispatch_implementations_equivalent(train):
     assert_close(outs["gather"], outs["einsum"], atol=1e-5)
     if not train:  # ragged is dropless; in training the others drop at capacity 1.0
         assert_close(outs["ragged"], outs["einsum"], atol=1e-5)
+
+
+def test_decode_steps_take_the_gathered_path_and_equal_the_dispatch():
+    # 16 experts, top-2: a decode step of B = 2 tokens makes 4 choices <= 16 / 2, so the
+    # block computes only the chosen experts; the same two tokens at the head of 8-token
+    # sequences (32 choices: the configured dispatch) get the same output, since dropless
+    # routing is per token. Shared expert included.
+    cfg = MoEConfig(num_experts=16, top_k=2, expert_dim=F, capacity_factor=None,
+                    eval_capacity_factor=None, shared_expert_dim=6)
+    assert uses_gathered(2, 2, 16) and not uses_gathered(16, 2, 16)
+    seqs = jax.random.normal(jax.random.key(6), (2, 8, D))
+    block = MoEBlock(cfg)
+    params = block.init(jax.random.key(7), seqs)
+    step, _ = block.apply(params, seqs[:, :1])
+    full, _ = block.apply(params, seqs)
+    assert_close(step, full[:, :1], atol=1e-5)
 
 
 def test_group_size_reshapes_tokens_and_rejects_bad_sizes():

@@ -13,6 +13,10 @@ kept choices of a :class:`~ec2moe_jax.routing.topk.Route`:
   one-hot tensors; the fast path on CPU.
 * ``ragged``: sort the S * K choices by expert and run ``jax.lax.ragged_dot`` over the
   group sizes (dropless; capacity is ignored). The fast path on GPU/TPU.
+* ``gathered`` (decode-shaped): gather each choice's expert weights and run G * S * K
+  single-token SwiGLUs. Touches only the chosen experts: for a decode step (few tokens) it
+  reads K experts' weights per token where the others compute every expert's slots. Same
+  drops as the route (a dropped choice has weight 0). The MoE block picks it by token count.
 
 ``einsum`` and ``gather`` produce expert inputs laid out [E, G * C, D] so the expert weights
 [E, D, F] apply as one batched matmul, sharded on the logical 'expert' axis.
@@ -133,3 +137,41 @@ def ragged_moe(
     y = jnp.zeros_like(ys).at[order].set(ys)  # undo the sort: row i is choice i
     y = y.reshape(num_groups, num_tokens, top_k, dim)
     return jnp.einsum("gskd,gsk->gsd", y, route.combine_weights.astype(y.dtype))
+
+
+def gathered_moe(
+    x: jax.Array,
+    route: Route,
+    w_gate: jax.Array,
+    w_up: jax.Array,
+    w_down: jax.Array,
+) -> jax.Array:
+    """Decode-shaped experts: one single-token SwiGLU per choice on that choice's expert's
+    weights, ``[G * S * K]`` expert matmuls, nothing computed for an expert no token chose.
+
+    Args:
+      x: [G, S, D] tokens (few: a decode step's B tokens).
+      route: any routing decision; a dropped or masked choice contributes nothing (its
+        combine weight is 0), as in the other dispatches.
+      w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+
+    Returns:
+      [G, S, D]. The choices run in a ``fori_loop`` that slices one expert's matrices at a
+      time: XLA:CPU runs the batched form (gathering [G*S*K, D, F] and one batched matvec)
+      several times slower, and a loop keeps the copied weights to one expert's.
+    """
+    num_groups, num_tokens, dim = x.shape
+    top_k = route.expert_index.shape[-1]
+    n = num_groups * num_tokens * top_k
+    expert = route.expert_index.reshape(n)
+    xs = jnp.repeat(x.reshape(-1, dim), top_k, axis=0)  # [N * K, D], choice-major per token
+
+    def one(i, out):
+        w = [jax.lax.dynamic_index_in_dim(a, expert[i], keepdims=False)
+             for a in (w_gate, w_up, w_down)]
+        y = swiglu(jax.lax.dynamic_index_in_dim(xs, i), *w)  # [1, D]
+        return jax.lax.dynamic_update_index_in_dim(out, y.astype(out.dtype), i, 0)
+
+    ys = jax.lax.fori_loop(0, n, one, jnp.zeros((n, dim), x.dtype))
+    ys = ys.reshape(num_groups, num_tokens, top_k, dim)
+    return jnp.einsum("gskd,gsk->gsd", ys, route.combine_weights.astype(ys.dtype))
