@@ -76,15 +76,18 @@ def group_gates(model: MoELM, params, allowed: np.ndarray, split: int,
     return (spec, gates), f"group gate trained here ({steps} steps, LM frozen)"
 
 
-def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh, cloud_mesh: Mesh, *,
+def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh,
+            cloud_mesh: Mesh | None, *,
             frequencies: np.ndarray, workdir: str | None = None,
             train_tokens: np.ndarray | None = None, temperature: float = 0.0,
-            gate_steps: int = 0, use_gate: bool = True, gate_init_only: bool = False
-            ) -> tuple[Stages, dict]:
+            gate_steps: int = 0, use_gate: bool = True, gate_init_only: bool = False,
+            side: str = "both") -> tuple[Stages, dict]:
     """Stages of ``plan`` and a JSON-ready description (mask coverage, codec and gate
     sources). End layers of a plan that drops experts use the HL-GGN group gate when one is
     saved for its mask (or ``gate_steps > 0`` trains one), else masked top-k; ``use_gate=False``
-    forces masked top-k, ``gate_init_only=True`` the least-squares-initialised gate."""
+    forces masked top-k, ``gate_init_only=True`` the least-squares-initialised gate.
+    ``side="end"`` builds the end side alone (an end client process; ``cloud_mesh`` may be
+    None), see :func:`~.stages.build_stages`."""
     cfg = model.cfg
     plan.validate(cfg)
     allowed = plan.allowed(frequencies, cfg)
@@ -95,7 +98,7 @@ def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh, cloud_mesh
                                      init_only=gate_init_only)
     stages = build_stages(model, params, end_mesh, cloud_mesh, split=plan.split,
                           transport=plan.spec, allowed=allowed, codec=codec,
-                          gates=gates, temperature=temperature)
+                          gates=gates, temperature=temperature, side=side)
     moe = [i for i in range(plan.split) if cfg.is_moe_layer(i)]
     freq = np.asarray(frequencies, np.float64)
     freq = freq / freq.sum(-1, keepdims=True)

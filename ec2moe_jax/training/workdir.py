@@ -6,6 +6,7 @@ Shape legend: M MoE layers, E experts, B batch, T time.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 
@@ -85,3 +86,21 @@ def load_run(workdir: str, *, progress: bool = True):
         stats = collect_stats(setup.model, params, splits.train, progress=progress)
         save_stats(stats, path)
     return setup, params, splits, np.asarray(stats.frequencies)
+
+
+def params_fingerprint(params) -> str:
+    """The identity of a set of parameters: SHA-256 over every array's path, dtype, shape and
+    bytes, in a fixed order (the host copy; any sharding). Two processes that loaded the same
+    checkpoint agree on it; any changed bit changes it. The serving protocol refuses a session
+    whose end runs other parameters than the cloud (:mod:`ec2moe_jax.serving`).
+
+    Returns:
+      ``"sha256:<32 hex digits>"``.
+    """
+    digest = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        a = np.ascontiguousarray(jax.device_get(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return "sha256:" + digest.hexdigest()[:32]

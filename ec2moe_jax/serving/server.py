@@ -1,0 +1,556 @@
+"""The cloud server: layers ``[s, L)`` + head for any split a session asks for, over gRPC
+(``grpc.aio``), with continuous batching, bounded KV slots, deadlines, keepalive, health,
+live statistics and Prometheus metrics.
+
+Concurrency: the asyncio loop serves every RPC (validation, wire decoding, health, Stats) and
+never computes; one compute thread owns the devices (:class:`~.worker.CloudWorker`). The
+batcher (one task) feeds that thread: after each compute call it takes one queued job (a
+prefill, a score, a slot release) and then, per group, one batched decode step of every
+session that has a step waiting, once all of the group's live sessions have one or the
+oldest has waited ``batch_wait_s``. A prompt therefore delays decoding by at most one
+prefill, and a slow client never blocks the others.
+
+Limits: at most ``slots`` sessions (``RESOURCE_EXHAUSTED`` beyond, never a queue);
+messages up to :func:`~.protocol.message_limit`; payload sizes checked against the model's
+:class:`~ec2moe_jax.codec.wire.WireLimits` before decoding. A session is freed when closed,
+when its decode stream is cancelled (deadline, client gone: keepalive notices a silent
+peer) or after ``ttl_s`` without a request. Binds 127.0.0.1 unless told otherwise; a
+non-loopback bind needs ``allow_remote`` plus TLS or a shared token, and the token is
+checked by an interceptor before a handler (so before any tensor) sees the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import dataclasses
+import math
+import secrets
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import grpc
+import jax
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from ec2moe_jax.codec import CodecSpec, wire
+from ec2moe_jax.serving import protocol
+from ec2moe_jax.serving.metrics import Metrics
+from ec2moe_jax.serving.protocol import pb, pb_grpc
+from ec2moe_jax.serving.worker import CloudWorker, GroupKey
+
+SERVICE = "ec2moe.serving.v1.Cloud"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """How the server listens and what it admits.
+
+    Attributes:
+      host, port: the bind address (port 0: a free one, reported once bound).
+      slots: sessions (KV cache rows) held at once.
+      ttl_s: a session without a request for this long is freed.
+      batch_wait_s: how long a decode step may wait for the rest of its group's sessions.
+      max_score_batch: rows of one scoring request.
+      token: shared secret every call must carry (``authorization: Bearer <token>``).
+      tls: (certificate chain, private key) PEM bytes, or None.
+      allow_remote: permits a non-loopback ``host`` (with ``token`` or ``tls``).
+      metrics_port: Prometheus exporter port (None: off; 0: a free one).
+
+    Raises:
+      ValueError: a non-positive count or time, or a non-loopback bind without
+        ``allow_remote`` and TLS or a token (the message names the host and the flags).
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    slots: int = 8
+    ttl_s: float = 30.0
+    batch_wait_s: float = 0.003
+    max_score_batch: int = 4
+    token: str | None = None
+    tls: tuple[bytes, bytes] | None = None
+    allow_remote: bool = False
+    metrics_port: int | None = None
+
+    def __post_init__(self):
+        for name in ("slots", "max_score_batch"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if not (self.ttl_s > 0 and self.batch_wait_s >= 0 and math.isfinite(self.ttl_s)):
+            raise ValueError(f"ttl_s={self.ttl_s} must be > 0 and batch_wait_s="
+                             f"{self.batch_wait_s} >= 0")
+        if not protocol.is_loopback(self.host):
+            if not self.allow_remote:
+                raise ValueError(f"binding {self.host!r} exposes the server beyond this "
+                                 "machine; pass --allow-remote (with --auth-token-file or "
+                                 "--tls-cert/--tls-key), or bind 127.0.0.1")
+            if not (self.token or self.tls):
+                raise ValueError(f"a non-loopback bind ({self.host!r}) needs authentication: "
+                                 "--auth-token-file FILE and/or --tls-cert/--tls-key")
+        if self.token is not None and len(self.token) < 16:
+            raise ValueError(f"the shared token is {len(self.token)} characters; use at "
+                             "least 16 (e.g. `python -c 'import secrets; "
+                             "print(secrets.token_hex(16))'`)")
+
+
+@dataclasses.dataclass(eq=False)
+class Session:
+    id: str
+    key: GroupKey
+    spec: CodecSpec | None  # None at split 0
+    seen: float
+    position: int = 0  # positions held in the KV row
+    last_token: int | None = None
+    busy: int = 0  # calls in flight
+    closed: bool = False
+
+
+@dataclasses.dataclass(eq=False)
+class _Step:
+    session: Session
+    msg: object
+    future: asyncio.Future
+    queued: float
+
+
+class _Abort(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+class CloudServer:
+    """The service and its batcher around a :class:`~.worker.CloudWorker`.
+
+    Args:
+      worker: the cloud side (groups, pools, stages).
+      fingerprint: the parameters' fingerprint sessions must match.
+      codec_fingerprint: ``(split, spec) -> fingerprint`` of the codec the server would use.
+      options: :class:`ServeOptions`.
+    """
+
+    def __init__(self, worker: CloudWorker, fingerprint: str,
+                 codec_fingerprint: Callable[[int, CodecSpec], str], options: ServeOptions):
+        cfg = worker.model.cfg
+        self.worker, self.fingerprint, self.options = worker, fingerprint, options
+        self.codec_fingerprint = codec_fingerprint
+        self.num_layers, self.max_seq_len = cfg.num_layers, cfg.max_seq_len
+        self.d_model, self.vocab_size = cfg.d_model, cfg.vocab_size
+        self.limits = wire.WireLimits.for_model(cfg.d_model, cfg.max_seq_len,
+                                                options.max_score_batch)
+        self.message_limit = protocol.message_limit(cfg.d_model, cfg.max_seq_len,
+                                                    options.max_score_batch)
+        self.sessions: dict[str, Session] = {}
+        self.pending: dict[GroupKey, dict[str, _Step]] = collections.defaultdict(dict)
+        self.jobs: collections.deque = collections.deque()
+        self.compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
+        self.metrics = Metrics(options.slots)
+        self.step_times: collections.deque = collections.deque(maxlen=64)
+        self.prefill_times: collections.deque = collections.deque(maxlen=64)
+        self.rows: collections.deque = collections.deque(maxlen=64)
+        self.steps = self.tokens = 0
+        self._wake: asyncio.Event | None = None
+        self._tasks: list[asyncio.Task] = []
+
+    # ----- plumbing -----------------------------------------------------------------------
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.compute, fn, *args)
+
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _session(self, sid: str) -> Session:
+        s = self.sessions.get(sid)
+        if s is None or s.closed:
+            raise _Abort(grpc.StatusCode.NOT_FOUND, f"session {sid!r} is unknown to this server "
+                         "(closed, expired after its TTL, or opened before a restart): open a "
+                         "new one and replay the history")
+        s.seen = time.monotonic()
+        return s
+
+    def _decode(self, buf: bytes, spec: CodecSpec | None, *, batch, time_):
+        try:
+            return protocol.decode_state(buf, spec, d_model=self.d_model,
+                                         vocab_size=self.vocab_size, batch=batch,
+                                         time=time_, limits=self.limits)
+        except wire.WireFormatError as e:
+            self.metrics.rejected.inc()
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad payload: {e}") from None
+
+    async def _plan(self, plan, fingerprint: str, codec_fp: str
+                    ) -> tuple[GroupKey, CodecSpec | None]:
+        """Checks a client's plan and identity; returns its group key and codec."""
+        if fingerprint != self.fingerprint:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"checkpoint fingerprint {fingerprint!r} differs from the server's "
+                         f"{self.fingerprint!r}: the end and the cloud must load the same "
+                         "workdir")
+        split = int(plan.split)
+        if not 0 <= split < self.num_layers:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"split={split} out of range: this server runs layers [split, L) of "
+                         f"an L={self.num_layers} model, so split must lie in [0, "
+                         f"{self.num_layers - 1}] (split {self.num_layers} is end-only)")
+        if split == 0:
+            return (0, "bf16", 0.0), None
+        try:
+            spec = CodecSpec.parse(plan.codec).check(self.d_model)
+        except ValueError as e:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, str(e)) from None
+        try:
+            mine = await self._job(self.codec_fingerprint, split, spec)
+        except _Abort as e:  # no codec for this split and rank in the workdir
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION, e.message) from None
+        if codec_fp != mine:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"codec {spec.name} at split {split}: the client's weights "
+                         f"{codec_fp!r} differ from the server's {mine!r}")
+        return (split, spec.name, 0.0), spec
+
+    # ----- RPCs ---------------------------------------------------------------------------
+
+    async def Open(self, request, context):
+        return await self._guard(context, self._open, request)
+
+    async def _open(self, request):
+        key, spec = await self._plan(request.plan, request.fingerprint, request.codec_fingerprint)
+        t = request.temperature
+        if not (math.isfinite(t) and t >= 0):
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                         f"temperature={t} must be finite and >= 0 (0 = greedy)")
+        key = (key[0], key[1], float(t))
+        live = sum(not s.closed for s in self.sessions.values())
+        if live >= self.options.slots:
+            self.metrics.refused.inc()
+            raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                         f"all {self.options.slots} KV slots are taken; retry later")
+        sid = secrets.token_hex(16)
+        s = Session(sid, key, spec, time.monotonic())
+        self.sessions[sid] = s  # holds the slot from now on
+        try:
+            await self._job(self.worker.admit, key, sid)
+        except BaseException:
+            self.sessions.pop(sid, None)
+            raise
+        self.metrics.sessions.set(len(self.sessions))
+        return pb.OpenReply(session=sid, num_layers=self.num_layers,
+                            max_seq_len=self.max_seq_len, ttl_s=self.options.ttl_s)
+
+    async def Prefill(self, request, context):
+        return await self._guard(context, self._prefill, request)
+
+    async def _prefill(self, request):
+        s = self._session(request.session)
+        if s.last_token is not None:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"session {s.id} is already prefilled; open a new one to replay")
+        msg = self._decode(request.payload, s.spec, batch=1, time_=None)
+        length = int(np.shape(msg if s.spec is None else msg[next(iter(msg))])[1])
+        if length > self.max_seq_len:
+            raise _Abort(grpc.StatusCode.OUT_OF_RANGE,
+                         f"a {length}-position prompt exceeds max_seq_len={self.max_seq_len}")
+        t0 = time.monotonic()
+        s.busy += 1
+        try:
+            token, dt = await self._job(self.worker.prefill, s.key, s.id, msg, length)
+        finally:
+            s.busy -= 1
+        s.position, s.last_token = length, token
+        self.prefill_times.append(dt)
+        self.metrics.prefill.observe(dt)
+        self.tokens += 1
+        return pb.TokenReply(token=token, position=length, queue_s=time.monotonic() - t0 - dt,
+                             compute_s=dt, batch=1)
+
+    async def Decode(self, request_iterator, context):
+        session = None
+        try:
+            async for step in request_iterator:
+                try:
+                    if session is None:
+                        session = self._session(step.session)
+                        session.busy += 1
+                    elif step.session and step.session != session.id:
+                        raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                     f"one stream serves one session ({session.id}); got "
+                                     f"{step.session!r}")
+                    async for reply in self._steps(session, step):
+                        yield reply
+                except _Abort as e:
+                    self.metrics.errors.labels(e.code.name).inc()
+                    await context.abort(e.code, e.message)
+        except asyncio.CancelledError:  # deadline passed or the client went away
+            if session is not None:
+                await asyncio.shield(self._close(session))
+            raise
+        finally:
+            if session is not None:
+                session.busy -= 1
+                session.seen = time.monotonic()
+
+    async def _steps(self, s: Session, step):
+        if s.last_token is None:
+            raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
+                         f"session {s.id} has no prompt yet: call Prefill first")
+        if s.spec is None:  # cloud-only: the server feeds its own samples back
+            n, msgs = int(step.tokens), None
+            if n < 1 or s.position + n > self.max_seq_len:
+                raise _Abort(grpc.StatusCode.OUT_OF_RANGE,
+                             f"tokens={n} from position {s.position} must be >= 1 and end "
+                             f"within max_seq_len={self.max_seq_len}")
+        else:
+            if s.position + 1 > self.max_seq_len:
+                raise _Abort(grpc.StatusCode.OUT_OF_RANGE,
+                             f"position {s.position} is the model's max_seq_len")
+            n, msgs = 1, self._decode(step.payload, s.spec, batch=1, time_=1)
+        for _ in range(n):
+            msg = np.array([[s.last_token]], np.int32) if msgs is None else msgs
+            t0 = time.monotonic()
+            fut = asyncio.get_running_loop().create_future()
+            self.pending[s.key][s.id] = _Step(s, msg, fut, t0)
+            self._poke()
+            token, dt, rows = await fut
+            s.position += 1
+            s.last_token, s.seen = token, time.monotonic()
+            yield pb.TokenReply(token=token, position=s.position,
+                                queue_s=time.monotonic() - t0 - dt, compute_s=dt, batch=rows)
+
+    async def Score(self, request, context):
+        return await self._guard(context, self._score, request)
+
+    async def _score(self, request):
+        key, spec = await self._plan(request.plan, request.fingerprint, request.codec_fingerprint)
+        msg = self._decode(request.payload, spec, batch=None, time_=None)
+        b, t = np.shape(msg if spec is None else msg[next(iter(msg))])[:2]
+        try:
+            targets = protocol.decode_state(request.targets, None, d_model=self.d_model,
+                                            vocab_size=self.vocab_size, batch=b, time=t,
+                                            limits=self.limits)
+        except wire.WireFormatError as e:
+            raise _Abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad targets: {e}") from None
+        logp, dt = await self._job(self.worker.score, key, msg, targets)
+        return pb.ScoreReply(logprobs=wire.pack(logp[..., None].astype(np.float32), None,
+                                                "float32"), compute_s=dt)
+
+    async def Close(self, request, context):
+        return await self._guard(context, self._close_rpc, request)
+
+    async def _close_rpc(self, request):
+        s = self.sessions.get(request.session)
+        if s is not None:
+            await self._close(s)
+        return pb.CloseReply()
+
+    async def Stats(self, request, context):
+        return self.stats()
+
+    def stats(self) -> pb.StatsReply:
+        med = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
+        return pb.StatsReply(
+            queue=sum(len(p) for p in self.pending.values()) + len(self.jobs),
+            step_s=med(self.step_times), sessions=len(self.sessions), slots=self.options.slots,
+            occupancy=float(np.mean(self.rows)) if self.rows else 0.0, steps=self.steps,
+            tokens=self.tokens, prefill_s=med(self.prefill_times),
+            compiled=self.metrics.compiles)
+
+    # ----- errors -------------------------------------------------------------------------
+
+    async def _guard(self, context, fn, *args):
+        try:
+            return await fn(*args)
+        except _Abort as e:
+            self.metrics.errors.labels(e.code.name).inc()
+            await context.abort(e.code, e.message)
+
+    # ----- sessions and batching ----------------------------------------------------------
+
+    async def _close(self, s: Session) -> None:
+        if s.closed:
+            return
+        s.closed = True
+        self.pending[s.key].pop(s.id, None)
+        self.sessions.pop(s.id, None)
+        self.metrics.sessions.set(len(self.sessions))
+        await self._job(self.worker.release, s.key, s.id)
+
+    async def _job(self, fn, *args):
+        fut = asyncio.get_running_loop().create_future()
+        self.jobs.append((fn, args, fut))
+        self._poke()
+        return await fut
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.options.ttl_s / 4))
+            now = time.monotonic()
+            for s in list(self.sessions.values()):
+                if not s.busy and now - s.seen > self.options.ttl_s:
+                    self.metrics.expired.inc()
+                    await self._close(s)
+
+    async def _batcher(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.jobs:
+                fn, args, fut = self.jobs.popleft()
+                try:
+                    out = await self._run(fn, *args)
+                    if not fut.done():
+                        fut.set_result(out)
+                except Exception as e:  # reported to the caller, the server keeps serving
+                    # A ValueError is a documented refusal (no codec saved for the plan, a
+                    # bad shape); anything else is the server's fault.
+                    code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(e, ValueError)
+                            else grpc.StatusCode.INTERNAL)
+                    if not fut.done():
+                        fut.set_exception(_Abort(code, f"{type(e).__name__}: {e}"))
+            delay = await self._decode_round()
+            if self.jobs or delay == 0.0:
+                self._wake.set()
+            elif delay is not None:
+                asyncio.get_running_loop().call_later(delay, self._wake.set)
+
+    async def _decode_round(self) -> float | None:
+        """Runs each group whose batch is ready; returns how long until the next group is
+        due (0: now, None: nothing waiting)."""
+        soonest, now = None, time.monotonic()
+        for key, steps in list(self.pending.items()):
+            live = [s for s in steps.values() if not s.future.done()]
+            if not live:
+                steps.clear()
+                continue
+            rows = len(self.worker.groups[key].rows)
+            due = min(s.queued for s in live) + self.options.batch_wait_s
+            if len(live) < rows and due > now:
+                soonest = due - now if soonest is None else min(soonest, due - now)
+                continue
+            batch = {s.session.id: s for s in live}
+            steps.clear()
+            try:
+                tokens, dt = await self._run(self.worker.step, key,
+                                             {k: s.msg for k, s in batch.items()})
+            except Exception as e:
+                for s in batch.values():
+                    if not s.future.done():
+                        s.future.set_exception(_Abort(grpc.StatusCode.INTERNAL,
+                                                      f"{type(e).__name__}: {e}"))
+                continue
+            self.steps += 1
+            self.tokens += len(batch)
+            self.step_times.append(dt)
+            self.rows.append(len(batch))
+            self.metrics.step.observe(dt)
+            self.metrics.batch_rows.observe(len(batch))
+            for sid, s in batch.items():
+                if not s.future.done():
+                    s.future.set_result((tokens[sid], dt, len(batch)))
+            soonest = 0.0 if any(self.pending.values()) else soonest
+        self.metrics.queue.set(sum(len(p) for p in self.pending.values()) + len(self.jobs))
+        return soonest
+
+    async def start(self) -> tuple[grpc.aio.Server, int]:
+        """Binds, starts the batcher, TTL sweeper and health service; returns (server,
+        port)."""
+        self._wake = asyncio.Event()
+        self._tasks = [asyncio.ensure_future(self._batcher()),
+                       asyncio.ensure_future(self._expire())]
+        interceptors = [] if self.options.token is None else [_TokenCheck(self.options.token)]
+        server = grpc.aio.server(options=protocol.channel_options(self.message_limit,
+                                                                 server=True),
+                                 interceptors=interceptors)
+        pb_grpc.add_CloudServicer_to_server(self, server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        address = f"{self.options.host}:{self.options.port}"
+        if self.options.tls is not None:
+            cert, key = self.options.tls
+            port = server.add_secure_port(address,
+                                          grpc.ssl_server_credentials([(key, cert)]))
+        else:
+            port = server.add_insecure_port(address)
+        await server.start()
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if self.options.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.options.host,
+                                                   self.options.metrics_port)
+        return server, port
+
+    async def stop(self, server: grpc.aio.Server, grace_s: float = 1.0) -> None:
+        for name in ("", SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await server.stop(grace_s)
+        for t in self._tasks:
+            t.cancel()
+        self.compute.shutdown(wait=False, cancel_futures=True)
+
+
+class _TokenCheck(grpc.aio.ServerInterceptor):
+    """Refuses a call without the shared token before its handler runs: the request bytes
+    are never deserialised, so no tensor is read. Health checks need no token."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+        async def deny_unary(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong shared token (metadata 'authorization: "
+                                "Bearer <token>')")
+
+        async def deny_stream(request_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong shared token (metadata 'authorization: "
+                                "Bearer <token>')")
+            yield  # an async generator, as the stream handler it replaces
+
+        self._unary = grpc.unary_unary_rpc_method_handler(deny_unary)
+        self._stream = grpc.stream_stream_rpc_method_handler(deny_stream)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.") or protocol.token_matches(
+                details.invocation_metadata, self.token):
+            return await continuation(details)
+        return self._stream if details.method.endswith("/Decode") else self._unary
+
+
+def log(message: str) -> None:
+    print(f"ec2moe serve: {message}", file=sys.stderr, flush=True)
+
+
+def warm_up(worker: CloudWorker, keys: list[GroupKey], prompt_lengths: list[int]) -> None:
+    """Compiles the given groups' prefill (per padded prompt length) and batched step (per
+    capacity) before the server admits anyone, so first requests do not wait for XLA."""
+    for key in keys:
+        g = worker.group(key)
+        spec = g.spec
+        for c in worker.capacities:
+            ids = [f"warm{i}" for i in range(c)]
+            for sid in ids:
+                worker.admit(key, sid)
+            for length in prompt_lengths:
+                worker.prefill(key, ids[0], _zeros(worker, spec, length), length)
+            worker.step(key, {sid: _zeros(worker, spec, 1) for sid in ids})
+            for sid in ids:
+                worker.release(key, sid)
+    jax.effects_barrier()
+
+
+def _zeros(worker: CloudWorker, spec: CodecSpec | None, t: int):
+    """A [1, t] message of zeros in the session's format (what decode_state returns)."""
+    d = worker.model.cfg.d_model
+    if spec is None:
+        return np.zeros((1, t), np.int32)
+    buf = wire.pack(np.zeros((1, t, spec.width(d)), np.float32 if not spec.quant_bits
+                             else np.int8),
+                    np.zeros((1, t), np.float32) if spec.quant_bits else None,
+                    spec.wire_kind if (spec.quant_bits or not spec.lowrank) else "float32")
+    return protocol.decode_state(buf, spec, d_model=d, vocab_size=worker.model.cfg.vocab_size,
+                                 batch=1, time=t, limits=wire.DEFAULT_LIMITS)
