@@ -166,8 +166,9 @@ def generate(
                                 np.full((b,), p, np.int32), sub)
     if on_token is None:
         _, out = dec.loop(params, cache, tok, rng, np.int32(max_new_tokens))
-        # Sliced on the host: an eager slice would compile once per N.
-        return jnp.asarray(np.asarray(out)[:, :max_new_tokens])
+        # Sliced on the host: an eager slice (or jnp.asarray of a strided view) would
+        # compile once per N.
+        return jax.device_put(np.ascontiguousarray(np.asarray(out)[:, :max_new_tokens]))
     out = [tok]
     on_token(tok)
     for _ in range(max_new_tokens - 1):
@@ -175,7 +176,7 @@ def generate(
         cache, tok, _ = dec.step(params, cache, tok, sub)
         out.append(tok)
         on_token(tok)
-    return jnp.asarray(np.stack([np.asarray(t) for t in out], axis=1))
+    return jax.device_put(np.stack([np.asarray(t) for t in out], axis=1))
 
 
 def generate_recompute(model: MoELM, params, prompt: jax.Array, max_new_tokens: int) -> jax.Array:
