@@ -77,6 +77,9 @@ def register(sub) -> None:
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--plan", default=None, help=_PLAN_HELP)
     _pipeline_args(g)
+    from ec2moe_jax.cli import serve  # --cloud: the cloud side runs in an `ec2moe serve`
+
+    serve.add_cloud_args(g)
     g.set_defaults(handler=generate, needs_devices=False)
 
     s = _common.add_parser(sub, "score", help="bits/char of a text through the pipeline",
@@ -159,6 +162,10 @@ def _new_tokens(requested: int | None, prompt_len: int, max_seq_len: int) -> int
 
 
 def generate(args: argparse.Namespace) -> str:
+    if args.cloud is not None:
+        from ec2moe_jax.cli import serve
+
+        return serve.generate_remote(args)
     if args.plan is not None:
         if args.hf:
             raise ValueError("--hf and --plan do not combine: convert the folder first "

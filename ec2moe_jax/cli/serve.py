@@ -130,3 +130,120 @@ def bench_serving(args: argparse.Namespace) -> dict:
     return run(_common.workdir(args), clients=clients, tokens=16 if args.quick else args.tokens,
                quick=args.quick, out=args.out, plot=args.plot or None,
                command=_common.command_line("bench-serving", args.argv))
+
+
+def add_cloud_args(g: argparse.ArgumentParser) -> None:
+    """``ec2moe generate``'s flags for a remote cloud (``--cloud HOST:PORT``)."""
+    g.add_argument("--cloud", default=None, metavar="HOST:PORT",
+                   help="run the cloud side on an `ec2moe serve` server (real gRPC): the end "
+                        "layers and the codec run here; --plan (default cloud-only) chooses "
+                        "the split")
+    g.add_argument("--cloud-token-file", default=None,
+                   help="with --cloud: file holding the server's shared token")
+    g.add_argument("--cloud-ca", default=None,
+                   help="with --cloud: PEM of the CA of the server's TLS certificate")
+    g.add_argument("--privacy", action="store_true",
+                   help="with --cloud: refuse plans that send raw token ids (split 0)")
+    g.add_argument("--replan-every", type=int, default=0,
+                   help="with --cloud and --plan ec2moe: re-plan on the measured link and the "
+                        "server's load every N tokens (0: never); a new plan opens a new "
+                        "session")
+
+
+def generate_remote(args: argparse.Namespace) -> str:
+    """``ec2moe generate --cloud``: streams the text as it arrives, then one JSON line of
+    what was measured (TTFT, TPOT, bytes, reconnects) on stderr."""
+    import json
+    import time
+
+    _common.needs_fake_devices()  # the end mesh: the config's mesh.end_devices
+    from ec2moe_jax.cli.infer import _new_tokens, _prompt_ids, _resolve_plan, describe_plan
+    from ec2moe_jax.data import ByteTokenizer
+    from ec2moe_jax.pipeline.plans import baseline
+    from ec2moe_jax.serving.client import connect
+    from ec2moe_jax.training import load_run
+
+    workdir = _common.workdir(args)
+    run = load_run(workdir)
+    cfg = run[0].cfg.model
+    ids = _prompt_ids(args, cfg.vocab_size)
+    n = _new_tokens(args.max_new_tokens, len(ids), cfg.max_seq_len)
+    plan = (baseline("cloud-only", cfg) if args.plan is None else
+            _resolve_plan(args, cfg, run[3], prompt_tokens=len(ids), gen_tokens=n))
+    _common.status(f"plan {plan.name}: {describe_plan(plan.to_json(), cfg.moe.num_experts)}; "
+                   f"cloud at {args.cloud}")
+    token = _read(args.cloud_token_file, "--cloud-token-file")
+    client = connect(args.cloud, workdir, plan, temperature=args.temperature,
+                     token=None if token is None else token.decode().strip(),
+                     tls_root=_read(args.cloud_ca, "--cloud-ca"), privacy=args.privacy,
+                     seed=args.seed, run=run)
+    client.warm_up(len(ids))
+    replan = (_replanner(args, workdir, cfg, run, len(ids), n) if args.replan_every
+              else None)
+    tok, times = ByteTokenizer(), []
+    ids_out = args.prompt_ids is not None
+    t0 = time.perf_counter()
+
+    def on_token(t: int) -> None:
+        times.append(time.perf_counter() - t0)
+        if ids_out:
+            print(("," if len(times) > 1 else "") + str(t), end="", flush=True)
+        else:
+            print(("" if len(times) > 1 else _common.printable(args.prompt)) + tok.decode([t]),
+                  end="", flush=True)
+
+    with client:
+        new = client.generate(ids, n, on_token, replan=replan,
+                              replan_every=max(args.replan_every, 1))
+    print()
+    s = client.stats
+    tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
+    _common.status(json.dumps({
+        "ttft_s": times[0], "tpot_s": tpot, "tokens": len(new), "bytes_up": s.bytes_up,
+        "bytes_down": s.bytes_down, "reconnects": s.reconnects, "rtt_s": s.rtt_s,
+        "method": "measured: real gRPC to the server process (protobuf bytes counted here)"}))
+    if ids_out:
+        return ",".join(str(i) for i in new)
+    return _common.printable(args.prompt) + tok.decode(new)
+
+
+def _replanner(args, workdir: str, cfg, run, prompt_tokens: int, gen_tokens: int):
+    """The ``replan`` hook of :meth:`EndClient.generate`: :class:`LivePlanner` on the client's
+    measured link and the server's Stats; a new plan switches the client (new session)."""
+    if args.plan != "ec2moe":
+        raise ValueError("--replan-every needs --plan ec2moe (the scheduler's plan); a fixed "
+                         f"plan ({args.plan!r}) has nothing to re-plan")
+    from ec2moe_jax.cli.infer import describe_plan
+    from ec2moe_jax.pipeline import runtime
+    from ec2moe_jax.pipeline.plans import instance
+    from ec2moe_jax.profiles import device, link
+    from ec2moe_jax.scheduler import codec_options, this_cpu
+    from ec2moe_jax.serving.replan import LivePlanner
+
+    dev, cal, cloud_cal = this_cpu(cfg, args.calibration, _common.pipeline_calibration(args))
+    if args.end_device != "this-cpu":
+        dev = device(args.end_device)
+    template = instance(cfg, run[3], dev, link(args.link), cal, prompt_tokens=prompt_tokens,
+                        gen_tokens=gen_tokens, cloud_cal=cloud_cal,
+                        codecs=codec_options(cfg.d_model, args.codec_sweep))
+    if args.privacy:
+        template = template.replace(min_end_layers=template.min_end_layers * 0 + 1)
+    planner = LivePlanner(cfg, template)
+
+    def replan(client) -> bool:
+        s = client.stats
+        new = planner.update(s.rtt_s, s.up_bps, client.server_stats().queue * s.compute_s)
+        if new is None:
+            return False
+        _common.status(f"re-planned: {describe_plan(new.to_json(), cfg.moe.num_experts)}")
+        setup, params, splits, freq = run
+        stages, _ = runtime.prepare(setup.model, params, new, client.stages.end_mesh, None,
+                                    frequencies=freq, workdir=workdir,
+                                    train_tokens=splits.train,
+                                    temperature=args.temperature, side="end")
+        codec, _ = runtime.link_codec(setup.model, params, new, workdir=workdir,
+                                      train_tokens=splits.train)
+        client.switch(stages, codec)
+        return True
+
+    return replan

@@ -123,15 +123,8 @@ class EndClient:
                  tls_root: bytes | None = None, timeout_s: float = 30.0,
                  retry: Retry = Retry(), privacy: bool = False, seed: int = 0):
         cfg = stages.model.cfg
-        if stages.split == 0 and privacy:
-            raise ValueError("privacy mode refuses a cloud-only plan (split 0): raw token ids "
-                             "would leave this device; plan a split >= 1")
-        if stages.split >= cfg.num_layers:
-            raise ValueError(f"split {stages.split} is end-only: there is nothing to serve")
-        self.address, self.stages, self.cfg = address, stages, cfg
-        self.spec = None if stages.split == 0 else stages.transport
-        self.plan = pb.Plan(split=stages.split, codec=stages.transport.name)
-        self.fingerprint, self.codec_fp = fingerprint, protocol.codec_fingerprint(codec)
+        self.address, self.cfg, self.privacy = address, cfg, privacy
+        self.fingerprint = fingerprint
         self.temperature, self.timeout_s, self.retry = temperature, timeout_s, retry
         self.metadata = protocol.bearer(token) if token else ()
         self.tls_root = tls_root
@@ -140,10 +133,34 @@ class EndClient:
         self.rng = jax.random.key(seed)
         self.session: str | None = None
         self._channel = self._stub = None
+        self._use(stages, codec)
+
+    def _use(self, stages, codec: dict | None) -> None:
+        cfg = self.cfg
+        if stages.split == 0 and self.privacy:
+            raise ValueError("privacy mode refuses a cloud-only plan (split 0): raw token ids "
+                             "would leave this device; plan a split >= 1")
+        if stages.split >= cfg.num_layers:
+            raise ValueError(f"split {stages.split} is end-only: there is nothing to serve")
+        self.stages = stages
+        self.spec = None if stages.split == 0 else stages.transport
+        self.plan = pb.Plan(split=stages.split, codec=stages.transport.name)
+        self.codec_fp = protocol.codec_fingerprint(codec)
         if stages.split > 0:
             from ec2moe_jax.pipeline.engine import EndEngine
 
             self.end = EndEngine(stages)
+
+    def switch(self, stages, codec: dict | None) -> None:
+        """Changes the plan (end stages and codec weights of another split or codec): the
+        current session is closed (its slot freed); the next generation step opens a new one
+        and replays the history under the new plan.
+
+        Raises:
+          ValueError: as the constructor (privacy, an end-only split).
+        """
+        self._use(stages, codec)
+        self.close()
 
     # ----- connection ---------------------------------------------------------------------
 
@@ -212,6 +229,16 @@ class EndClient:
 
     # ----- generation ---------------------------------------------------------------------
 
+    def warm_up(self, prompt_len: int) -> None:
+        """Compiles the end side's prefill (at ``prompt_len`` positions) and decode step
+        locally, without a server, so measured times exclude compilation."""
+        if self.spec is None:
+            return
+        h = _History([0] * prompt_len)
+        self._cover(h)
+        h.tokens.append(0)
+        self._cover(h)
+
     def _key(self):
         self.rng, sub = jax.random.split(self.rng)
         return sub
@@ -256,34 +283,47 @@ class EndClient:
         deadline = self.timeout_s * (n + 1)
         call = self._stub.Decode(feed(), timeout=deadline, metadata=self.metadata)
         try:
-            if self.spec is None:
-                requests.put(pb.Step(session=self.session, tokens=n))
-                t0 = time.monotonic()
-                for _ in range(n):  # the stream stays open for more steps: count replies
-                    reply = next(call)
-                    self.stats.bytes_down += reply.ByteSize()
-                    self.stats.observe(time.monotonic() - t0, reply)
-                    t0 = time.monotonic()
-                    emit(reply.token)
-                return
-            for _ in range(n):
-                self._cover(h)
-                step = pb.Step(session=self.session, payload=self._encode(h, len(h.chunks) - 1))
-                self.stats.bytes_up += step.ByteSize()
-                t0 = time.monotonic()
-                requests.put(step)
+            self._decode(h, n, emit, requests, call)
+        except BaseException:
+            call.cancel()  # the server frees the session of a cancelled stream
+            raise
+        finally:
+            requests.put(None)
+        for _ in call:  # a clean end: the server ends the stream and keeps the session
+            pass
+
+    def _decode(self, h: _History, n: int, emit, requests: queue.Queue, call) -> None:
+        """The steps of one stream: cloud-only asks for ``n`` tokens at once; a split sends
+        each position's payload and waits for its token."""
+        if self.spec is None:
+            requests.put(pb.Step(session=self.session, tokens=n))
+            t0 = time.monotonic()
+            for _ in range(n):  # the stream stays open for more steps: count replies
                 reply = next(call)
                 self.stats.bytes_down += reply.ByteSize()
                 self.stats.observe(time.monotonic() - t0, reply)
+                t0 = time.monotonic()
                 emit(reply.token)
-        finally:
-            requests.put(None)
-            call.cancel()
+            return
+        for _ in range(n):
+            self._cover(h)
+            step = pb.Step(session=self.session, payload=self._encode(h, len(h.chunks) - 1))
+            self.stats.bytes_up += step.ByteSize()
+            t0 = time.monotonic()
+            requests.put(step)
+            reply = next(call)
+            self.stats.bytes_down += reply.ByteSize()
+            self.stats.observe(time.monotonic() - t0, reply)
+            emit(reply.token)
 
     def generate(self, prompt: list[int], max_new_tokens: int,
-                 on_token: Callable[[int], None] | None = None) -> list[int]:
+                 on_token: Callable[[int], None] | None = None, *,
+                 replan: Callable[[EndClient], bool] | None = None,
+                 replan_every: int = 16) -> list[int]:
         """Generates ``max_new_tokens`` after ``prompt`` (token ids); ``on_token`` sees each
         new token as it arrives. Survives outages by reconnect and replay (module docstring).
+        ``replan(client)`` runs every ``replan_every`` tokens; when it returns True it has
+        called :meth:`switch`, and the history is replayed under the new plan.
 
         Raises:
           ValueError: an empty prompt, ids outside the vocabulary, or a request longer than
@@ -313,8 +353,12 @@ class EndClient:
                     emit(self._prefill(h))
                     replay = False
                 else:
-                    self._stream(h, max_new_tokens - len(out), emit)
+                    left = max_new_tokens - len(out)
+                    self._stream(h, left if replan is None else min(left, replan_every), emit)
                 outage, attempt = None, 0
+                if replan is not None and len(out) < max_new_tokens and replan(self):
+                    h.chunks, h.covered, h.end_cache = [], 0, None  # the new split's payloads
+                    replay = True
             except grpc.RpcError as e:
                 outage = time.monotonic() if outage is None else outage
                 self._recover(e, outage, attempt)
@@ -350,3 +394,42 @@ class EndClient:
                 self._recover(e, outage, attempt)
                 attempt += 1
 
+
+
+def connect(address: str, workdir: str, plan, *, temperature: float = 0.0,
+            token: str | None = None, tls_root: bytes | None = None, timeout_s: float = 30.0,
+            retry: Retry = Retry(), privacy: bool = False, seed: int = 0,
+            run=None) -> EndClient:
+    """An :class:`EndClient` for ``plan`` (a :class:`~ec2moe_jax.pipeline.plans.
+    PipelinePlan`) of the model in ``workdir``: loads it (or takes ``run``, the tuple
+    :func:`~ec2moe_jax.training.load_run` returns), builds the end side only on the end mesh
+    (the config's ``mesh.end_devices``) with the plan's resident experts, group gate and codec
+    (:func:`~ec2moe_jax.pipeline.runtime.prepare`), and fingerprints the parameters and codec.
+
+    Raises:
+      FileNotFoundError: no trained model in ``workdir``.
+      ValueError: a plan the model cannot run, or privacy with a split-0 plan.
+    """
+    from ec2moe_jax.pipeline import runtime
+    from ec2moe_jax.sharding import make_mesh
+    from ec2moe_jax.training import load_run
+    from ec2moe_jax.training.workdir import params_fingerprint
+
+    setup, params, splits, freq = load_run(workdir) if run is None else run
+    if plan.split == 0 and privacy:  # before any work: the plan is refused whatever it costs
+        raise ValueError("privacy mode refuses a cloud-only plan (split 0): raw token ids "
+                         "would leave this device; plan a split >= 1")
+    n = setup.cfg.mesh.end_devices
+    devices = jax.devices()
+    if len(devices) < n:
+        raise ValueError(f"the end mesh needs mesh.end_devices={n} devices, this process has "
+                         f"{len(devices)} (on CPU set JAX_NUM_CPU_DEVICES={n})")
+    end_mesh = make_mesh(devices[:n], n, 1)
+    stages, _ = runtime.prepare(setup.model, params, plan, end_mesh, None, frequencies=freq,
+                                workdir=workdir, train_tokens=splits.train,
+                                temperature=temperature, side="end")
+    codec, _ = runtime.link_codec(setup.model, params, plan, workdir=workdir,
+                                  train_tokens=splits.train)
+    return EndClient(address, stages, fingerprint=params_fingerprint(params), codec=codec,
+                     temperature=temperature, token=token, tls_root=tls_root,
+                     timeout_s=timeout_s, retry=retry, privacy=privacy, seed=seed)
