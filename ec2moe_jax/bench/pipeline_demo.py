@@ -68,13 +68,14 @@ def demo_workload(tok, splits, prompt: str, n: int = 4, prompt_len: int = 16,
 def run_demo(workdir: str, link: LinkProfile, work: Workload, *, temperature: float,
              calibration: str | os.PathLike,
              pipeline_calibration: str | os.PathLike | None,
-             codec_sweep: str | os.PathLike, on_token=None,
+             codec_sweep: str | os.PathLike, on_token=None, on_plan=None,
              expert_fraction: float = 0.5) -> dict:
     """Schedules EC2MoE for this CPU as the end device, runs it and the baselines through
     the pipeline, and returns the JSON-ready comparison (tokens under ``"_tokens"``).
 
     Args:
       workdir: the trained run.
+      on_plan: called as ``on_plan(name, plan JSON)`` before each plan runs.
       calibration, pipeline_calibration: this CPU's calibration files (``ec2moe calibrate``,
         ``ec2moe pipeline-calibration``, e.g. ``results/calibration_cpu.json`` and
         ``results/pipeline_calibration.json``; pipeline_calibration None: the single-device
@@ -102,6 +103,8 @@ def run_demo(workdir: str, link: LinkProfile, work: Workload, *, temperature: fl
                           cloud_cal=cloud_cal, codecs=codecs)
     rows, tokens, seen = [], {}, {}
     for name, (plan, sched) in scheduled_plans(cfg, inst_gen).items():
+        if on_plan is not None:  # say what runs next: each plan compiles and runs for seconds
+            on_plan(name, plan.to_json())
         # EC2MoE's own plan routes dropped-expert layers with the group gate; baselines use
         # plain masked top-k, so a gated plan is never reused for a baseline of equal shape.
         drops = not plan.allowed(freq, cfg)[: plan.split].all()

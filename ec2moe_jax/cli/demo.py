@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 
 from ec2moe_jax.cli import _common
@@ -106,12 +105,19 @@ def demo(args: argparse.Namespace) -> dict:
             print(f"EC2MoE, streaming request 0 (link {args.link}):\n{args.prompt}", end="")
         print(tok.decode([int(tokens[0])]), end="", flush=True)
 
+    def on_plan(name: str, plan: dict) -> None:
+        if name == "ec2moe":
+            print(f"EC2MoE chose: {describe_plan(plan, cfg.model.moe.num_experts)}", flush=True)
+        else:
+            _common.status(f"baseline {name}: split {plan['split']}, codec {plan['codec']}")
+
     _common.status("scheduling EC2MoE, then running it and 4 baselines through the pipeline "
                    "(compiling each plan's stages first)")
     result = pipeline_demo.run_demo(workdir, profile, work, temperature=args.temperature,
                                     calibration=args.calibration,
                                     pipeline_calibration=_common.pipeline_calibration(args),
-                                    codec_sweep=args.codec_sweep, on_token=stream)
+                                    codec_sweep=args.codec_sweep, on_token=stream,
+                                    on_plan=on_plan)
     print("\n" + "-" * 60)
     for name, toks in result.pop("_tokens").items():
         result.setdefault("samples", {})[name] = tok.decode(toks[0].tolist())
@@ -139,5 +145,3 @@ def _print_table(result: dict, num_experts: int, requests: int) -> None:
             if r["name"] != "ec2moe" and r.get("same_as") == "ec2moe"]
     print(f"EC2MoE chose: {describe_plan(chosen['plan'], num_experts)}"
           + (f" (the same plan as {', '.join(same)})" if same else ""))
-    print(json.dumps({r["name"]: round(r["generate"]["latency_p50_s"], 3)
-                      for r in result["rows"]}))
