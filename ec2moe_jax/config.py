@@ -397,8 +397,8 @@ def _parse_value(text: str) -> Any:
     """A Python literal (``16``, ``0.5``, ``None``, ``[1, 2]``, ``'x'``), else the bare string."""
     try:
         return ast.literal_eval(text)
-    except (ValueError, SyntaxError, MemoryError, RecursionError):
-        return text
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return text  # not a literal ("{[]: 1}" raises TypeError): the bare string
 
 
 def _field_class(key: str) -> tuple[type, str]:

@@ -12,6 +12,7 @@ import random
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from ec2moe_jax import cli
@@ -176,3 +177,50 @@ def test_tiny_model_on_own_text_runs_every_model_subcommand(tmp_path, capsys):
 
     record = cli.run(["eval", "--workdir", wd, "--json"])
     assert record["split"] == "test" and math.isfinite(record["bits_per_char"])
+
+
+# ---- generate reads its inputs strictly (issue 18) ----
+
+@pytest.mark.parametrize("value", ["nan", "-1", "inf", "warm"])
+def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(value):
+    out = ec2moe("generate", "--temperature", value, "--prompt", "x")
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert "argument --temperature" in out.stderr and value in out.stderr
+    assert out.stdout == ""  # nothing generated (a NaN temperature printed NUL bytes)
+
+
+@pytest.fixture(scope="module")
+def untrained_workdir(tmp_path_factory):
+    """The tiny model (max_seq_len 64) at its initial parameters, saved as a workdir."""
+    import jax
+
+    from ec2moe_jax.config import load_config
+    from ec2moe_jax.models.lm import MoELM, init_params
+    from ec2moe_jax.sharding import unbox
+    from ec2moe_jax.training.loop import save_params
+
+    cfg = load_config("tiny")
+    wd = str(tmp_path_factory.mktemp("untrained") / "run")
+    # Shapes from eval_shape, values from NumPy: no initialisation to compile.
+    shapes = jax.eval_shape(lambda: unbox(init_params(MoELM(cfg.model), jax.random.key(0))))
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda s: (0.02 * rng.standard_normal(s.shape)).astype(s.dtype),
+                          shapes)
+    save_params(cfg, wd, params)
+    return wd
+
+
+def test_a_prompt_that_is_not_utf8_is_generated_from_its_bytes(untrained_workdir, capsys):
+    # Python hands argv bytes that are not UTF-8 over as surrogate escapes, as here.
+    prompt = "AB" + b"\xff\xfe".decode("utf-8", "surrogateescape") + "C"
+    text = cli.run(["generate", "--workdir", untrained_workdir, "--prompt", prompt,
+                    "--max-new-tokens", "3"])
+    assert text.startswith("AB\ufffd\ufffdC")  # printable: the bad bytes shown as U+FFFD
+    assert capsys.readouterr().out.startswith("AB\ufffd\ufffdC")
+
+
+@pytest.mark.parametrize("extra", [(), ("--max-new-tokens", "5"), ("--plan", "cloud-only")])
+def test_a_prompt_longer_than_the_model_is_named_as_the_problem(untrained_workdir, extra):
+    with pytest.raises(ValueError, match="the prompt is 100 tokens long, but the model's "
+                                         "max_seq_len 64"):
+        cli.run(["generate", "--workdir", untrained_workdir, "--prompt", "x" * 100, *extra])

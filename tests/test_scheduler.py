@@ -30,7 +30,7 @@ from ec2moe_jax.scheduler import (
 from ec2moe_jax.scheduler.candidates import candidates, fit_counts, flatten
 from ec2moe_jax.scheduler.exhaustive import optimum
 from ec2moe_jax.scheduler.instance import random_small_instance, zipf_frequencies
-from ec2moe_jax.scheduler.model import combine, end_memory
+from ec2moe_jax.scheduler.model import OVERLOADED, UNSTABLE, combine, end_memory
 from ec2moe_jax.scheduler.plan import baseline_plans, describe, evaluate_jit, schedule_checked
 from ec2moe_jax.scheduler.replan import Observation, make_replanner
 from ec2moe_jax.scheduler.scoring import candidate_terms
@@ -290,17 +290,26 @@ def test_more_bandwidth_never_hurts_a_fixed_plan():
 def test_any_feasible_plan_beats_any_infeasible_one():
     # A feasible but hopelessly overloaded plan (utilisation 1e6) must still score below a
     # stable plan that violates one constraint: the instability score is bounded.
+    # combine(rate, rate*latency, rate*visits, cloud_rho, cloud_s2, served, over_margin,
+    #         over_capacity, penalty, max_util)
     one, zero = jnp.ones(()), jnp.zeros(())
-    overloaded = combine(one, one, one, 1e6 * one, one, one, zero, zero)[0]
-    violating = combine(one, one, one, 0.1 * one, zero, one, zero, one)[0]
-    slightly = combine(one, one, one, 1.5 * one, one, one, zero, zero)[0]
+    overloaded = combine(one, one, one, 1e6 * one, one, one, zero, zero, zero, one)[0]
+    violating = combine(one, one, one, 0.1 * one, zero, one, zero, zero, one, one)[0]
+    slightly = combine(one, one, one, 1.5 * one, one, one, zero, zero, zero, one)[0]
     assert float(slightly) < float(overloaded) < float(violating)
     # A locally overloaded device (serving half its requests) is unstable too, and serving
     # more of the offered requests is better.
-    stable = combine(one, one, one, 0.5 * one, zero, one, zero, zero)[0]
-    half = combine(one, one, one, 0.5 * one, zero, 0.5 * one, one, zero)[0]
-    tenth = combine(one, one, one, 0.5 * one, zero, 0.1 * one, one, zero)[0]
+    stable = combine(one, one, one, 0.5 * one, zero, one, zero, zero, zero, one)[0]
+    half = combine(one, one, one, 0.5 * one, zero, 0.5 * one, one, one, zero, one)[0]
+    tenth = combine(one, one, one, 0.5 * one, zero, 0.1 * one, one, one, zero, one)[0]
     assert float(stable) < float(half) < float(tenth) < float(violating)
+    # The margin (0.9 here): a plan at 95% ranks after every plan within the margin, before
+    # every plan past capacity, however long their latencies.
+    m = 0.9 * one
+    within = combine(one, 100 * one, one, 0.8 * one, zero, one, zero, zero, zero, m)[0]
+    over = combine(one, one, one, 0.95 * one, zero, one, zero, zero, zero, m)[0]
+    past = combine(one, 0.001 * one, one, 0.5 * one, zero, 0.999 * one, one, one, zero, m)[0]
+    assert float(within) < UNSTABLE <= float(over) < OVERLOADED <= float(past)
 
 
 def test_codec_options_sizes_come_from_the_wire_format():
@@ -350,3 +359,43 @@ def test_calibration_from_a_fit_record_and_its_prediction():
     with pytest.raises(ValueError, match="eta_bw"):
         Calibration.from_fit(fit | {"eta_bw": 0.0}, "bad")
 
+
+
+@pytest.mark.parametrize("seed,within", [(235, True), (10, False)])
+def test_a_plan_near_link_capacity_does_not_flap_under_jitter(seed, within):
+    # One end device whose best plan, planned up to capacity, runs its uplink at 97%; the
+    # bandwidth then jitters +-3% around that for 200 steps. Seed 235 has another plan within
+    # the default 90% margin; seed 10 has none (every plan is over the margin).
+    inst = random_small_instance(seed, devices=1, layers=3, codecs=CODECS)
+    full = inst.replace(max_utilisation=np.float32(1.0))
+    plan, _ = schedule(full)
+    util = float(jit_evaluate(full, plan)["terms"].local_util[0])
+    inst = inst.replace(link_bps=inst.link_bps * util / 0.97)
+    near = jit_evaluate(inst.replace(max_utilisation=np.float32(1.0)), plan)
+    assert float(near["terms"].local_util[0]) == pytest.approx(0.97, abs=1e-3)
+    jitter = 1 + 0.03 * (-1.0) ** np.arange(200)
+    counts = jnp.asarray(inst.freq * 1000, jnp.float32)
+
+    def run(margin):
+        rp = make_replanner(inst, max_utilisation=margin)
+        state, utils = rp.init(), []
+        for j in jitter:
+            obs = Observation(counts, inst.link_bps * j, inst.rtt, inst.rate)
+            plan, state = rp.update(obs, state)
+            seen = inst.replace(link_bps=obs.link_bps, max_utilisation=np.float32(1.0))
+            utils.append(float(jit_evaluate(seen, plan)["terms"].local_util[0]))
+        return int(state.switches), max(utils)
+
+    flaps, _ = run(1.0)  # planned up to capacity: every -3% step overloads the link
+    assert flaps >= 150
+    switches, worst = run(None)  # the default margin
+    assert switches <= 1 and worst < 1.0
+    if within:  # a plan within the margin exists: it is planned, and jitter cannot break it
+        assert worst <= 0.9 * 1.03 / 0.97 + 1e-3
+
+
+def test_replanner_margin_is_validated():
+    inst = random_instance(5)
+    for bad in (0.0, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="max_utilisation"):
+            make_replanner(inst, max_utilisation=bad)

@@ -8,6 +8,7 @@ before JAX starts its backend.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shlex
 import sys
@@ -76,6 +77,34 @@ def build_config(args: argparse.Namespace):
     from ec2moe_jax.config import load_config
 
     return load_config(args.config, tuple(args.overrides))
+
+
+def temperature(text: str) -> float:
+    """The ``--temperature`` argument type: a finite number >= 0 (0 = greedy).
+
+    Raises:
+      argparse.ArgumentTypeError: anything else ("nan" would sample garbage, a negative or
+        infinite temperature has no meaning); argparse prints it as a one-line usage error.
+    """
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number >= 0 (0 = greedy)")
+    return value
+
+
+def argument_bytes(text: str) -> bytes:
+    """The bytes a user typed in a command-line argument. Python decodes ``argv`` with
+    ``surrogateescape``, so bytes that are not valid UTF-8 come back exactly as given."""
+    return text.encode("utf-8", "surrogateescape")
+
+
+def printable(text: str) -> str:
+    """``text`` safe to print: bytes of an argument that were not valid UTF-8 become U+FFFD
+    (printing them as they are would fail on a UTF-8 terminal)."""
+    return argument_bytes(text).decode("utf-8", "replace")
 
 
 def needs_fake_devices() -> None:

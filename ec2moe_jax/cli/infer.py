@@ -72,8 +72,8 @@ def register(sub) -> None:
                    help="tokens to generate (default: 300, or as many as the model's "
                         "max_seq_len leaves after the prompt; an explicit value that does not "
                         "fit is an error)")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = "
-                                                                  "greedy")
+    g.add_argument("--temperature", type=_common.temperature, default=0.0,
+                   help="sampling temperature, a finite number >= 0; 0 = greedy")
     g.add_argument("--seed", type=int, default=0, help="sampling seed")
     g.add_argument("--plan", default=None, help=_PLAN_HELP)
     _pipeline_args(g)
@@ -105,7 +105,8 @@ def register(sub) -> None:
 
 
 def _prompt_ids(args: argparse.Namespace, vocab_size: int) -> list[int]:
-    """The prompt as token ids, checked against the vocabulary.
+    """The prompt as token ids, checked against the vocabulary: ``--prompt-ids``, or the bytes
+    of ``--prompt`` as typed (bytes that are not valid UTF-8 included).
 
     Raises:
       ValueError: an empty prompt, a malformed id list or an id outside the vocabulary.
@@ -121,9 +122,10 @@ def _prompt_ids(args: argparse.Namespace, vocab_size: int) -> list[int]:
             raise ValueError(f"--prompt-ids {bad} outside the model's vocabulary "
                              f"[0, {vocab_size})")
     else:
-        from ec2moe_jax.data import ByteTokenizer
-
-        ids = ByteTokenizer().encode(args.prompt).tolist()
+        ids = list(_common.argument_bytes(args.prompt))
+        if ids and max(ids) >= vocab_size:
+            raise ValueError(f"--prompt is read as bytes (ids up to {max(ids)}), but the "
+                             f"model's vocabulary has {vocab_size} ids; give --prompt-ids")
     if not ids:
         raise ValueError("the prompt is empty; give --prompt text or --prompt-ids")
     return ids
@@ -143,10 +145,11 @@ def _new_tokens(requested: int | None, prompt_len: int, max_seq_len: int) -> int
         leaves no room; the message names the numbers and the limit.
     """
     room = max_seq_len - prompt_len
+    if room < 1:  # the prompt is the problem, whatever --max-new-tokens says
+        raise ValueError(f"the prompt is {prompt_len} tokens long, but the model's "
+                         f"max_seq_len {max_seq_len} must hold the prompt and at least one new "
+                         f"token: shorten the prompt to at most {max_seq_len - 1} tokens")
     if requested is None:
-        if room < 1:
-            raise ValueError(f"the {prompt_len}-token prompt leaves no room in the model's "
-                             f"max_seq_len {max_seq_len}; shorten the prompt")
         if room < DEFAULT_NEW_TOKENS:
             _common.status(f"generating {room} tokens: the most the model's max_seq_len "
                            f"{max_seq_len} leaves after the {prompt_len}-token prompt")
@@ -156,8 +159,7 @@ def _new_tokens(requested: int | None, prompt_len: int, max_seq_len: int) -> int
     if requested > room:
         raise ValueError(
             f"--max-new-tokens {requested} plus the {prompt_len}-token prompt exceeds the "
-            f"model's max_seq_len {max_seq_len}: at most {max(room, 0)} new tokens fit"
-            + ("" if room > 0 else "; shorten the prompt"))
+            f"model's max_seq_len {max_seq_len}: at most {room} new tokens fit")
     return requested
 
 
@@ -197,7 +199,7 @@ def generate(args: argparse.Namespace) -> str:
     if args.prompt_ids is not None:
         text = ",".join(str(int(i)) for i in new)
     else:
-        text = args.prompt + ByteTokenizer().decode(new)
+        text = _common.printable(args.prompt) + ByteTokenizer().decode(new)
     print(text)
     return text
 
@@ -282,6 +284,7 @@ def _generate_split(args: argparse.Namespace) -> str:
     n = _new_tokens(args.max_new_tokens, len(ids), cfg.max_seq_len)
     tok = ByteTokenizer()
     ids_out = args.prompt_ids is not None
+    prompt = _common.printable(args.prompt)
     started = []
 
     # Streams request 0 as the plain path prints it: the prompt text and the new text, or
@@ -292,7 +295,7 @@ def _generate_split(args: argparse.Namespace) -> str:
         if ids_out:
             print(("," if started else "") + str(t), end="", flush=True)
         else:
-            print(("" if started else args.prompt) + tok.decode([t]), end="", flush=True)
+            print(("" if started else prompt) + tok.decode([t]), end="", flush=True)
         started.append(True)
 
     rec = _run_split(args, workdir, np.asarray([ids], np.int32), max_new_tokens=n,
@@ -302,7 +305,7 @@ def _generate_split(args: argparse.Namespace) -> str:
     new = rec["output"][0].tolist()
     if ids_out:
         return ",".join(str(int(i)) for i in new)
-    return args.prompt + tok.decode(new)
+    return prompt + tok.decode(new)
 
 
 def score(args: argparse.Namespace) -> dict:
@@ -318,7 +321,7 @@ def score(args: argparse.Namespace) -> dict:
             _common.status(f"scoring the first {limit} bytes of the default text (the model's "
                            f"max_seq_len {cfg.max_seq_len} + 1)")
     else:
-        ids = ByteTokenizer().encode(args.text)
+        ids = np.frombuffer(_common.argument_bytes(args.text), np.uint8).astype(np.int32)
     if not 2 <= len(ids) <= limit:
         raise ValueError(f"--text holds {len(ids)} bytes; scoring needs 2 to the model's "
                          f"max_seq_len + 1 = {limit} (each byte after the first is predicted)")
@@ -349,7 +352,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     used = cfg.train.eval_stride if stride == -1 else stride
     _common.status(f"scoring the {args.split} split ({len(tokens):,} bytes, windows of {window}"
                    + (f", stride {used}" if used else ", disjoint") + ")")
-    bpc = evaluate_lm(setup, params, tokens, stride=stride)
+    bpc = evaluate_lm(setup, params, tokens, stride=stride, progress=f"{args.split} split")
     record = {"workdir": workdir, "split": args.split, "bits_per_char": bpc, "window": window,
               "stride": used, "method": "measured"}
     print(json.dumps(record) if args.json else f"{args.split} bits/char: {bpc:.4f}")

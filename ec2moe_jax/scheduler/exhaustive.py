@@ -25,16 +25,17 @@ from ec2moe_jax.scheduler.model import Instance, Plan, combine, plan_terms
 
 MAX_JOINT = 20_000_000
 _plan_terms = jax.jit(plan_terms)  # op-by-op dispatch of the cost model is slow on CPU
-_combine = jax.jit(lambda *sums: combine(*sums)[0])
+_combine = jax.jit(lambda margin, *sums: combine(*sums, margin)[0])
 
 
-def _joint_objective(*sums: np.ndarray) -> np.ndarray:
-    """:func:`~.model.combine`'s objective of flat joint sums, in float32 like the heuristic;
-    padded to a power of two so that few sizes compile."""
+def _joint_objective(margin, *sums: np.ndarray) -> np.ndarray:
+    """:func:`~.model.combine`'s objective of flat joint sums under the planning ``margin``
+    (``Instance.max_utilisation``), in float32 like the heuristic; padded to a power of two
+    so that few sizes compile."""
     size = 1 << max(int(sums[0].size - 1).bit_length(), 4)
     pad = [np.pad(np.asarray(x, np.float32), (0, size - x.size), constant_values=1.0)
            for x in sums]
-    return np.asarray(_combine(*pad))
+    return np.asarray(_combine(margin, *pad))
 
 
 def device_plans(inst: Instance) -> Plan:
@@ -97,7 +98,8 @@ def optimum(inst: Instance) -> tuple[float, Plan]:
     if size > MAX_JOINT:
         raise ValueError(f"exhaustive search over {size} joint plans (after pruning) exceeds "
                          f"{MAX_JOINT}; use a smaller instance (fewer devices/layers/experts)")
-    sums = [np.zeros(()) for _ in range(8)]
+    sums = [np.zeros(()) for _ in range(9)]
+    margin = np.float32(inst.max_utilisation)  # as the heuristic compares, in float32
     for i, k in enumerate(kept):
         shape = [1] * n
         shape[i] = len(k)
@@ -106,12 +108,13 @@ def optimum(inst: Instance) -> tuple[float, Plan]:
         util = t["local_util"]
         parts = (t["rate"], t["rate"] * t["latency"], t["rate"] * t["visits"],
                  t["cloud_rho"], t["cloud_s2"], t["rate"] / np.maximum(util, 1.0),
-                 (util >= 1.0).astype(np.float64), t["penalty"])
+                 (util >= margin).astype(np.float64), (util >= 1.0).astype(np.float64),
+                 t["penalty"])
         sums = [a + b for a, b in zip(sums, parts, strict=True)]
     shape = np.broadcast_shapes(*(x.shape for x in sums))
     size = int(np.prod(shape))
-    obj = _joint_objective(*(np.broadcast_to(x, shape).reshape(-1)
-                             for x in sums))[:size].reshape(shape)
+    obj = _joint_objective(margin, *(np.broadcast_to(x, shape).reshape(-1)
+                                     for x in sums))[:size].reshape(shape)
     flat = int(np.argmin(obj))
     choice = np.unravel_index(flat, obj.shape)
     idx = np.asarray([kept[i][c] for i, c in enumerate(choice)])

@@ -35,34 +35,35 @@ from ec2moe_jax.scheduler.scoring import candidate_terms
 
 def _objective_of(stacked, index: jax.Array) -> jax.Array:
     """Joint objective of candidate indices ``index`` [N]."""
-    rate, sums = stacked
+    rate, sums, margin = stacked
     n = jnp.arange(index.shape[0])
     tot = sums[n, :, index].sum(0)
-    return combine(rate.sum(), *tot)[0]
+    return combine(rate.sum(), *tot, margin)[0]
 
 
-def _stacked(inst: Instance, terms: Terms) -> tuple[jax.Array, jax.Array]:
-    """(rate [N], the summed terms [N, 7, K]) from compact candidate terms [N, S, R, C, B]:
-    only what the joint objective (:func:`~.model.combine`) needs, flattened once."""
+def _stacked(inst: Instance, terms: Terms) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(rate [N], the summed terms [N, 8, K], the planning margin) from compact candidate
+    terms [N, S, R, C, B]: only what the joint objective (:func:`~.model.combine`) needs,
+    flattened once."""
     full = (inst.num_devices, inst.num_layers + 1, NUM_RESIDENCY, inst.codec_bytes.shape[0],
             inst.batch.shape[0])
     flat = lambda x: jnp.broadcast_to(x, full).reshape(full[0], -1)  # noqa: E731
-    served, over = served_terms(terms)
+    served, margin, capacity = served_terms(terms, inst.max_utilisation)
     sums = jnp.stack([flat(terms.rate * terms.latency), flat(terms.rate * terms.visits),
-                      flat(terms.cloud_rho), flat(terms.cloud_s2), flat(served), flat(over),
-                      flat(terms.penalty)], 1)
-    return terms.rate.reshape(-1), sums
+                      flat(terms.cloud_rho), flat(terms.cloud_s2), flat(served), flat(margin),
+                      flat(capacity), flat(terms.penalty)], 1)
+    return terms.rate.reshape(-1), sums, inst.max_utilisation
 
 
 def _best_responses(stacked, index: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Every device's best response at once: (candidate [N], joint objective [N] if that
     device alone switched to it, the others fixed)."""
-    rate, sums = stacked
+    rate, sums, margin = stacked
     n = jnp.arange(index.shape[0])
-    own = sums[n, :, index]  # [N, 7]
-    others = own.sum(0) - own  # [N, 7]
-    part = [others[:, j, None] + sums[:, j] for j in range(7)]  # [N, K] each
-    obj = combine(rate.sum(), *part)[0]
+    own = sums[n, :, index]  # [N, 8]
+    others = own.sum(0) - own  # [N, 8]
+    part = [others[:, j, None] + sums[:, j] for j in range(8)]  # [N, K] each
+    obj = combine(rate.sum(), *part, margin)[0]
     best = jnp.argmin(obj, -1)
     return best, obj[n, best]
 
@@ -143,11 +144,11 @@ def schedule(inst: Instance, rounds: int = 3) -> tuple[Plan, dict[str, jax.Array
     stacked = _stacked(inst, compact)
     base = baseline_objectives(inst, stacked)
     names = list(base)
-    rate, sums = stacked
+    rate, sums, margin = stacked
     # Every uniform joint plan (all devices on candidate k) at once: one more start, so
     # e.g. "everyone micro-batches" is reachable when no single device can get there alone.
     tot = sums.sum(0)
-    uniform = combine(rate.sum(), *tot)[0]
+    uniform = combine(rate.sum(), *tot, margin)[0]
     best_u = jnp.argmin(uniform)
     objs = jnp.stack([base[name][0] for name in names] + [uniform[best_u]])
     starts = jnp.stack([base[name][1] for name in names]
@@ -157,7 +158,7 @@ def schedule(inst: Instance, rounds: int = 3) -> tuple[Plan, dict[str, jax.Array
     # Guard the guarantee against float rounding of the incremental sums.
     better = obj <= objs.min()
     index = jnp.where(better, index, starts[jnp.argmin(objs)])
-    penalty = stacked[1][jnp.arange(index.shape[0]), 6, index]
+    penalty = stacked[1][jnp.arange(index.shape[0]), 7, index]
     info = {"objective": jnp.minimum(obj, objs.min()), "index": index,
             "feasible": penalty.sum() == 0,
             "baselines": {k: base[k][0] for k in names}}

@@ -33,14 +33,24 @@ decode steps of one request are not Poisson arrivals.
 micro-batch filling, queueing, compute, transfers and RTT, subject to stability (utilisation
 < 1 at every server), memory, the quality budget (coverage of routing mass per end MoE layer
 >= ``min_coverage`` unless swapping; codec bits/char increase <= ``codec_budget``) and privacy
-(``split >= min_end_layers``). Violations add ``INFEASIBLE`` per violated constraint. An
-unstable plan (the shared cloud or some end device or uplink at utilisation >= 1) scores
-``UNSTABLE * (1 + lost)`` on top of its latency, ``lost`` being the share of the offered
-requests it cannot serve: a device at local utilisation ``u`` serves ``rate / max(1, u)``
-and an overloaded cloud scales everyone's service by ``1 / rho``. So every feasible stable
-plan beats every other, every feasible plan beats every infeasible one, among unstable plans
+(``split >= min_end_layers``). Violations add ``INFEASIBLE`` per violated constraint. A plan
+that loads some server (the shared cloud, an end device or its uplink) to
+``Instance.max_utilisation`` (default 0.9) or more is *over its margin* and scores
+``UNSTABLE`` on top of its latency; one loading some server to its capacity or more is
+*overloaded* and scores ``OVERLOADED + UNSTABLE * lost`` more, ``lost`` being the share of
+the offered requests it cannot serve: a device at local utilisation ``u`` serves
+``rate / max(1, u)`` and an overloaded cloud scales everyone's service by ``1 / rho``. So
+every feasible plan within the margin beats every other, every plan within capacity beats
+every overloaded one, every feasible plan beats every infeasible one, among overloaded plans
 the one serving the most requests wins (throughput), and devices that are not overloaded
 still minimise latency (a device whose link dropped does not drag the others with it).
+
+Why a margin: a plan planned right up to a resource's capacity turns unstable under a few
+percent of bandwidth jitter, and a re-planner then flaps between it and its alternative
+(:mod:`.replan`). Planned utilisation stays below the margin, so the jitter the re-planner's
+hysteresis absorbs cannot push the plan past capacity. Queueing waits, latencies and
+``evaluate``'s ``mean_latency_s`` use the true capacity (finite below utilisation 1);
+``max_utilisation = 1`` scores plans against the true capacity alone.
 """
 
 from __future__ import annotations
@@ -48,14 +58,17 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ec2moe_jax.codec import wire
 
-# Seconds: any stable plan is better (stable plans slower than ~3 hours on average are treated
-# like overloaded ones). Kept small enough that float32 objectives of overloaded joint plans
-# still resolve latency differences of a few milliseconds.
+# Seconds: any plan within the utilisation margin is better (plans slower than ~3 hours on
+# average are treated like ones over it). Kept small enough that float32 objectives of
+# overloaded joint plans (below 4 UNSTABLE) still resolve latency differences of a few ms.
 UNSTABLE = 1e4
+OVERLOADED = 2 * UNSTABLE  # seconds added past capacity: any plan within capacity is better
 INFEASIBLE = 1e8  # seconds per violated constraint: any feasible plan is better
+MAX_UTILISATION = 0.9  # default planning margin: no planned server above 90% of capacity
 HEADER_BYTES = float(wire.HEADER_BYTES)  # per message, the real wire format's header
 TOKEN_BYTES = float(wire.TOKEN_BYTES)  # a token id or a per-token score on the wire
 
@@ -82,6 +95,9 @@ class Instance:
     Budgets: min_coverage, codec_budget.
     codec_specs: the :class:`~ec2moe_jax.codec.CodecSpec` of each codec option [C], static
       (part of the tree structure, not an array): plans name their codec from it.
+    max_utilisation: scalar in (0, 1], the planning margin: a plan loading any server to
+      this share of its capacity or more ranks with the overloaded ones (see the module
+      docstring); default :data:`MAX_UTILISATION`; set with ``inst.replace``.
     """
 
     fixed_flops: jax.Array
@@ -120,6 +136,7 @@ class Instance:
     min_coverage: jax.Array
     codec_budget: jax.Array
     codec_specs: tuple = flax.struct.field(pytree_node=False, default=())
+    max_utilisation: jax.Array = flax.struct.field(default=np.float32(MAX_UTILISATION))
 
     def codec_name(self, index: int) -> str:
         """The name of codec option ``index`` ("bf16", "int8-r64", ...)."""
@@ -426,36 +443,52 @@ def _constraints(inst: Instance, plan: Plan, dev, b):
     return violations, min_cov, mem
 
 
-def combine(rate, latency, visits, cloud_rho, cloud_s2, served, overloaded, penalty):
+def combine(rate, latency, visits, cloud_rho, cloud_s2, served, over_margin, over_capacity,
+            penalty, max_util):
     """Joint objective from per-device sums: (objective, mean latency, cloud utilisation).
 
     Arguments are totals over devices of ``rate``, ``rate * latency``, ``rate * visits``,
     ``cloud_rho``, ``cloud_s2``, ``rate / max(1, local_util)`` (requests the device and its
-    uplink can serve), ``local_util >= 1`` (overloaded devices) and ``penalty``.
+    uplink can serve), ``local_util >= max_util`` (devices over the margin),
+    ``local_util >= 1`` (devices over capacity; see :func:`served_terms`) and ``penalty``;
+    ``max_util`` is ``Instance.max_utilisation``.
+
+    Tiers: a plan within the margin scores its latency (< UNSTABLE for any sane plan); over
+    the margin but within capacity, ``UNSTABLE`` more; over capacity, ``OVERLOADED +
+    UNSTABLE * lost`` more, ``lost`` being the share of requests it cannot serve. (Past
+    capacity the latency leaves out the unbounded queueing wait, so without its own tier an
+    overloaded plan could look better than a stable plan with a long queue.) The mean latency
+    is ``inf`` when the cloud is past capacity.
     """
-    cloud_stable = cloud_rho < 1.0
-    wait = jnp.where(cloud_stable, cloud_s2 / (2.0 * jnp.maximum(1.0 - cloud_rho, 1e-9)), 0.0)
+    cloud_ok = cloud_rho < 1.0
+    wait = jnp.where(cloud_ok, cloud_s2 / (2.0 * jnp.maximum(1.0 - cloud_rho, 1e-9)), 0.0)
     mean = (latency + visits * wait) / rate
-    stable = cloud_stable & (overloaded == 0)
-    lost = 1.0 - served / (rate * jnp.maximum(cloud_rho, 1.0))
-    obj = (mean + jnp.where(stable, 0.0, UNSTABLE * (1.0 + jnp.clip(lost, 0.0, 1.0)))
-           + INFEASIBLE * penalty)
-    return obj, jnp.where(stable, mean, jnp.inf), cloud_rho
+    within = (cloud_rho < max_util) & (over_margin == 0)
+    overloaded = (~cloud_ok) | (over_capacity > 0)
+    lost = jnp.clip(1.0 - served / (rate * jnp.maximum(cloud_rho, 1.0)), 0.0, 1.0)
+    obj = (mean + jnp.where(within, 0.0, UNSTABLE)
+           + jnp.where(overloaded, OVERLOADED + UNSTABLE * lost, 0.0) + INFEASIBLE * penalty)
+    return obj, jnp.where(cloud_ok, mean, jnp.inf), cloud_rho
 
 
-def served_terms(terms: Terms) -> tuple[jax.Array, jax.Array]:
-    """Per-device (requests served, overloaded 0/1) from the local utilisation."""
+def served_terms(terms: Terms, max_util) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Per-device (requests served, over the margin 0/1, over capacity 0/1): a device serves
+    ``rate / max(1, local_util)``; it is over the margin at ``local_util >= max_util`` and
+    over capacity at ``local_util >= 1``."""
     return (terms.rate / jnp.maximum(terms.local_util, 1.0),
+            (terms.local_util >= max_util).astype(jnp.float32),
             (terms.local_util >= 1.0).astype(jnp.float32))
 
 
-def joint_objective(terms: Terms) -> tuple[jax.Array, jax.Array, jax.Array]:
+def joint_objective(terms: Terms, max_util) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(objective, mean latency, cloud utilisation) of a joint plan from its [N, ...] terms
-    (devices on axis 0)."""
-    served, over = served_terms(terms)
-    return combine(terms.rate.sum(0), (terms.rate * terms.latency).sum(0),
-                   (terms.rate * terms.visits).sum(0), terms.cloud_rho.sum(0),
-                   terms.cloud_s2.sum(0), served.sum(0), over.sum(0), terms.penalty.sum(0))
+    (devices on axis 0); the mean latency is ``inf`` when any server is past its capacity."""
+    served, margin, capacity = served_terms(terms, max_util)
+    obj, mean, rho = combine(terms.rate.sum(0), (terms.rate * terms.latency).sum(0),
+                             (terms.rate * terms.visits).sum(0), terms.cloud_rho.sum(0),
+                             terms.cloud_s2.sum(0), served.sum(0), margin.sum(0),
+                             capacity.sum(0), terms.penalty.sum(0), max_util)
+    return obj, jnp.where(capacity.sum(0) == 0, mean, jnp.inf), rho
 
 
 def evaluate(inst: Instance, plan: Plan) -> dict[str, jax.Array]:
@@ -463,7 +496,7 @@ def evaluate(inst: Instance, plan: Plan) -> dict[str, jax.Array]:
     cloud_utilisation, throughput_rps (the rate scale at which the bottleneck server
     saturates, times the offered rate), feasible, per-device terms."""
     terms = plan_terms(inst, plan, jnp.arange(inst.num_devices))
-    obj, mean, rho = joint_objective(terms)
+    obj, mean, rho = joint_objective(terms, inst.max_utilisation)
     bottleneck = jnp.maximum(rho, terms.local_util.max())
     return {"objective": obj, "mean_latency_s": mean, "cloud_utilisation": rho,
             "bottleneck_utilisation": bottleneck,
