@@ -1,6 +1,6 @@
 """Benchmarks that write the committed results: ``ec2moe bench`` (the evaluation),
-``codec-sweep``, ``hlggn-eval``, ``scheduler-report``, ``bench-scheduler`` and
-``bench-moe-layer``."""
+``codec-sweep``, ``hlggn-eval``, ``scheduler-report``, ``bench-scheduler``,
+``bench-moe-layer`` and ``bench-decode``."""
 
 from __future__ import annotations
 
@@ -56,6 +56,21 @@ MoE layer forward vs a dense SwiGLU of equal FLOPs, for each dispatch implementa
 (gather, einsum, ragged): GFLOP/s, tokens/s and the ratio to dense, medians over
 interleaved rounds. Writes <out> (results/moe_layer.json). About a minute on a 2-core CPU
 (ragged_dot is slow on CPU)."""
+
+_DECODE = """\
+Decoding speed, measured on this CPU: ours against transformers' generate on the same
+random checkpoints (saved by transformers, loaded with load_hf): OLMoE-shaped (d=512, 4
+layers, 16 experts top-4, vocab 4096) declaring 2,048 and 262,144 positions, and a
+Qwen3-MoE-shaped one, at batch 1 and 8 (greedy, 32-token prompt, 64 new tokens, identical
+tokens checked, medians of interleaved rounds); the small model's generate and the split
+pipeline's decode step, this tree against the commit before the fast decode path (a
+temporary git worktree); the bits/char cost of bf16 weights and caches on a small model
+trained briefly. Writes <out> (results/decode.json).
+
+Needs torch and transformers, which are not project dependencies; install torch FIRST
+(a CPU wheel), then transformers:  pip install torch==2.13.0 && pip install transformers
+
+Time on a 2-core CPU: about 15 minutes (with the bf16 model already trained)."""
 
 
 def register(sub) -> None:
@@ -139,6 +154,24 @@ def register(sub) -> None:
     m.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds")
     m.add_argument("--out", default=os.path.join(_R, "moe_layer.json"), help="JSON path")
     m.set_defaults(handler=bench_moe_layer)
+
+    dd = _common.add_parser(sub, "bench-decode", help="decoding speed vs transformers (measured)",
+                            description=_DECODE)
+    dd.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
+    dd.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    dd.add_argument("--olmoe-ffn", type=int, default=256,
+                    help="expert width of the OLMoE-shaped checkpoint (256: OLMoE-1B-7B's "
+                         "1024/2048 ratio at d=512)")
+    dd.add_argument("--no-before-after", action="store_true",
+                    help="skip the comparison with the commit before the fast decode path")
+    dd.add_argument("--quality-workdir", default="runs/decode-bf16",
+                    help="where the small model for the bf16 bits/char cost is trained (resumed "
+                         "if there)")
+    dd.add_argument("--quality-steps", type=int, default=150,
+                    help="training steps of that model (about a minute on 2 cores)")
+    dd.add_argument("--no-quality", action="store_true", help="skip the bf16 bits/char cost")
+    dd.add_argument("--out", default=os.path.join(_R, "decode.json"), help="JSON path")
+    dd.set_defaults(handler=bench_decode)
 
 
 def _codec_sweep_arg(p: argparse.ArgumentParser) -> None:
@@ -265,6 +298,26 @@ def bench_moe_layer(args: argparse.Namespace) -> dict:
                    f"{args.rounds} rounds")
     record = run(tokens=args.tokens, dispatches=dispatches, rounds=args.rounds)
     record["command"] = _common.command_line("bench-moe-layer", args.argv)
+    _common.write_json(args.out, record)
+    print(json.dumps(record, indent=2))
+    return record
+
+
+def bench_decode(args: argparse.Namespace) -> dict:
+    import ec2moe_jax
+    from ec2moe_jax.bench.decode import run
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(ec2moe_jax.__file__)))
+    if not args.no_before_after and not os.path.isdir(os.path.join(repo, ".git")):
+        raise ValueError(f"the before/after comparison checks out an earlier commit of the git "
+                         f"repository holding ec2moe_jax, but {repo!r} is not one; pass "
+                         "--no-before-after")
+    batches = tuple(int(b) for b in args.batches.split(",") if b.strip())
+    _common.status(f"decoding benchmark: {args.repeats} rounds at batches {batches}")
+    record = run(repo=repo, olmoe_ffn=args.olmoe_ffn, repeats=args.repeats, batches=batches,
+                 quality_workdir=None if args.no_quality else args.quality_workdir,
+                 quality_steps=args.quality_steps, before_after=not args.no_before_after)
+    record["command"] = _common.command_line("bench-decode", args.argv)
     _common.write_json(args.out, record)
     print(json.dumps(record, indent=2))
     return record

@@ -19,6 +19,7 @@ from ec2moe_jax.config import MoEConfig
 from ec2moe_jax.layers.basic import SwiGLU, default_init, dense, param_with_axes
 from ec2moe_jax.routing import dispatch as dispatch_lib
 from ec2moe_jax.routing.topk import Route, top_k_route
+from ec2moe_jax.sharding import active_mesh
 
 
 def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
@@ -40,12 +41,18 @@ def to_groups(x: jax.Array, group_size: int | None) -> jax.Array:
 # passes per choice on XLA:CPU (it copies each chosen expert's matrices). Measured on this
 # CPU (2 cores), one MoE layer, D=512, ms per call, einsum dispatch vs gathered:
 # E=128 K=8 F=192: B=1 17.0 vs 1.1, B=8 31.3 vs 14.3; E=16 K=4 F=1024: B=1 5.0 vs 3.3;
-# E=16 K=4 F=256: B=1 1.09 vs 1.05, B=4 1.4 vs 4.1.
+# E=16 K=4 F=256: B=1 1.09 vs 1.05, B=4 1.4 vs 4.1. Not on a mesh whose 'expert' axis
+# shards the experts: slicing one expert out of sharded weights all-gathers them every step
+# (the split pipeline's cloud step, small config: 11 ms against 4-8 ms with the dispatch).
 DECODE_CHOICES_PER_EXPERT = 0.5
 
 
 def uses_gathered(tokens: int, top_k: int, num_experts: int) -> bool:
-    """Whether a MoE block of ``num_experts`` runs ``tokens`` through the decode-shaped path."""
+    """Whether a MoE block of ``num_experts`` runs ``tokens`` through the decode-shaped path
+    (at trace time: inside :func:`~ec2moe_jax.sharding.use_mesh` it also asks the mesh)."""
+    mesh = active_mesh()
+    if mesh is not None and mesh.shape.get("expert", 1) > 1:
+        return False
     return tokens * top_k <= DECODE_CHOICES_PER_EXPERT * num_experts
 
 

@@ -3,6 +3,7 @@
 from ec2moe_jax.sharding.mesh import (
     LOGICAL_RULES,
     MESH_AXES,
+    active_mesh,
     batch_sharding,
     constrain,
     hop,
@@ -19,6 +20,7 @@ from ec2moe_jax.sharding.mesh import (
 __all__ = [
     "LOGICAL_RULES",
     "MESH_AXES",
+    "active_mesh",
     "batch_sharding",
     "constrain",
     "hop",

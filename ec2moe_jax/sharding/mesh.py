@@ -189,6 +189,12 @@ def use_mesh(mesh: Mesh, rules=LOGICAL_RULES) -> Iterator[Mesh]:
         _state.ctx = prev
 
 
+def active_mesh() -> Mesh | None:
+    """The mesh of the enclosing :func:`use_mesh` (at trace time), or None outside one."""
+    ctx = getattr(_state, "ctx", None)
+    return None if ctx is None else ctx[0]
+
+
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
     """Sharding constraint by logical names; a no-op outside :func:`use_mesh`.
 
