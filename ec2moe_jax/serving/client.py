@@ -179,14 +179,19 @@ class EndClient:
         self._channel = self._stub = None
         self.session = None
 
-    def close(self) -> None:
-        """Frees the session's slot on the server (best effort) and closes the channel."""
+    def _end_session(self) -> None:
+        """Frees the session's slot on the server (best effort)."""
         if self.session is not None and self._stub is not None:
             try:
                 self._stub.Close(pb.CloseRequest(session=self.session), timeout=2.0,
                                  metadata=self.metadata)
             except grpc.RpcError:
                 pass  # the server frees it after its TTL anyway
+        self.session = None
+
+    def close(self) -> None:
+        """Frees the session's slot on the server (best effort) and closes the channel."""
+        self._end_session()
         self._drop()
 
     def __enter__(self) -> EndClient:
@@ -288,8 +293,9 @@ class EndClient:
             call.cancel()  # the server frees the session of a cancelled stream
             raise
         finally:
+            requests.put(pb.Step(detach=True))  # keep the session after this stream
             requests.put(None)
-        for _ in call:  # a clean end: the server ends the stream and keeps the session
+        for _ in call:  # a clean end: the server ends the stream
             pass
 
     def _decode(self, h: _History, n: int, emit, requests: queue.Queue, call) -> None:
@@ -337,6 +343,7 @@ class EndClient:
         if max_new_tokens < 1 or len(prompt) + max_new_tokens > limit:
             raise ValueError(f"prompt length {len(prompt)} + max_new_tokens {max_new_tokens} "
                              f"must be <= max_seq_len={limit} (and max_new_tokens >= 1)")
+        self._end_session()  # a new sequence: a new session (a new KV row)
         h, out = _History(prompt), []
         replay, outage, attempt = True, None, 0
 

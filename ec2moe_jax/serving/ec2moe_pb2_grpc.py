@@ -89,7 +89,7 @@ class CloudServicer:
     def Decode(self, request_iterator, context):
         """Decoding, one message per step each way. A split session sends each step's boundary
         payload; a cloud-only session sends one Step with `tokens` > 0 and the server feeds its
-        own samples back, streaming `tokens` replies.
+        own samples back, streaming `tokens` replies. See Step.detach for how a stream ends.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

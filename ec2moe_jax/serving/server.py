@@ -232,13 +232,14 @@ class CloudServer:
             raise _Abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
                          f"all {self.options.slots} KV slots are taken; retry later")
         sid = secrets.token_hex(16)
-        s = Session(sid, key, spec, time.monotonic())
+        s = Session(sid, key, spec, time.monotonic(), busy=1)
         self.sessions[sid] = s  # holds the slot from now on
         try:
-            await self._job(self.worker.admit, key, sid)
+            await self._job(self.worker.admit, key, sid)  # first use: builds the split
         except BaseException:
             self.sessions.pop(sid, None)
             raise
+        s.busy, s.seen = 0, time.monotonic()
         self.metrics.sessions.set(len(self.sessions))
         return pb.OpenReply(session=sid, num_layers=self.num_layers,
                             max_seq_len=self.max_seq_len, ttl_s=self.options.ttl_s)
@@ -270,7 +271,9 @@ class CloudServer:
                              compute_s=dt, batch=1)
 
     async def Decode(self, request_iterator, context):
-        session = None
+        # A stream that ends without a detaching Step, or is cancelled (deadline, a vanished
+        # client: grpc.aio reports a lost peer as the end of the requests), frees its session.
+        session, detached = None, False
         try:
             async for step in request_iterator:
                 try:
@@ -281,19 +284,20 @@ class CloudServer:
                         raise _Abort(grpc.StatusCode.INVALID_ARGUMENT,
                                      f"one stream serves one session ({session.id}); got "
                                      f"{step.session!r}")
+                    if step.detach:
+                        detached = True
+                        continue
                     async for reply in self._steps(session, step):
                         yield reply
                 except _Abort as e:
                     self.metrics.errors.labels(e.code.name).inc()
                     await context.abort(e.code, e.message)
-        except asyncio.CancelledError:  # deadline passed or the client went away
-            if session is not None:
-                await asyncio.shield(self._close(session))
-            raise
         finally:
             if session is not None:
                 session.busy -= 1
                 session.seen = time.monotonic()
+                if not detached:
+                    await asyncio.shield(self._close(session))
 
     async def _steps(self, s: Session, step):
         if s.last_token is None:
