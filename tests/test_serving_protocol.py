@@ -129,7 +129,7 @@ class _Worker:
     def __init__(self):
         cfg = types.SimpleNamespace(num_layers=2, max_seq_len=64, d_model=32, vocab_size=256)
         self.model = types.SimpleNamespace(cfg=cfg)
-        self.groups, self.calls = {}, []
+        self.groups, self.calls, self.max_seq_len = {}, [], cfg.max_seq_len
 
     def __getattr__(self, name):
         if name in ("admit", "prefill", "step", "score", "release"):

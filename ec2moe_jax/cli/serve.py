@@ -45,6 +45,9 @@ def register(sub) -> None:
     p.add_argument("--batch-wait-ms", type=float, default=3.0,
                    help="how long a decode step may wait for the other sessions of its batch")
     p.add_argument("--max-score-batch", type=int, default=4, help="rows per scoring request")
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="positions a session may hold, prompt included (default: the model's "
+                        "max_seq_len); shorter keeps batched steps cheap")
     p.add_argument("--devices", type=int, default=None,
                    help="devices of the server's mesh (default: 6 fake CPU devices on a CPU, "
                         "every device on an accelerator)")
@@ -76,6 +79,11 @@ def register(sub) -> None:
     b.add_argument("--tokens", type=int, default=32, help="new tokens per client")
     b.add_argument("--quick", action="store_true",
                    help="1,2,8 clients, one link, 16 tokens: a smoke run of a few minutes")
+    b.add_argument("--random-init", default=None, metavar="CONFIG",
+                   help="benchmark CONFIG with random parameters instead of a trained workdir "
+                        "(created once in runs/serving-CONFIG; speed does not depend on "
+                        "training)")
+    _common.add_scheduler_inputs(b)
     b.set_defaults(handler=bench_serving, needs_devices=False)
 
 
@@ -120,16 +128,22 @@ def serve(args: argparse.Namespace) -> None:
         allow_remote=args.allow_remote, metrics_port=args.metrics_port)
     run(_common.workdir(args), options, devices=args.devices,
         expert_shards=args.expert_shards, warm=_warm(args.warm), warm_prompt=args.warm_prompt,
-        ready_file=args.ready_file)
+        ready_file=args.ready_file, cache_len=args.cache_len)
 
 
 def bench_serving(args: argparse.Namespace) -> dict:
-    from ec2moe_jax.bench.serving import run
+    os.environ.setdefault("JAX_NUM_CPU_DEVICES", "2")  # this process only plans and relays
+    from ec2moe_jax.bench.serving import random_workdir, run
 
     clients = [1, 2, 8] if args.quick else [int(c) for c in args.clients.split(",")]
-    return run(_common.workdir(args), clients=clients, tokens=16 if args.quick else args.tokens,
+    workdir = (_common.workdir(args) if args.random_init is None else
+               random_workdir(args.random_init,
+                              os.path.join(_common.RUNS, f"serving-{args.random_init}")))
+    inputs = {"calibration": args.calibration, "codec_sweep": args.codec_sweep,
+              "pipeline_calibration": _common.pipeline_calibration(args)}
+    return run(workdir, clients=clients, tokens=16 if args.quick else args.tokens,
                quick=args.quick, out=args.out, plot=args.plot or None,
-               command=_common.command_line("bench-serving", args.argv))
+               command=_common.command_line("bench-serving", args.argv), inputs=inputs)
 
 
 def add_cloud_args(g: argparse.ArgumentParser) -> None:

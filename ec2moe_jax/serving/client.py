@@ -60,6 +60,7 @@ class LinkStats:
       up_bps: uplink throughput measured on prefills (payload bits over their transfer time).
       queue_s, compute_s: the server's last reported queue wait and step time.
       bytes_up, bytes_down: protobuf bytes of requests and replies (payloads included).
+      end_s: the end stage's compute per decode step (EMA, seconds; 0 at split 0).
       reconnects: outages survived.
       events: what each failed attempt saw ("CODE: details"), oldest first.
     """
@@ -70,6 +71,7 @@ class LinkStats:
     compute_s: float = 0.0
     bytes_up: int = 0
     bytes_down: int = 0
+    end_s: float = 0.0
     reconnects: int = 0
     events: list = dataclasses.field(default_factory=list)
 
@@ -259,7 +261,8 @@ class EndClient:
             h.end_cache, msg, _ = self.end.prefill(h.end_cache, ids, self._key())
         else:
             tok = np.asarray([h.tokens[h.covered]], np.int32)
-            h.end_cache, msg, _ = self.end.step(h.end_cache, tok, self._key())
+            h.end_cache, msg, dt = self.end.step(h.end_cache, tok, self._key())
+            self.stats.end_s = dt if not self.stats.end_s else 0.7 * self.stats.end_s + 0.3 * dt
         h.chunks.append(jax.tree.map(np.asarray, msg.payload))
         h.covered = len(h.tokens)
 

@@ -19,8 +19,8 @@ import jax
 
 from ec2moe_jax.codec import CodecSpec
 from ec2moe_jax.serving import protocol
-from ec2moe_jax.serving.server import CloudServer, ServeOptions, log, warm_up
-from ec2moe_jax.serving.worker import CloudWorker
+from ec2moe_jax.serving.server import CloudServer, ServeOptions, log
+from ec2moe_jax.serving.worker import CloudWorker, warm_up
 
 READY = "listening on"  # the line (on stdout) that tells a parent process the port
 
@@ -81,7 +81,7 @@ def codec_source(model, params, workdir: str):
 
 
 def load(workdir: str, *, slots: int, devices: int | None = None,
-         expert_shards: int | None = None, seed: int = 0):
+         expert_shards: int | None = None, cache_len: int | None = None, seed: int = 0):
     """``(worker, fingerprint, codec_fingerprint)`` for a server of ``workdir``.
 
     Raises:
@@ -96,7 +96,7 @@ def load(workdir: str, *, slots: int, devices: int | None = None,
     fingerprint = params_fingerprint(params)
     codec_for = codec_source(model, params, workdir)
     worker = CloudWorker(model, place_params(model, params, mesh), mesh, slots=slots,
-                         codec_for=codec_for, seed=seed)
+                         codec_for=codec_for, cache_len=cache_len, seed=seed)
     return worker, fingerprint, lambda split, spec: protocol.codec_fingerprint(
         codec_for(split, spec))
 
@@ -124,7 +124,8 @@ async def _serve(server: CloudServer, ready_file: str | None) -> None:
 
 def serve(workdir: str, options: ServeOptions, *, devices: int | None = None,
           expert_shards: int | None = None, warm: list[tuple[int, str]] = (),
-          warm_prompt: int = 0, ready_file: str | None = None, seed: int = 0) -> None:
+          warm_prompt: int = 0, ready_file: str | None = None, cache_len: int | None = None,
+          seed: int = 0) -> None:
     """Loads ``workdir`` and serves it until SIGINT/SIGTERM.
 
     Args:
@@ -132,10 +133,12 @@ def serve(workdir: str, options: ServeOptions, *, devices: int | None = None,
       warm: (split, codec name) groups to compile before listening (greedy).
       warm_prompt: also compile the prefill of this prompt length for them.
       ready_file: once listening, the bound port is written there (atomically).
+      cache_len: positions a session may hold (default the model's max_seq_len).
     """
     log(f"loading {workdir}")
     worker, fingerprint, codec_fp = load(workdir, slots=options.slots, devices=devices,
-                                         expert_shards=expert_shards, seed=seed)
+                                         expert_shards=expert_shards, cache_len=cache_len,
+                                         seed=seed)
     if warm:
         log(f"compiling {len(warm)} group(s) for {len(worker.capacities)} batch sizes")
         keys = [(s, "bf16" if s == 0 else CodecSpec.parse(c).name, 0.0) for s, c in warm]

@@ -33,7 +33,6 @@ import time
 from collections.abc import Callable
 
 import grpc
-import jax
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
@@ -108,6 +107,9 @@ class Session:
     last_token: int | None = None
     busy: int = 0  # calls in flight
     closed: bool = False
+    want: int = 0  # cloud-only: tokens the server still feeds itself
+    out: asyncio.Queue | None = None  # cloud-only: (token, position, seconds, rows) per step
+    fed_at: float = 0.0  # when the session's last token came out
 
 
 @dataclasses.dataclass(eq=False)
@@ -139,14 +141,15 @@ class CloudServer:
         cfg = worker.model.cfg
         self.worker, self.fingerprint, self.options = worker, fingerprint, options
         self.codec_fingerprint = codec_fingerprint
-        self.num_layers, self.max_seq_len = cfg.num_layers, cfg.max_seq_len
+        self.num_layers, self.max_seq_len = cfg.num_layers, worker.max_seq_len
         self.d_model, self.vocab_size = cfg.d_model, cfg.vocab_size
-        self.limits = wire.WireLimits.for_model(cfg.d_model, cfg.max_seq_len,
+        self.limits = wire.WireLimits.for_model(cfg.d_model, self.max_seq_len,
                                                 options.max_score_batch)
-        self.message_limit = protocol.message_limit(cfg.d_model, cfg.max_seq_len,
+        self.message_limit = protocol.message_limit(cfg.d_model, self.max_seq_len,
                                                     options.max_score_batch)
         self.sessions: dict[str, Session] = {}
         self.pending: dict[GroupKey, dict[str, _Step]] = collections.defaultdict(dict)
+        self.feeding: dict[GroupKey, dict[str, Session]] = collections.defaultdict(dict)
         self.jobs: collections.deque = collections.deque()
         self.compute = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="compute")
         self.metrics = Metrics(options.slots)
@@ -256,7 +259,8 @@ class CloudServer:
         length = int(np.shape(msg if s.spec is None else msg[next(iter(msg))])[1])
         if length > self.max_seq_len:
             raise _Abort(grpc.StatusCode.OUT_OF_RANGE,
-                         f"a {length}-position prompt exceeds max_seq_len={self.max_seq_len}")
+                         f"a {length}-position prompt exceeds the server's session length "
+                         f"{self.max_seq_len} (ec2moe serve --cache-len)")
         t0 = time.monotonic()
         s.busy += 1
         try:
@@ -308,23 +312,34 @@ class CloudServer:
             if n < 1 or s.position + n > self.max_seq_len:
                 raise _Abort(grpc.StatusCode.OUT_OF_RANGE,
                              f"tokens={n} from position {s.position} must be >= 1 and end "
-                             f"within max_seq_len={self.max_seq_len}")
+                             f"within the session length {self.max_seq_len}")
         else:
             if s.position + 1 > self.max_seq_len:
                 raise _Abort(grpc.StatusCode.OUT_OF_RANGE,
-                             f"position {s.position} is the model's max_seq_len")
+                             f"position {s.position} is the session length (--cache-len)")
             n, msgs = 1, self._decode(step.payload, s.spec, batch=1, time_=1)
-        for _ in range(n):
-            msg = np.array([[s.last_token]], np.int32) if msgs is None else msgs
-            t0 = time.monotonic()
-            fut = asyncio.get_running_loop().create_future()
-            self.pending[s.key][s.id] = _Step(s, msg, fut, t0)
+        if msgs is None:  # the batcher steps the session until it has fed n tokens
+            s.out = s.out or asyncio.Queue()
+            s.want, s.fed_at = s.want + n, time.monotonic()
+            self.feeding[s.key][s.id] = s
             self._poke()
-            token, dt, rows = await fut
-            s.position += 1
-            s.last_token, s.seen = token, time.monotonic()
-            yield pb.TokenReply(token=token, position=s.position,
-                                queue_s=time.monotonic() - t0 - dt, compute_s=dt, batch=rows)
+            for _ in range(n):
+                item = await s.out.get()
+                if isinstance(item, Exception):
+                    raise item
+                token, position, wait, dt, rows = item
+                yield pb.TokenReply(token=token, position=position, queue_s=wait,
+                                    compute_s=dt, batch=rows)
+            return
+        t0 = time.monotonic()
+        fut = asyncio.get_running_loop().create_future()
+        self.pending[s.key][s.id] = _Step(s, msgs, fut, t0)
+        self._poke()
+        token, dt, rows = await fut
+        s.position += 1
+        s.last_token, s.seen = token, time.monotonic()
+        yield pb.TokenReply(token=token, position=s.position,
+                            queue_s=time.monotonic() - t0 - dt, compute_s=dt, batch=rows)
 
     async def Score(self, request, context):
         return await self._guard(context, self._score, request)
@@ -358,7 +373,8 @@ class CloudServer:
     def stats(self) -> pb.StatsReply:
         med = lambda xs: statistics.median(xs) if xs else 0.0  # noqa: E731
         return pb.StatsReply(
-            queue=sum(len(p) for p in self.pending.values()) + len(self.jobs),
+            queue=(sum(len(p) for p in self.pending.values()) + len(self.jobs)
+                   + sum(len(f) for f in self.feeding.values())),
             step_s=med(self.step_times), sessions=len(self.sessions), slots=self.options.slots,
             occupancy=float(np.mean(self.rows)) if self.rows else 0.0, steps=self.steps,
             tokens=self.tokens, prefill_s=med(self.prefill_times),
@@ -380,6 +396,7 @@ class CloudServer:
             return
         s.closed = True
         self.pending[s.key].pop(s.id, None)
+        self.feeding[s.key].pop(s.id, None)
         self.sessions.pop(s.id, None)
         self.metrics.sessions.set(len(self.sessions))
         await self._job(self.worker.release, s.key, s.id)
@@ -424,8 +441,13 @@ class CloudServer:
 
     async def _decode_round(self) -> float | None:
         """Runs each group whose batch is ready; returns how long until the next group is
-        due (0: now, None: nothing waiting)."""
+        due (0: now, None: nothing waiting). Cloud-only sessions being fed are always ready;
+        a split group waits for its sessions' payloads up to ``batch_wait_s``."""
         soonest, now = None, time.monotonic()
+        for key in list(self.feeding):
+            if self.feeding[key]:
+                await self._feed(key)
+                soonest = 0.0 if self.feeding[key] else soonest
         for key, steps in list(self.pending.items()):
             live = [s for s in steps.values() if not s.future.done()]
             if not live:
@@ -438,27 +460,54 @@ class CloudServer:
                 continue
             batch = {s.session.id: s for s in live}
             steps.clear()
-            try:
-                tokens, dt = await self._run(self.worker.step, key,
-                                             {k: s.msg for k, s in batch.items()})
-            except Exception as e:
-                for s in batch.values():
-                    if not s.future.done():
-                        s.future.set_exception(_Abort(grpc.StatusCode.INTERNAL,
-                                                      f"{type(e).__name__}: {e}"))
-                continue
-            self.steps += 1
-            self.tokens += len(batch)
-            self.step_times.append(dt)
-            self.rows.append(len(batch))
-            self.metrics.step.observe(dt)
-            self.metrics.batch_rows.observe(len(batch))
+            result = await self._step(key, {k: s.msg for k, s in batch.items()})
             for sid, s in batch.items():
-                if not s.future.done():
-                    s.future.set_result((tokens[sid], dt, len(batch)))
+                if s.future.done():
+                    continue
+                if isinstance(result, Exception):
+                    s.future.set_exception(result)
+                else:
+                    s.future.set_result((result[0][sid], result[1], len(batch)))
             soonest = 0.0 if any(self.pending.values()) else soonest
         self.metrics.queue.set(sum(len(p) for p in self.pending.values()) + len(self.jobs))
         return soonest
+
+    async def _step(self, key: GroupKey, msgs: dict):
+        """One batched step on the compute thread: ({session: token}, seconds) or the
+        error (an _Abort) to report to its sessions."""
+        try:
+            tokens, dt = await self._run(self.worker.step, key, msgs)
+        except Exception as e:
+            return _Abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        self.steps += 1
+        self.tokens += len(msgs)
+        self.step_times.append(dt)
+        self.rows.append(len(msgs))
+        self.metrics.step.observe(dt)
+        self.metrics.batch_rows.observe(len(msgs))
+        return tokens, dt
+
+    async def _feed(self, key: GroupKey) -> None:
+        """One step of the cloud-only sessions of ``key`` being fed their own samples."""
+        feeders = dict(self.feeding[key])
+        start = time.monotonic()
+        result = await self._step(key, {sid: np.array([[s.last_token]], np.int32)
+                                        for sid, s in feeders.items()})
+        done = time.monotonic()
+        for sid, s in feeders.items():
+            if s.closed:
+                continue
+            if isinstance(result, Exception):  # the session's stream ends with the error
+                self.feeding[key].pop(sid, None)
+                s.want = 0
+                s.out.put_nowait(result)
+                continue
+            s.position, s.last_token, s.want = s.position + 1, result[0][sid], s.want - 1
+            s.out.put_nowait((s.last_token, s.position, start - s.fed_at, result[1],
+                              len(feeders)))
+            s.fed_at = s.seen = done
+            if s.want == 0:
+                self.feeding[key].pop(sid, None)
 
     async def start(self) -> tuple[grpc.aio.Server, int]:
         """Binds, starts the batcher, TTL sweeper and health service; returns (server,
@@ -527,34 +576,3 @@ class _TokenCheck(grpc.aio.ServerInterceptor):
 
 def log(message: str) -> None:
     print(f"ec2moe serve: {message}", file=sys.stderr, flush=True)
-
-
-def warm_up(worker: CloudWorker, keys: list[GroupKey], prompt_lengths: list[int]) -> None:
-    """Compiles the given groups' prefill (per padded prompt length) and batched step (per
-    capacity) before the server admits anyone, so first requests do not wait for XLA."""
-    for key in keys:
-        g = worker.group(key)
-        spec = g.spec
-        for c in worker.capacities:
-            ids = [f"warm{i}" for i in range(c)]
-            for sid in ids:
-                worker.admit(key, sid)
-            for length in prompt_lengths:
-                worker.prefill(key, ids[0], _zeros(worker, spec, length), length)
-            worker.step(key, {sid: _zeros(worker, spec, 1) for sid in ids})
-            for sid in ids:
-                worker.release(key, sid)
-    jax.effects_barrier()
-
-
-def _zeros(worker: CloudWorker, spec: CodecSpec | None, t: int):
-    """A [1, t] message of zeros in the session's format (what decode_state returns)."""
-    d = worker.model.cfg.d_model
-    if spec is None:
-        return np.zeros((1, t), np.int32)
-    buf = wire.pack(np.zeros((1, t, spec.width(d)), np.float32 if not spec.quant_bits
-                             else np.int8),
-                    np.zeros((1, t), np.float32) if spec.quant_bits else None,
-                    spec.wire_kind if (spec.quant_bits or not spec.lowrank) else "float32")
-    return protocol.decode_state(buf, spec, d_model=d, vocab_size=worker.model.cfg.vocab_size,
-                                 batch=1, time=t, limits=wire.DEFAULT_LIMITS)

@@ -1,7 +1,8 @@
 """The cloud side of the server, synchronous: one thread owns every device array.
 
 Shape legend: C slot rows of a group (a bucket capacity), P prompt length, Pb padded prompt
-length, M cache length (``max_seq_len``), R values per token, V vocab.
+length, M cache length (the server's ``cache_len``, at most ``max_seq_len``), R values per
+token, V vocab.
 
 Sessions are grouped by what their decode step compiles to: (split, codec, temperature).
 Each group has a :class:`~ec2moe_jax.pipeline.engine.CloudEngine` over stages built once for
@@ -23,10 +24,11 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
-from ec2moe_jax.codec import CodecSpec
+from ec2moe_jax.codec import CodecSpec, wire
 from ec2moe_jax.models.lm import cache_bucket
 from ec2moe_jax.pipeline.engine import CloudEngine, Message, insert
 from ec2moe_jax.pipeline.stages import build_stages
+from ec2moe_jax.serving import protocol
 
 GroupKey = tuple[int, str, float]  # (split, codec name, temperature)
 
@@ -99,12 +101,22 @@ class CloudWorker:
       slots: the most rows a group's pool holds (the server admits at most this many
         sessions in all).
       codec_for: ``(split, spec) -> codec weights or None`` (the workdir's link codec).
+      cache_len: positions a session may hold (M of every slot row; default and maximum the
+        model's ``max_seq_len``): a server for short sessions keeps its steps cheap.
       seed: the sampling key of temperature > 0 groups.
+
+    Raises:
+      ValueError: ``cache_len`` outside [1, max_seq_len].
     """
 
     def __init__(self, model, params, mesh, *, slots: int,
-                 codec_for: Callable[[int, CodecSpec], dict | None], seed: int = 0):
+                 codec_for: Callable[[int, CodecSpec], dict | None],
+                 cache_len: int | None = None, seed: int = 0):
         self.model, self.params, self.mesh, self.slots = model, params, mesh, slots
+        limit = model.cfg.max_seq_len
+        self.cache_len = limit if cache_len is None else cache_len
+        if not 1 <= self.cache_len <= limit:
+            raise ValueError(f"cache_len={self.cache_len} must lie in [1, max_seq_len={limit}]")
         self.codec_for = codec_for
         self.groups: dict[GroupKey, Group] = {}
         self.rng = jax.random.key(seed)
@@ -112,7 +124,8 @@ class CloudWorker:
 
     @property
     def max_seq_len(self) -> int:
-        return self.model.cfg.max_seq_len
+        """Positions a session may hold (``cache_len``)."""
+        return self.cache_len
 
     def _key(self):
         self.rng, sub = jax.random.split(self.rng)
@@ -133,7 +146,7 @@ class CloudWorker:
 
     def _resize(self, g: Group, capacity: int) -> None:
         """Reallocates ``g``'s pool to ``capacity`` rows, keeping rows [0, n)."""
-        new = g.engine.init_cache(capacity)
+        new = g.engine.init_cache(capacity, self.cache_len)
         n = len(g.rows)
         if g.cache is not None and n:
             keep = min(n, capacity)
@@ -203,3 +216,34 @@ class CloudWorker:
         msg = Message(_pad_time(payload, padded), _pad_time(targets, padded), 0)
         scores, dt = g.engine.score(msg)
         return np.asarray(scores.logprobs)[:, :t], dt
+
+
+def warm_up(worker: CloudWorker, keys: list[GroupKey], prompt_lengths: list[int]) -> None:
+    """Compiles the given groups' prefill (per padded prompt length) and batched step (per
+    capacity) before the server admits anyone, so first requests do not wait for XLA."""
+    for key in keys:
+        g = worker.group(key)
+        spec = g.spec
+        for c in worker.capacities:
+            ids = [f"warm{i}" for i in range(c)]
+            for sid in ids:
+                worker.admit(key, sid)
+            for length in prompt_lengths:
+                worker.prefill(key, ids[0], _zeros(worker, spec, length), length)
+            worker.step(key, {sid: _zeros(worker, spec, 1) for sid in ids})
+            for sid in ids:
+                worker.release(key, sid)
+    jax.effects_barrier()
+
+
+def _zeros(worker: CloudWorker, spec: CodecSpec | None, t: int):
+    """A [1, t] message of zeros in the session's format (what decode_state returns)."""
+    d = worker.model.cfg.d_model
+    if spec is None:
+        return np.zeros((1, t), np.int32)
+    buf = wire.pack(np.zeros((1, t, spec.width(d)), np.float32 if not spec.quant_bits
+                             else np.int8),
+                    np.zeros((1, t), np.float32) if spec.quant_bits else None,
+                    spec.wire_kind if (spec.quant_bits or not spec.lowrank) else "float32")
+    return protocol.decode_state(buf, spec, d_model=d, vocab_size=worker.model.cfg.vocab_size,
+                                 batch=1, time=t, limits=wire.DEFAULT_LIMITS)

@@ -1,0 +1,438 @@
+"""Serving benchmark: real client processes against one real server through a shaping relay.
+
+What is measured and what is emulated (stated in the JSON next to every figure):
+
+* measured: one ``ec2moe serve`` process and 1..16 end client processes (each its own Python
+  and JAX runtime, the end layers and codec of its plan), real gRPC over real TCP sockets on
+  127.0.0.1, serialisation, the server's continuous batching, all on this CPU (both sides
+  share its cores: a client's compute slows the server and vice versa); times are wall-clock
+  at the client (``time.time``: TTFT from the request's start, TPOT between its tokens);
+  bytes per token are counted at the relay's sockets (HTTP/2 frames: gRPC framing and
+  protobuf included); batch occupancy is the server's (sessions per batched step);
+* emulated: the link's one-way delay and bandwidth, by an asyncio relay in this process
+  (:mod:`ec2moe_jax.serving.relay`), with the presets' figures.
+
+The discrete-event simulator (:mod:`ec2moe_jax.bench.sim`) is configured for each run: the
+same clients, tokens and link (the preset's bandwidth and RTT), the plan's kind, the
+measured bytes per message, the server's measured prefill time and batched step time at
+that concurrency (shared by the sessions of a step), and the clients' measured end-stage
+time; its mean request latency is compared with the measured one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+LINKS = ("wifi", "lte")  # fast: 100 Mbit/s, 10 ms RTT; LTE: 20 Mbit/s, 50 ms RTT
+PROMPT_LEN = 16
+SLOTS = 16
+
+
+def random_workdir(config: str, path: str) -> str:
+    """A workdir of ``config`` with random parameters (created once): serving speed does not
+    depend on training, and the bench must not wait for a training run."""
+    from ec2moe_jax.training.workdir import STATS_FILE
+
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        return path
+    import jax
+
+    from ec2moe_jax.config import load_config
+    from ec2moe_jax.models.lm import MoELM, init_params
+    from ec2moe_jax.sharding import unbox
+    from ec2moe_jax.training.loop import save_params
+
+    cfg = load_config(config)
+    params = unbox(init_params(MoELM(cfg.model), jax.random.key(0)))
+    save_params(cfg, path, params)
+    assert not os.path.exists(os.path.join(path, STATS_FILE))
+    return path
+
+
+# ----- client processes ----------------------------------------------------------------------
+
+def _client_main() -> None:
+    """A client process: reads JSON commands on stdin, answers one JSON line each."""
+    os.environ.setdefault("JAX_NUM_CPU_DEVICES", "2")  # the end mesh (mesh.end_devices)
+    from ec2moe_jax.pipeline.plans import PipelinePlan
+    from ec2moe_jax.serving.client import connect
+    from ec2moe_jax.training import load_run
+
+    workdir = json.loads(sys.stdin.readline())["workdir"]
+    run = load_run(workdir, progress=False)
+    num_layers = run[0].cfg.model.num_layers
+    print(json.dumps({"ready": True}), flush=True)
+    clients = {}
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd.get("quit"):
+            break
+        key = json.dumps(cmd["plan"], sort_keys=True)
+        prompt = cmd["prompt"]
+        if key not in clients:
+            plan = PipelinePlan(**{**cmd["plan"], "resident": tuple(cmd["plan"]["resident"])})
+            if plan.split == num_layers:  # end-only: nothing to serve, all runs here
+                clients[key] = _Local(workdir, plan, run)
+            else:
+                clients[key] = connect(cmd["address"], workdir, plan, run=run, timeout_s=120)
+            clients[key].warm_up(len(prompt))
+        c = clients[key]
+        time.sleep(max(0.0, cmd.get("start_at", 0.0) - time.time()))
+        times, t0 = [], time.time()
+        c.generate(prompt, cmd["tokens"], lambda _, times=times: times.append(time.time()))
+        print(json.dumps({"start": t0, "times": times, "end_s": c.stats.end_s,
+                          "reconnects": c.stats.reconnects}), flush=True)
+    for c in clients.values():
+        c.close()
+
+
+class _Local:
+    """An end-only plan run in the client process (the EndClient's interface, no server)."""
+
+    def __init__(self, workdir: str, plan, run):
+        import jax
+
+        from ec2moe_jax.pipeline import EndEngine, runtime
+        from ec2moe_jax.serving.client import LinkStats
+        from ec2moe_jax.sharding import make_mesh
+
+        setup, params, splits, freq = run
+        n = setup.cfg.mesh.end_devices
+        mesh = make_mesh(jax.devices()[:n], n, 1)
+        stages, _ = runtime.prepare(setup.model, params, plan, mesh, None, frequencies=freq,
+                                    workdir=workdir, train_tokens=splits.train, side="end")
+        self.end, self.stats, self.rng = EndEngine(stages), LinkStats(), jax.random.key(0)
+
+    def generate(self, prompt, n, on_token):
+        import jax
+
+        cache = self.end.init_cache(1)
+        cache, out, _ = self.end.prefill(cache, np.asarray([prompt], np.int32), self.rng)
+        token = np.asarray(out.token)
+        on_token(int(token[0]))
+        for _ in range(n - 1):
+            cache, out, dt = self.end.step(cache, token, self.rng)
+            token = np.asarray(out.token)
+            self.stats.end_s = dt
+            on_token(int(token[0]))
+        jax.block_until_ready(cache)
+
+    def warm_up(self, prompt_len: int) -> None:
+        self.generate([0] * prompt_len, 2, lambda _: None)
+
+    def close(self) -> None:
+        pass
+
+
+class _Pool:
+    """``n`` client processes, started once and reused for every run."""
+
+    def __init__(self, n: int, workdir: str):
+        env = {**os.environ, "JAX_PLATFORMS": os.environ.get("JAX_PLATFORMS", "cpu")}
+        env.pop("JAX_NUM_CPU_DEVICES", None)
+        self.procs = [subprocess.Popen([sys.executable, "-m", "ec2moe_jax.bench.serving"],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                       text=True, env=env) for _ in range(n)]
+        for p in self.procs:
+            p.stdin.write(json.dumps({"workdir": workdir}) + "\n")
+            p.stdin.flush()
+        for p in self.procs:
+            self._read(p)
+
+    @staticmethod
+    def _read(p) -> dict:
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"a client process exited with {p.wait()}")
+        return json.loads(line)
+
+    def run(self, n: int, command: dict) -> list[dict]:
+        for p in self.procs[:n]:
+            p.stdin.write(json.dumps(command) + "\n")
+            p.stdin.flush()
+        return [self._read(p) for p in self.procs[:n]]
+
+    def close(self) -> None:
+        for p in self.procs:
+            try:
+                p.stdin.write(json.dumps({"quit": True}) + "\n")
+                p.stdin.close()
+                p.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                p.kill()
+
+
+def _server(workdir: str, warm: str, ready: str, cache_len: int):
+    if os.path.exists(ready):
+        os.remove(ready)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ec2moe_jax", "serve", "--workdir", workdir, "--port", "0",
+         "--slots", str(SLOTS), "--devices", "2", "--cache-len", str(cache_len),
+         "--warm", warm, "--warm-prompt", str(PROMPT_LEN), "--ready-file", ready],
+        stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 900
+    while not os.path.exists(ready):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError("the server did not start (see its stderr above)")
+        time.sleep(0.2)
+    with open(ready) as f:
+        return proc, int(f.read())
+
+
+# ----- one run -------------------------------------------------------------------------------
+
+def _quantiles(x) -> dict:
+    x = np.asarray(x, np.float64)
+    return {"p50": float(np.quantile(x, 0.5)), "p99": float(np.quantile(x, 0.99)),
+            "mean": float(x.mean())}
+
+
+def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) -> dict:
+    from ec2moe_jax.serving.protocol import pb
+
+    prompt = [(7 * i + 65) % 256 for i in range(PROMPT_LEN)]
+    command = {"address": address, "plan": plan.to_json(), "prompt": prompt}
+    pool.run(n, {**command, "tokens": 2})  # connect, compile, first session (not measured)
+    before, bytes0 = stub.Stats(pb.StatsRequest(), timeout=30), relay.bytes()
+    out = pool.run(n, {**command, "tokens": tokens, "start_at": time.time() + 0.5})
+    after, bytes1 = stub.Stats(pb.StatsRequest(), timeout=30), relay.bytes()
+    start = min(r["start"] for r in out)
+    first = min(r["times"][0] for r in out)
+    last = max(r["times"][-1] for r in out)
+    ttft = [r["times"][0] - r["start"] for r in out]
+    tpot = [b - a for r in out for a, b in zip(r["times"], r["times"][1:], strict=False)]
+    latency = [r["times"][-1] - r["start"] for r in out]
+    steps = after.steps - before.steps
+    step_tokens = (after.tokens - before.tokens) - n  # minus one prefill token each
+    up, down = bytes1["up"] - bytes0["up"], bytes1["down"] - bytes0["down"]
+    return {
+        "clients": n,
+        "aggregate_tokens_per_s": n * tokens / (last - start),
+        "aggregate_decode_tokens_per_s": n * (tokens - 1) / max(last - first, 1e-9),
+        "ttft_s": _quantiles(ttft), "tpot_s": _quantiles(tpot),
+        "latency_s": _quantiles(latency),
+        "bytes_per_token": {"up": up / (n * tokens), "down": down / (n * tokens)},
+        "server_batch_occupancy": step_tokens / steps if steps else None,
+        "server_step_s_median": after.step_s, "server_prefill_s_median": after.prefill_s,
+        "client_end_step_s": float(np.mean([r["end_s"] for r in out])),
+        "reconnects": sum(r["reconnects"] for r in out),
+    }
+
+
+# ----- the simulator, configured for a run ---------------------------------------------------
+
+class _RunTiming:
+    """Job times and bytes of a measured run: the server's prefill time and its batched step
+    time shared by the step's sessions, the clients' end-stage time, the bytes per message
+    measured at the relay."""
+
+    def __init__(self, row: dict, kind: str, tokens: int):
+        self.row, self.kind, self.tokens = row, kind, tokens
+        occ = max(row["server_batch_occupancy"] or 1.0, 1.0)
+        self.step = row["server_step_s_median"] / occ
+        b = row["bytes_per_token"]
+        self.up_b, self.down_b = b["up"], b["down"]
+
+    def end(self, job, step: int) -> float:
+        # The prefill's end time is not measured apart: its step time stands for it.
+        return 0.0 if self.kind == "cloud-only" else self.row["client_end_step_s"]
+
+    def cloud(self, job, step: int) -> float:
+        return self.row["server_prefill_s_median"] if step == 0 else self.step
+
+    def up_bytes(self, job, step: int) -> float:
+        if self.kind == "cloud-only" and step > 0:
+            return 0.0
+        return self.up_b * (self.tokens if self.kind == "cloud-only" else 1.0)
+
+    def down_bytes(self, job, step: int) -> float:
+        return self.down_b
+
+
+def simulate(row: dict, kind: str, link, tokens: int) -> float:
+    """The simulator's mean request latency for a measured run ``row`` (module docstring)."""
+    from ec2moe_jax.bench.sim import (
+        CLOUD_ONLY,
+        END_ONLY,
+        SPLIT,
+        DevicePlan,
+        Simulator,
+        StaticController,
+    )
+    from ec2moe_jax.pipeline.link import BandwidthTrace
+
+    n = row["clients"]
+    plan = DevicePlan(*{"cloud-only": (0, 1, CLOUD_ONLY), "split": (1, 1, SPLIT),
+                        "end-only": (1, 1, END_ONLY)}[kind])
+    trace = BandwidthTrace.constant(link.bandwidth_bps)
+    sim = Simulator(_RunTiming(row, kind, tokens), StaticController([plan] * n), [trace] * n,
+                    [trace] * n, [link.rtt_s] * n, tokens)
+    res = sim.run([np.zeros(1)] * n, horizon_s=1e-9)
+    return float(np.mean([r.done - r.arrival for r in res.requests]))
+
+
+# ----- the benchmark -------------------------------------------------------------------------
+
+def _plans(cfg, freq, link_name: str, tokens: int, inputs: dict) -> dict:
+    """cloud-only, the scheduler's plan for this CPU over ``link_name`` (``inputs``: the
+    calibration, pipeline calibration and codec sweep paths) and, when that plan is not a
+    split, a fixed split (layer 1, int8 rank-64 codec), labelled as not chosen."""
+    from ec2moe_jax.pipeline.plans import PipelinePlan, baseline, instance, scheduled_plans
+    from ec2moe_jax.profiles import link
+    from ec2moe_jax.scheduler import codec_options, this_cpu
+
+    dev, cal, cloud_cal = this_cpu(cfg, inputs["calibration"], inputs["pipeline_calibration"])
+    inst = instance(cfg, freq, dev, link(link_name), cal, prompt_tokens=PROMPT_LEN,
+                    gen_tokens=tokens, cloud_cal=cloud_cal,
+                    codecs=codec_options(cfg.d_model, inputs["codec_sweep"]))
+    chosen = scheduled_plans(cfg, inst)["ec2moe"][0]
+    out = {"cloud-only": baseline("cloud-only", cfg), "ec2moe": chosen}
+    if not 0 < chosen.split < cfg.num_layers:  # so the server's split path is measured too
+        L, E = cfg.num_layers, cfg.moe.num_experts
+        out["split-1-int8-r64"] = PipelinePlan("split-1-int8-r64", 1, (E,) * L, "int8-r64")
+    return out
+
+
+def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
+        plot: str | None, command: str, inputs: dict) -> dict:
+    """Runs the benchmark (module docstring) and writes ``out`` (JSON) and ``plot`` (PNG).
+
+    Args:
+      inputs: paths the scheduler plans with: ``calibration``, ``pipeline_calibration``
+        (or None), ``codec_sweep``.
+    """
+    import grpc
+
+    from ec2moe_jax.files import write_json_atomic
+    from ec2moe_jax.profiles import link
+    from ec2moe_jax.serving.protocol import pb_grpc
+    from ec2moe_jax.serving.relay import RelayThread, Shape
+    from ec2moe_jax.training import load_run
+
+    links = LINKS[:1] if quick else LINKS
+    setup, _, _, freq = load_run(workdir)
+    cfg = setup.cfg.model
+    plans = {name: _plans(cfg, freq, name, tokens, inputs) for name in links}
+    groups = {(p.split, p.codec) for ps in plans.values() for p in ps.values()
+              if p.split < cfg.num_layers}
+    warm = ",".join(f"{s}:{c}" for s, c in sorted(groups))
+    cache_len = min(cfg.max_seq_len, 1 << (PROMPT_LEN + tokens - 1).bit_length())
+    print(f"bench-serving: server for groups {warm}, {SLOTS} slots, sessions of {cache_len} "
+          f"positions; {max(clients)} client processes", file=sys.stderr, flush=True)
+    proc, port = _server(workdir, warm, out + ".port", cache_len)
+    relay, pool = RelayThread(("127.0.0.1", port)), None
+    rows, done = [], set()
+    try:
+        pool = _Pool(max(clients), workdir)
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+            stub = pb_grpc.CloudStub(ch)
+            for link_name in links:
+                preset = link(link_name)
+                relay.set_shape(Shape(delay_s=preset.rtt_s / 2, rate_bps=preset.bandwidth_bps))
+                for plan_name, plan in plans[link_name].items():
+                    kind = ("cloud-only" if plan.split == 0 else "end-only"
+                            if plan.split == cfg.num_layers else "split")
+                    if kind == "end-only" and (plan_name, kind) in done:
+                        continue  # nothing crosses the link: one run for all links
+                    done.add((plan_name, kind))
+                    for n in clients:
+                        row = _measure(pool, stub, relay, n, plan, relay.address, tokens)
+                        row.update(link=link_name if kind != "end-only" else "none",
+                                   plan=plan_name, kind=kind, plan_detail=plan.to_json())
+                        row["simulated_latency_mean_s"] = simulate(row, kind, preset, tokens)
+                        row["simulator_error"] = (row["simulated_latency_mean_s"]
+                                                  / row["latency_s"]["mean"] - 1)
+                        rows.append(row)
+                        occ = row["server_batch_occupancy"]
+                        print(f"bench-serving: {row['link']} {plan_name} ({kind}) {n} clients: "
+                              f"{row['aggregate_decode_tokens_per_s']:.0f} decode tok/s, "
+                              f"TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms, occupancy "
+                              f"{'-' if occ is None else f'{occ:.2f}'}, sim error "
+                              f"{row['simulator_error']:+.0%}", file=sys.stderr, flush=True)
+    finally:
+        if pool is not None:
+            pool.close()
+        relay.close()
+        proc.terminate()
+        proc.wait(30)
+    result = _summarise(rows, workdir, cfg, tokens, command)
+    write_json_atomic(out, result)
+    if plot:
+        result["plot"] = plot_serving(result, plot)
+    return result
+
+
+def _summarise(rows: list[dict], workdir: str, cfg, tokens: int, command: str) -> dict:
+    def rate(link, n):
+        return next((r["aggregate_decode_tokens_per_s"] for r in rows
+                     if r["link"] == link and r["plan"] == "cloud-only" and r["clients"] == n),
+                    None)
+
+    one, eight = rate(LINKS[0], 1), rate(LINKS[0], 8)
+    errors = [abs(r["simulator_error"]) for r in rows]
+    return {
+        "command": command, "workdir": workdir,
+        "model": {"d_model": cfg.d_model, "num_layers": cfg.num_layers,
+                  "num_experts": cfg.moe.num_experts},
+        "prompt_tokens": PROMPT_LEN, "new_tokens": tokens,
+        "method": {
+            "measured": "one `ec2moe serve` process and N client processes on this CPU (2 "
+                        "cores shared by both sides), real gRPC over TCP on 127.0.0.1, "
+                        "wall-clock times at the clients, bytes at the relay's sockets",
+            "emulated": "the link's one-way delay (RTT/2) and bandwidth per direction, by "
+                        "an asyncio relay (presets wifi: 100 Mbit/s, 10 ms RTT; lte: "
+                        "20 Mbit/s, 50 ms RTT)",
+            "simulated": "bench.sim configured with each run's measured step, prefill and "
+                         "end-stage times and bytes per message; error = simulated / "
+                         "measured mean latency - 1",
+        },
+        "batching_pays": {"link": LINKS[0], "one_client_decode_tokens_per_s": one,
+                          "eight_clients_decode_tokens_per_s": eight,
+                          "ratio": None if not (one and eight) else eight / one,
+                          "target": 3.0},
+        "simulator_error_abs_max": max(errors) if errors else None,
+        "rows": rows,
+    }
+
+
+def plot_serving(result: dict, path: str) -> str:
+    """Aggregate decode tokens/s and TPOT p50 against client processes, per link and plan."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    for (link, plan) in sorted({(r["link"], r["plan"]) for r in rows}):
+        sel = sorted((r for r in rows if r["link"] == link and r["plan"] == plan),
+                     key=lambda r: r["clients"])
+        n = [r["clients"] for r in sel]
+        style = "o-" if plan == "cloud-only" else "s--"
+        axes[0].plot(n, [r["aggregate_decode_tokens_per_s"] for r in sel], style,
+                     label=f"{plan}, {link}")
+        axes[1].plot(n, [r["tpot_s"]["p50"] * 1e3 for r in sel], style, label=f"{plan}, {link}")
+    for ax, label in zip(axes, ("aggregate decode tokens/s", "TPOT p50 (ms)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("client processes")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("ec2moe serve: measured (processes, sockets, this CPU); link emulated",
+                 fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    _client_main()
