@@ -35,8 +35,8 @@ def register(sub) -> None:
                    help="prompt of the streamed request (its last 16 bytes are used)")
     p.add_argument("--link", default="lte",
                    help="emulated link preset: 3g, lte (20 Mbit/s, 50 ms RTT), wifi, 5g")
-    p.add_argument("--temperature", type=_common.temperature, default=0.0, help="sampling temperature; 0 = "
-                                                                  "greedy")
+    p.add_argument("--temperature", type=_common.temperature, default=0.0,
+                   help="sampling temperature; 0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=48,
                    help="tokens generated per request (after 16 prompt tokens)")
     _common.add_scheduler_inputs(p)
