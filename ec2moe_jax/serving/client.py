@@ -215,11 +215,9 @@ class EndClient:
         """The server's live figures (queue length, step time, occupancy)."""
         return self._call("Stats", pb.StatsRequest())
 
-    def _open(self) -> None:
-        reply = self._call("Open", pb.OpenRequest(
-            plan=self.plan, fingerprint=self.fingerprint, codec_fingerprint=self.codec_fp,
-            temperature=self.temperature))
-        self.session = reply.session
+    def _open_request(self) -> pb.OpenRequest:
+        return pb.OpenRequest(plan=self.plan, fingerprint=self.fingerprint,
+                              codec_fingerprint=self.codec_fp, temperature=self.temperature)
 
     def _recover(self, error: grpc.RpcError, outage_start: float, attempt: int) -> None:
         """Drops the connection and sleeps before the next attempt, or raises."""
@@ -272,11 +270,15 @@ class EndClient:
         return protocol.encode_state(h.payload(start), self.spec)
 
     def _prefill(self, h: _History) -> int:
-        if self.session is None:
-            self._open()
+        """Prefills (or replays) the history; without a session, opens one in the same round
+        trip."""
         payload = self._encode(h)
+        request = (pb.PrefillRequest(session=self.session, payload=payload)
+                   if self.session else pb.PrefillRequest(open=self._open_request(),
+                                                          payload=payload))
         t0 = time.monotonic()
-        reply = self._call("Prefill", pb.PrefillRequest(session=self.session, payload=payload))
+        reply = self._call("Prefill", request)
+        self.session = reply.session or self.session
         self.stats.observe(time.monotonic() - t0, reply, up_bytes=len(payload))
         return reply.token
 
@@ -348,6 +350,13 @@ class EndClient:
                              f"must be <= max_seq_len={limit} (and max_new_tokens >= 1)")
         self._end_session()  # a new sequence: a new session (a new KV row)
         h, out = _History(prompt), []
+        try:
+            return self._generate(h, out, max_new_tokens, on_token, replan, replan_every)
+        finally:
+            self._end_session()  # done (or failed): the slot is not held idle
+
+    def _generate(self, h: _History, out: list, max_new_tokens: int, on_token, replan,
+                  replan_every: int) -> list[int]:
         replay, outage, attempt = True, None, 0
 
         def emit(t: int) -> None:

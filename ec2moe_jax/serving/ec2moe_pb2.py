@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x63\x32moe_jax/serving/ec2moe.proto\x12\x11\x65\x63\x32moe.serving.v1\"$\n\x04Plan\x12\r\n\x05split\x18\x01 \x01(\r\x12\r\n\x05\x63odec\x18\x02 \x01(\t\"\x87\x01\n\x0bOpenRequest\x12%\n\x04plan\x18\x01 \x01(\x0b\x32\x17.ec2moe.serving.v1.Plan\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x19\n\x11\x63odec_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"T\n\tOpenReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\r\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\"2\n\x0ePrefillRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\"H\n\x04Step\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65tach\x18\x04 \x01(\x08\"`\n\nTokenReply\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x05 \x01(\r\"\x87\x01\n\x0cScoreRequest\x12%\n\x04plan\x18\x01 \x01(\x0b\x32\x17.ec2moe.serving.v1.Plan\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x19\n\x11\x63odec_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x0f\n\x07targets\x18\x05 \x01(\x0c\"1\n\nScoreReply\x12\x10\n\x08logprobs\x18\x01 \x01(\x0c\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\"\x1f\n\x0c\x43loseRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x0c\n\nCloseReply\"\x0e\n\x0cStatsRequest\"\xa3\x01\n\nStatsReply\x12\r\n\x05queue\x18\x01 \x01(\r\x12\x0e\n\x06step_s\x18\x02 \x01(\x01\x12\x10\n\x08sessions\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x11\n\toccupancy\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x0e\n\x06tokens\x18\x07 \x01(\x04\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x12\x10\n\x08\x63ompiled\x18\t \x01(\r2\xbb\x03\n\x05\x43loud\x12\x44\n\x04Open\x12\x1e.ec2moe.serving.v1.OpenRequest\x1a\x1c.ec2moe.serving.v1.OpenReply\x12K\n\x07Prefill\x12!.ec2moe.serving.v1.PrefillRequest\x1a\x1d.ec2moe.serving.v1.TokenReply\x12\x44\n\x06\x44\x65\x63ode\x12\x17.ec2moe.serving.v1.Step\x1a\x1d.ec2moe.serving.v1.TokenReply(\x01\x30\x01\x12G\n\x05Score\x12\x1f.ec2moe.serving.v1.ScoreRequest\x1a\x1d.ec2moe.serving.v1.ScoreReply\x12G\n\x05\x43lose\x12\x1f.ec2moe.serving.v1.CloseRequest\x1a\x1d.ec2moe.serving.v1.CloseReply\x12G\n\x05Stats\x12\x1f.ec2moe.serving.v1.StatsRequest\x1a\x1d.ec2moe.serving.v1.StatsReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1f\x65\x63\x32moe_jax/serving/ec2moe.proto\x12\x11\x65\x63\x32moe.serving.v1\"$\n\x04Plan\x12\r\n\x05split\x18\x01 \x01(\r\x12\r\n\x05\x63odec\x18\x02 \x01(\t\"\x87\x01\n\x0bOpenRequest\x12%\n\x04plan\x18\x01 \x01(\x0b\x32\x17.ec2moe.serving.v1.Plan\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x19\n\x11\x63odec_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0btemperature\x18\x04 \x01(\x01\x12\x0c\n\x04seed\x18\x05 \x01(\x04\"T\n\tOpenReply\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\nnum_layers\x18\x02 \x01(\r\x12\x13\n\x0bmax_seq_len\x18\x03 \x01(\r\x12\r\n\x05ttl_s\x18\x04 \x01(\x01\"`\n\x0ePrefillRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12,\n\x04open\x18\x03 \x01(\x0b\x32\x1e.ec2moe.serving.v1.OpenRequest\"H\n\x04Step\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x0f\n\x07payload\x18\x02 \x01(\x0c\x12\x0e\n\x06tokens\x18\x03 \x01(\r\x12\x0e\n\x06\x64\x65tach\x18\x04 \x01(\x08\"q\n\nTokenReply\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07queue_s\x18\x03 \x01(\x01\x12\x11\n\tcompute_s\x18\x04 \x01(\x01\x12\r\n\x05\x62\x61tch\x18\x05 \x01(\r\x12\x0f\n\x07session\x18\x06 \x01(\t\"\x87\x01\n\x0cScoreRequest\x12%\n\x04plan\x18\x01 \x01(\x0b\x32\x17.ec2moe.serving.v1.Plan\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x19\n\x11\x63odec_fingerprint\x18\x03 \x01(\t\x12\x0f\n\x07payload\x18\x04 \x01(\x0c\x12\x0f\n\x07targets\x18\x05 \x01(\x0c\"1\n\nScoreReply\x12\x10\n\x08logprobs\x18\x01 \x01(\x0c\x12\x11\n\tcompute_s\x18\x02 \x01(\x01\"\x1f\n\x0c\x43loseRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\"\x0c\n\nCloseReply\"\x0e\n\x0cStatsRequest\"\xb4\x01\n\nStatsReply\x12\r\n\x05queue\x18\x01 \x01(\r\x12\x0e\n\x06step_s\x18\x02 \x01(\x01\x12\x10\n\x08sessions\x18\x03 \x01(\r\x12\r\n\x05slots\x18\x04 \x01(\r\x12\x11\n\toccupancy\x18\x05 \x01(\x01\x12\r\n\x05steps\x18\x06 \x01(\x04\x12\x0e\n\x06tokens\x18\x07 \x01(\x04\x12\x11\n\tprefill_s\x18\x08 \x01(\x01\x12\x10\n\x08\x63ompiled\x18\t \x01(\r\x12\x0f\n\x07\x63ycle_s\x18\n \x01(\x01\x32\xbb\x03\n\x05\x43loud\x12\x44\n\x04Open\x12\x1e.ec2moe.serving.v1.OpenRequest\x1a\x1c.ec2moe.serving.v1.OpenReply\x12K\n\x07Prefill\x12!.ec2moe.serving.v1.PrefillRequest\x1a\x1d.ec2moe.serving.v1.TokenReply\x12\x44\n\x06\x44\x65\x63ode\x12\x17.ec2moe.serving.v1.Step\x1a\x1d.ec2moe.serving.v1.TokenReply(\x01\x30\x01\x12G\n\x05Score\x12\x1f.ec2moe.serving.v1.ScoreRequest\x1a\x1d.ec2moe.serving.v1.ScoreReply\x12G\n\x05\x43lose\x12\x1f.ec2moe.serving.v1.CloseRequest\x1a\x1d.ec2moe.serving.v1.CloseReply\x12G\n\x05Stats\x12\x1f.ec2moe.serving.v1.StatsRequest\x1a\x1d.ec2moe.serving.v1.StatsReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,23 +38,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_OPENREPLY']._serialized_start=230
   _globals['_OPENREPLY']._serialized_end=314
   _globals['_PREFILLREQUEST']._serialized_start=316
-  _globals['_PREFILLREQUEST']._serialized_end=366
-  _globals['_STEP']._serialized_start=368
-  _globals['_STEP']._serialized_end=440
-  _globals['_TOKENREPLY']._serialized_start=442
-  _globals['_TOKENREPLY']._serialized_end=538
-  _globals['_SCOREREQUEST']._serialized_start=541
-  _globals['_SCOREREQUEST']._serialized_end=676
-  _globals['_SCOREREPLY']._serialized_start=678
-  _globals['_SCOREREPLY']._serialized_end=727
-  _globals['_CLOSEREQUEST']._serialized_start=729
-  _globals['_CLOSEREQUEST']._serialized_end=760
-  _globals['_CLOSEREPLY']._serialized_start=762
-  _globals['_CLOSEREPLY']._serialized_end=774
-  _globals['_STATSREQUEST']._serialized_start=776
-  _globals['_STATSREQUEST']._serialized_end=790
-  _globals['_STATSREPLY']._serialized_start=793
-  _globals['_STATSREPLY']._serialized_end=956
-  _globals['_CLOUD']._serialized_start=959
-  _globals['_CLOUD']._serialized_end=1402
+  _globals['_PREFILLREQUEST']._serialized_end=412
+  _globals['_STEP']._serialized_start=414
+  _globals['_STEP']._serialized_end=486
+  _globals['_TOKENREPLY']._serialized_start=488
+  _globals['_TOKENREPLY']._serialized_end=601
+  _globals['_SCOREREQUEST']._serialized_start=604
+  _globals['_SCOREREQUEST']._serialized_end=739
+  _globals['_SCOREREPLY']._serialized_start=741
+  _globals['_SCOREREPLY']._serialized_end=790
+  _globals['_CLOSEREQUEST']._serialized_start=792
+  _globals['_CLOSEREQUEST']._serialized_end=823
+  _globals['_CLOSEREPLY']._serialized_start=825
+  _globals['_CLOSEREPLY']._serialized_end=837
+  _globals['_STATSREQUEST']._serialized_start=839
+  _globals['_STATSREQUEST']._serialized_end=853
+  _globals['_STATSREPLY']._serialized_start=856
+  _globals['_STATSREPLY']._serialized_end=1036
+  _globals['_CLOUD']._serialized_start=1039
+  _globals['_CLOUD']._serialized_end=1482
 # @@protoc_insertion_point(module_scope)

@@ -156,6 +156,8 @@ class CloudServer:
         self.step_times: collections.deque = collections.deque(maxlen=64)
         self.prefill_times: collections.deque = collections.deque(maxlen=64)
         self.rows: collections.deque = collections.deque(maxlen=64)
+        self.cycles: collections.deque = collections.deque(maxlen=64)
+        self._last_step = 0.0
         self.steps = self.tokens = 0
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -223,6 +225,11 @@ class CloudServer:
         return await self._guard(context, self._open, request)
 
     async def _open(self, request):
+        return pb.OpenReply(session=await self._admit(request), num_layers=self.num_layers,
+                            max_seq_len=self.max_seq_len, ttl_s=self.options.ttl_s)
+
+    async def _admit(self, request) -> str:
+        """Checks an OpenRequest, takes a slot and returns the new session's id."""
         key, spec = await self._plan(request.plan, request.fingerprint, request.codec_fingerprint)
         t = request.temperature
         if not (math.isfinite(t) and t >= 0):
@@ -244,13 +251,24 @@ class CloudServer:
             raise
         s.busy, s.seen = 0, time.monotonic()
         self.metrics.sessions.set(len(self.sessions))
-        return pb.OpenReply(session=sid, num_layers=self.num_layers,
-                            max_seq_len=self.max_seq_len, ttl_s=self.options.ttl_s)
+        return sid
 
     async def Prefill(self, request, context):
         return await self._guard(context, self._prefill, request)
 
     async def _prefill(self, request):
+        if not request.session and request.HasField("open"):
+            request.session = await self._admit(request.open)
+            try:
+                return await self._prefill_session(request)
+            except BaseException:  # a session opened for a refused prompt is not kept
+                s = self.sessions.get(request.session)
+                if s is not None:
+                    await self._close(s)
+                raise
+        return await self._prefill_session(request)
+
+    async def _prefill_session(self, request):
         s = self._session(request.session)
         if s.last_token is not None:
             raise _Abort(grpc.StatusCode.FAILED_PRECONDITION,
@@ -272,7 +290,7 @@ class CloudServer:
         self.metrics.prefill.observe(dt)
         self.tokens += 1
         return pb.TokenReply(token=token, position=length, queue_s=time.monotonic() - t0 - dt,
-                             compute_s=dt, batch=1)
+                             compute_s=dt, batch=1, session=s.id)
 
     async def Decode(self, request_iterator, context):
         # A stream that ends without a detaching Step, or is cancelled (deadline, a vanished
@@ -377,7 +395,7 @@ class CloudServer:
                    + sum(len(f) for f in self.feeding.values())),
             step_s=med(self.step_times), sessions=len(self.sessions), slots=self.options.slots,
             occupancy=float(np.mean(self.rows)) if self.rows else 0.0, steps=self.steps,
-            tokens=self.tokens, prefill_s=med(self.prefill_times),
+            tokens=self.tokens, prefill_s=med(self.prefill_times), cycle_s=med(self.cycles),
             compiled=self.metrics.compiles)
 
     # ----- errors -------------------------------------------------------------------------
@@ -482,6 +500,10 @@ class CloudServer:
         self.steps += 1
         self.tokens += len(msgs)
         self.step_times.append(dt)
+        now = time.monotonic()
+        if now - self._last_step - dt < 0.05:  # back to back: a busy server's service cycle
+            self.cycles.append(now - self._last_step)
+        self._last_step = now
         self.rows.append(len(msgs))
         self.metrics.step.observe(dt)
         self.metrics.batch_rows.observe(len(msgs))
