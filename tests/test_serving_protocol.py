@@ -4,7 +4,9 @@ the shared-token check before any handler runs (an in-process server with a stan
 worker), and the shaping relay's delay, rate cap and reset on real sockets."""
 
 import asyncio
+import os
 import pathlib
+import shutil
 import socket
 import threading
 import time
@@ -250,3 +252,15 @@ def test_relay_delays_caps_and_resets(echo):
                 raise ConnectionResetError("closed")
         again = socket.create_connection(("127.0.0.1", relay.port))  # still listening
         assert _rtt(again) < 1.0
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("tc") is None,
+                    reason="needs root and iproute2 (ip netns, tc tbf)")
+def test_relay_bandwidth_agrees_with_the_kernel_shaper():
+    # One 1 MB TCP transfer at 8 Mbit/s through tc tbf (veth between two netns) and through
+    # the relay: the relay counts payload bytes, tbf whole packets (TCP/IP headers, ~4%).
+    from ec2moe_jax.bench.serving import link_crosscheck
+
+    (row,) = link_crosscheck(rates_bps=(8e6,), nbytes=1_000_000)["rows"]
+    assert 0.85 < row["tbf_bps"] / 8e6 <= 1.02
+    assert 0.9 < row["relay_over_tbf"] < 1.15, row

@@ -88,6 +88,7 @@ def _client_main() -> None:
         times, t0 = [], time.time()
         c.generate(prompt, cmd["tokens"], lambda _, times=times: times.append(time.time()))
         print(json.dumps({"start": t0, "times": times, "end_s": c.stats.end_s,
+                          "end_prefill_s": c.stats.end_prefill_s,
                           "reconnects": c.stats.reconnects}), flush=True)
     for c in clients.values():
         c.close()
@@ -114,14 +115,17 @@ class _Local:
         import jax
 
         cache = self.end.init_cache(1)
-        cache, out, _ = self.end.prefill(cache, np.asarray([prompt], np.int32), self.rng)
+        cache, out, self.stats.end_prefill_s = self.end.prefill(
+            cache, np.asarray([prompt], np.int32), self.rng)
         token = np.asarray(out.token)
         on_token(int(token[0]))
+        steps = []
         for _ in range(n - 1):
             cache, out, dt = self.end.step(cache, token, self.rng)
             token = np.asarray(out.token)
-            self.stats.end_s = dt
+            steps.append(dt)
             on_token(int(token[0]))
+        self.stats.end_s = float(np.mean(steps)) if steps else 0.0
         jax.block_until_ready(cache)
 
     def warm_up(self, prompt_len: int) -> None:
@@ -224,8 +228,114 @@ def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) 
         "server_step_s_median": after.step_s, "server_prefill_s_median": after.prefill_s,
         "server_cycle_s_median": after.cycle_s,
         "client_end_step_s": float(np.mean([r["end_s"] for r in out])),
+        "client_end_prefill_s": float(np.mean([r["end_prefill_s"] for r in out])),
         "reconnects": sum(r["reconnects"] for r in out),
     }
+
+
+# ----- the relay against the kernel's shaper -------------------------------------------------
+
+_RECEIVER = """
+import socket, sys
+host, n = sys.argv[1], int(sys.argv[2])
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((host, 0))
+srv.listen()
+print(srv.getsockname()[1], flush=True)
+c, _ = srv.accept()
+got = 0
+while got < n:
+    got += len(c.recv(1 << 16))
+c.sendall(b"k")
+"""
+
+_SENDER = """
+import socket, sys, time
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = socket.create_connection((host, port))
+t = time.perf_counter()
+c.sendall(bytes(n))
+c.recv(1)
+print(time.perf_counter() - t, flush=True)
+"""
+
+
+def _transfer(recv_prefix: list[str], send_prefix: list[str], host: str, nbytes: int,
+              via=None) -> float:
+    """Seconds to move ``nbytes`` from a sender process to a receiver process (commands
+    prefixed, e.g. by ``ip netns exec NS``), through ``via(port) -> port`` if given."""
+    recv = subprocess.Popen([*recv_prefix, sys.executable, "-c", _RECEIVER, host, str(nbytes)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(recv.stdout.readline())
+        port = via(port) if via else port
+        out = subprocess.run([*send_prefix, sys.executable, "-c", _SENDER, host, str(port),
+                              str(nbytes)], capture_output=True, text=True, timeout=120,
+                             check=True)
+        return float(out.stdout)
+    finally:
+        recv.kill()
+        recv.wait(10)
+
+
+def link_crosscheck(rates_bps=(5e6, 20e6), nbytes: int = 2_000_000) -> dict:
+    """Bandwidth of the user-space relay against the kernel's token-bucket shaper (``tc
+    tbf`` on a veth pair between two network namespaces; needs root and iproute2; the
+    kernel here has no netem, so delay is not cross-checked). Each figure: one TCP transfer of
+    ``nbytes`` (measured at the sender: until the receiver acknowledges the last byte).
+
+    Returns:
+      ``{"rows": [{"rate_bps", "tbf_bps", "relay_bps", "relay_over_tbf"}], "method"}``, or
+      ``{"skipped": reason}``.
+    """
+    from ec2moe_jax.serving.relay import RelayThread, Shape
+
+    if os.geteuid() != 0 or not all(map(_which, ("ip", "tc"))):
+        return {"skipped": "needs root and iproute2 (ip netns, tc)"}
+    tag = f"ec2x{os.getpid() % 100000}"
+    a, b = f"{tag}a", f"{tag}b"
+
+    def ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    rows = []
+    try:
+        ip("netns", "add", a)
+        ip("netns", "add", b)
+        ip("link", "add", f"{tag}x", "type", "veth", "peer", "name", f"{tag}y")
+        ip("link", "set", f"{tag}x", "netns", a)
+        ip("link", "set", f"{tag}y", "netns", b)
+        ip("-n", a, "addr", "add", "10.213.0.1/24", "dev", f"{tag}x")
+        ip("-n", b, "addr", "add", "10.213.0.2/24", "dev", f"{tag}y")
+        ip("-n", a, "link", "set", f"{tag}x", "up")
+        ip("-n", b, "link", "set", f"{tag}y", "up")
+        for rate in rates_bps:
+            subprocess.run(["tc", "-n", a, "qdisc", "replace", "dev", f"{tag}x", "root", "tbf",
+                            "rate", f"{int(rate)}bit", "burst", "32kbit", "latency", "100ms"],
+                           check=True, capture_output=True)
+            tbf = _transfer(["ip", "netns", "exec", b], ["ip", "netns", "exec", a],
+                            "10.213.0.2", nbytes)
+            with RelayThread(("127.0.0.1", 0), Shape(rate_bps=rate)) as relay:
+                def via(port, relay=relay):
+                    relay.relay.upstream = ("127.0.0.1", port)
+                    return relay.port
+
+                user = _transfer([], [], "127.0.0.1", nbytes, via)
+            rows.append({"rate_bps": rate, "tbf_bps": 8 * nbytes / tbf,
+                         "relay_bps": 8 * nbytes / user, "relay_over_tbf": tbf / user})
+    finally:
+        for ns in (a, b):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    return {"rows": rows, "method": f"measured: one {nbytes:,}-byte TCP transfer per figure, "
+                                    "tc tbf (burst 32 kbit) on a veth between two netns vs "
+                                    "the asyncio relay on loopback"}
+
+
+def _which(name: str) -> bool:
+    import shutil
+
+    return shutil.which(name) is not None
 
 
 # ----- the simulator, configured for a run ---------------------------------------------------
@@ -243,8 +353,9 @@ class _RunTiming:
         self.up_b, self.down_b = b["up"], b["down"]
 
     def end(self, job, step: int) -> float:
-        # The prefill's end time is not measured apart: its step time stands for it.
-        return 0.0 if self.kind == "cloud-only" else self.row["client_end_step_s"]
+        if self.kind == "cloud-only":
+            return 0.0
+        return self.row["client_end_prefill_s" if step == 0 else "client_end_step_s"]
 
     def cloud(self, job, step: int) -> float:
         return self.row["server_prefill_s_median"] if step == 0 else self.step
@@ -365,6 +476,7 @@ def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
         proc.terminate()
         proc.wait(30)
     result = _summarise(rows, workdir, cfg, tokens, command)
+    result["link_crosscheck"] = link_crosscheck()
     write_json_atomic(out, result)
     if plot:
         result["plot"] = plot_serving(result, plot)

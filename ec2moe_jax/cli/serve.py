@@ -76,7 +76,7 @@ def register(sub) -> None:
     b.add_argument("--out", default="results/serving.json", help="JSON to write")
     b.add_argument("--plot", default="results/serving.png", help="PNG to write ('' for none)")
     b.add_argument("--clients", default="1,2,4,8,16", help="client process counts")
-    b.add_argument("--tokens", type=int, default=32, help="new tokens per client")
+    b.add_argument("--tokens", type=int, default=64, help="new tokens per client")
     b.add_argument("--quick", action="store_true",
                    help="1,2,8 clients, one link, 16 tokens: a smoke run of a few minutes")
     b.add_argument("--random-init", default=None, metavar="CONFIG",

@@ -61,6 +61,7 @@ class LinkStats:
       queue_s, compute_s: the server's last reported queue wait and step time.
       bytes_up, bytes_down: protobuf bytes of requests and replies (payloads included).
       end_s: the end stage's compute per decode step (EMA, seconds; 0 at split 0).
+      end_prefill_s: the end stage's compute of the last prompt (seconds; 0 at split 0).
       reconnects: outages survived.
       events: what each failed attempt saw ("CODE: details"), oldest first.
     """
@@ -72,6 +73,7 @@ class LinkStats:
     bytes_up: int = 0
     bytes_down: int = 0
     end_s: float = 0.0
+    end_prefill_s: float = 0.0
     reconnects: int = 0
     events: list = dataclasses.field(default_factory=list)
 
@@ -256,7 +258,8 @@ class EndClient:
         if h.covered == 0:
             h.end_cache = self.end.init_cache(1)
             ids = np.asarray([h.tokens], np.int32)
-            h.end_cache, msg, _ = self.end.prefill(h.end_cache, ids, self._key())
+            h.end_cache, msg, self.stats.end_prefill_s = self.end.prefill(h.end_cache, ids,
+                                                                          self._key())
         else:
             tok = np.asarray([h.tokens[h.covered]], np.int32)
             h.end_cache, msg, dt = self.end.step(h.end_cache, tok, self._key())
