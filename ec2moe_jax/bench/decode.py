@@ -286,7 +286,7 @@ def run_before_after(repo: str, *, before_commit: str = BEFORE_COMMIT, repeats: 
     return out
 
 
-def run_bf16_quality(workdir: str, *, steps: int = 150, batches: int = 16) -> dict:
+def run_bf16_quality(workdir: str, *, steps: int = 400, batches: int = 16) -> dict:
     """Trains the small config for ``steps`` in ``workdir`` (resumed if there), then
     bits/char on the first ``batches`` test batches in fp32 and in bf16."""
     from ec2moe_jax.config import load_config
@@ -311,7 +311,7 @@ def run_bf16_quality(workdir: str, *, steps: int = 150, batches: int = 16) -> di
 
 
 def run(*, repo: str, olmoe_ffn: int = 256, repeats: int = 5, batches=(1, 8),
-        quality_workdir: str | None = None, quality_steps: int = 150,
+        quality_workdir: str | None = None, quality_steps: int = 400,
         before_after: bool = True) -> dict:
     """The whole benchmark; returns the JSON-ready record (see the module docstring)."""
     record = {
@@ -325,6 +325,8 @@ def run(*, repo: str, olmoe_ffn: int = 256, repeats: int = 5, batches=(1, 8),
                    "qwen3_moe": "d=512, 4 layers, 8/2 heads (head_dim 64), 128 experts top-8, "
                                 "expert width 192, qk-norm, vocab 4096, fp32"},
         "torch_install": TORCH_INSTALL,
+        # This machine may be shared: the 1/5/15-minute load averages (2 cores) around the run.
+        "load_average_start": list(os.getloadavg()),
     }
     with tempfile.TemporaryDirectory(prefix="ec2moe-decode-") as root:
         record["hf"] = run_hf(make_checkpoints(root, olmoe_ffn=olmoe_ffn), batches=batches,
@@ -336,6 +338,7 @@ def run(*, repo: str, olmoe_ffn: int = 256, repeats: int = 5, batches=(1, 8),
             "ours_ratio_256k_over_2k": z / a}
     if before_after:
         record["before_after"] = run_before_after(repo, repeats=repeats)
+    record["load_average_end"] = list(os.getloadavg())
     if quality_workdir:
         record["bf16_quality"] = run_bf16_quality(quality_workdir, steps=quality_steps)
     return record

@@ -167,8 +167,8 @@ def register(sub) -> None:
     dd.add_argument("--quality-workdir", default="runs/decode-bf16",
                     help="where the small model for the bf16 bits/char cost is trained (resumed "
                          "if there)")
-    dd.add_argument("--quality-steps", type=int, default=150,
-                    help="training steps of that model (about a minute on 2 cores)")
+    dd.add_argument("--quality-steps", type=int, default=400,
+                    help="training steps of that model (about 3 minutes on 2 cores)")
     dd.add_argument("--no-quality", action="store_true", help="skip the bf16 bits/char cost")
     dd.add_argument("--out", default=os.path.join(_R, "decode.json"), help="JSON path")
     dd.set_defaults(handler=bench_decode)

@@ -11,8 +11,13 @@ mesh's 'expert' axis) and the LM head. ``s = 0`` is cloud-only (token ids go up)
 end-only (the end samples, nothing crosses the link). The hop between the two meshes is an
 explicit :func:`~ec2moe_jax.sharding.hop` (one jit cannot span two meshes), made by the
 stage engine (:mod:`~.engine`), which runs these stages. Hyperparameters (split,
-transport, temperature) are closed over; values (tokens, masks, gate and codec weights) are
-arguments.
+transport, temperature) are closed over; values (tokens, masks, gate and codec weights,
+per-row valid lengths) are arguments.
+
+One process may hold one side only: ``build_stages(..., side="end")`` in a client,
+``side="cloud"`` in a server, which places the cloud's parameters once
+(:func:`place_params`, every layer) and builds the cloud side of any split from them without
+copying.
 """
 
 from __future__ import annotations
