@@ -389,3 +389,30 @@ def test_plans_the_server_cannot_serve_are_refused_naming_the_value(run, server,
         assert e.value.code() == code and match in e.value.details(), e.value.details()
     with pytest.raises(ValueError, match="privacy mode refuses a cloud-only plan"):
         _client(run, server.address, 0, "fp32", privacy=True)
+
+
+def test_a_plan_change_opens_a_new_session_and_replays(run, server, stub):
+    # Split 1 (lossless fp32) for the first 4 tokens, then the client re-plans to cloud-only:
+    # the old session is closed, a new one replays the history. Both plans are lossless, so
+    # the tokens equal the unsplit model's (the cloud-only reference).
+    from ec2moe_jax.pipeline import runtime
+    from ec2moe_jax.sharding import split_end_cloud
+
+    wd, (setup, params, splits, freq) = run
+    end, _ = split_end_cloud(setup.cfg.mesh)
+    cloud_only, _ = runtime.prepare(setup.model, params, _plan(run, 0, "fp32"), end, None,
+                                    frequencies=freq, workdir=wd, side="end")
+    sessions = []
+
+    def replan(client):
+        sessions.append(client.session)
+        if len(sessions) == 1:
+            client.switch(cloud_only, None)
+            return True
+        return False
+
+    with _client(run, server.address, 1, "fp32") as c:
+        out = c.generate(PROMPT, NEW, replan=replan, replan_every=4)
+    assert out == _reference(run, 0, "fp32") == _reference(run, 1, "fp32")
+    assert len(sessions) >= 2 and sessions[0] != sessions[1]
+    _wait_sessions(stub, 0, 1.0)  # closed at the switch, not left to its 3 s TTL

@@ -264,3 +264,39 @@ def test_relay_bandwidth_agrees_with_the_kernel_shaper():
     (row,) = link_crosscheck(rates_bps=(8e6,), nbytes=1_000_000)["rows"]
     assert 0.85 < row["tbf_bps"] / 8e6 <= 1.02
     assert 0.9 < row["relay_over_tbf"] < 1.15, row
+
+
+@pytest.fixture(scope="module")
+def live_planner():
+    """The tiny model on a weak end device (0.1 GFLOP/s, 10 MB/s: about 1 s per 32-token
+    request on its own) and a T4 as the cloud, over wifi: cloud-only is the scheduler's
+    plan."""
+    from ec2moe_jax.config import load_config
+    from ec2moe_jax.models.costs import model_costs
+    from ec2moe_jax.profiles import DeviceProfile, device, link
+    from ec2moe_jax.scheduler import build_instance
+    from ec2moe_jax.serving.replan import LivePlanner
+
+    cfg = load_config("tiny").model
+    weak = DeviceProfile("weak", memory_bytes=1e9, peak_flops=1e8, mem_bandwidth=1e7)
+    freq = np.full((cfg.num_layers, cfg.moe.num_experts), 1.0)
+    template = build_instance(model_costs(cfg), freq, [weak], device("t4"), [link("wifi")],
+                              [0.05], prompt_tokens=16, gen_tokens=32)
+    return cfg, template, LivePlanner(cfg, template)
+
+
+def test_the_live_planner_keeps_its_plan_under_jitter_and_reacts_to_a_busy_server(
+        live_planner):
+    cfg, template, planner = live_planner
+    assert planner.plan.split == 0  # cloud-only on a fast link with a weak end
+    rtt, bps = float(template.rtt[0]), float(template.link_bps[0])
+    for k in range(6):  # +-3% measured jitter: inside the hysteresis band, no new session
+        j = 1 + 0.03 * (-1) ** k
+        assert planner.update(rtt * j, bps / j, queue_s=0.0) is None
+    assert planner.changes == 0
+    # The server reports 0.2 s of queueing per step: every cloud job pays it (6.4 s per
+    # request), so the plan moves the work to the end (a new plan: the client opens a new
+    # session for it, or runs alone when the plan is end-only, as here).
+    new = planner.update(rtt, bps, queue_s=0.2)
+    assert new is not None and new.split == cfg.num_layers and planner.changes == 1
+    assert planner.update(rtt, bps, queue_s=0.2) is None  # and stays there

@@ -83,6 +83,9 @@ def register(sub) -> None:
                    help="benchmark CONFIG with random parameters instead of a trained workdir "
                         "(created once in runs/serving-CONFIG; speed does not depend on "
                         "training)")
+    b.add_argument("--server-devices", type=int, default=1,
+                   help="devices of the server's mesh (fake CPU devices only split this CPU's "
+                        "cores)")
     _common.add_scheduler_inputs(b)
     b.set_defaults(handler=bench_serving, needs_devices=False)
 
@@ -143,7 +146,8 @@ def bench_serving(args: argparse.Namespace) -> dict:
               "pipeline_calibration": _common.pipeline_calibration(args)}
     return run(workdir, clients=clients, tokens=16 if args.quick else args.tokens,
                quick=args.quick, out=args.out, plot=args.plot or None,
-               command=_common.command_line("bench-serving", args.argv), inputs=inputs)
+               command=_common.command_line("bench-serving", args.argv), inputs=inputs,
+               server_devices=args.server_devices)
 
 
 def add_cloud_args(g: argparse.ArgumentParser) -> None:
@@ -250,6 +254,10 @@ def _replanner(args, workdir: str, cfg, run, prompt_tokens: int, gen_tokens: int
         if new is None:
             return False
         _common.status(f"re-planned: {describe_plan(new.to_json(), cfg.moe.num_experts)}")
+        if new.split == cfg.num_layers:  # nothing left to serve; this command needs a server
+            _common.status("the new plan is end-only: this generation stays on the server; "
+                           "`ec2moe generate --plan end-only` runs it here alone")
+            return False
         setup, params, splits, freq = run
         stages, _ = runtime.prepare(setup.model, params, new, client.stages.end_mesh, None,
                                     frequencies=freq, workdir=workdir,

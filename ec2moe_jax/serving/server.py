@@ -157,7 +157,7 @@ class CloudServer:
         self.prefill_times: collections.deque = collections.deque(maxlen=64)
         self.rows: collections.deque = collections.deque(maxlen=64)
         self.cycles: collections.deque = collections.deque(maxlen=64)
-        self._last_step = 0.0
+        self._last_feed: dict[GroupKey, tuple[float, int]] = {}  # (start, steps so far)
         self.steps = self.tokens = 0
         self._wake: asyncio.Event | None = None
         self._tasks: list[asyncio.Task] = []
@@ -500,10 +500,6 @@ class CloudServer:
         self.steps += 1
         self.tokens += len(msgs)
         self.step_times.append(dt)
-        now = time.monotonic()
-        if now - self._last_step - dt < 0.05:  # back to back: a busy server's service cycle
-            self.cycles.append(now - self._last_step)
-        self._last_step = now
         self.rows.append(len(msgs))
         self.metrics.step.observe(dt)
         self.metrics.batch_rows.observe(len(msgs))
@@ -513,6 +509,10 @@ class CloudServer:
         """One step of the cloud-only sessions of ``key`` being fed their own samples."""
         feeders = dict(self.feeding[key])
         start = time.monotonic()
+        last, steps = self._last_feed.get(key, (0.0, -1))
+        if steps == self.steps:  # back to back with this group's previous step: one cycle
+            self.cycles.append(start - last)
+        self._last_feed[key] = (start, self.steps + 1)
         result = await self._step(key, {sid: np.array([[s.last_token]], np.int32)
                                         for sid, s in feeders.items()})
         done = time.monotonic()
