@@ -416,3 +416,22 @@ def test_a_plan_change_opens_a_new_session_and_replays(run, server, stub):
     assert out == _reference(run, 0, "fp32") == _reference(run, 1, "fp32")
     assert len(sessions) >= 2 and sessions[0] != sessions[1]
     _wait_sessions(stub, 0, 1.0)  # closed at the switch, not left to its 3 s TTL
+
+
+def test_scoring_over_grpc_equals_the_in_process_pipeline(run, server):
+    split, codec = 1, "int8-r8"  # the end's codec on the wire, the cloud's scores back
+    from conftest import assert_close
+
+    from ec2moe_jax.pipeline import Channel, executor, runtime
+    from ec2moe_jax.profiles import link
+    from ec2moe_jax.sharding import split_end_cloud
+
+    wd, (setup, params, splits, freq) = run
+    rows = np.asarray([PROMPT + [10, 20, 30], PROMPT[::-1] + [40, 50, 60]], np.int32)
+    end, cloud = split_end_cloud(setup.cfg.mesh)
+    stages, _ = runtime.prepare(setup.model, params, _plan(run, split, codec), end, cloud,
+                                frequencies=freq, workdir=wd)
+    ref, _ = executor.score(stages, rows, channel=Channel.from_profile(link("wifi")),
+                            micro_batch=2)
+    with _client(run, server.address, split, codec) as c:
+        assert_close(c.score(rows), ref)

@@ -300,3 +300,51 @@ def test_the_live_planner_keeps_its_plan_under_jitter_and_reacts_to_a_busy_serve
     new = planner.update(rtt, bps, queue_s=0.2)
     assert new is not None and new.split == cfg.num_layers and planner.changes == 1
     assert planner.update(rtt, bps, queue_s=0.2) is None  # and stays there
+
+
+def test_metrics_are_exported_for_prometheus():
+    import urllib.request
+
+    server = CloudServer(_Worker(), "sha256:params", lambda s, c: "",
+                         ServeOptions(metrics_port=0))
+    port = server.metrics.serve("127.0.0.1", 0)
+    server.metrics.sessions.set(3)
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for name in ("ec2moe_queue", "ec2moe_sessions 3.0", "ec2moe_slots 8.0",
+                 "ec2moe_step_seconds_bucket", "ec2moe_compilations_total"):
+        assert name in text, name
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command")
+def test_tls_with_a_token(tmp_path):
+    # A self-signed certificate for localhost: the client trusts it and carries the token.
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    import subprocess
+
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost",
+                    "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
+    token = "t" * 20
+    server = CloudServer(_Worker(), "sha256:params", lambda s, c: "",
+                         ServeOptions(host="localhost", token=token,
+                                      tls=(cert.read_bytes(), key.read_bytes())))
+    loop = asyncio.new_event_loop()
+    grpc_server, port = loop.run_until_complete(server.start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(f"localhost:{port}", creds) as ch:
+            stub = pb_grpc.CloudStub(ch)
+            reply = stub.Stats(pb.StatsRequest(), timeout=10, metadata=protocol.bearer(token))
+            assert reply.slots == 8
+            with pytest.raises(grpc.RpcError) as e:
+                stub.Stats(pb.StatsRequest(), timeout=10)
+            assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with grpc.insecure_channel(f"localhost:{port}") as ch, pytest.raises(grpc.RpcError):
+            pb_grpc.CloudStub(ch).Stats(pb.StatsRequest(), timeout=3,
+                                        metadata=protocol.bearer(token))
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(grpc_server, 0.1), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)

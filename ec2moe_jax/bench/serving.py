@@ -234,7 +234,7 @@ def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) 
         "bytes_per_token": {"up": up / (n * tokens), "down": down / (n * tokens)},
         "server_batch_occupancy": step_tokens / steps if steps else None,
         "server_step_s_median": after.step_s, "server_prefill_s_median": after.prefill_s,
-        "server_cycle_s_median": after.cycle_s,
+        "server_cycle_s_median": after.cycle_s, "server_step_wall_s_median": after.step_wall_s,
         "client_end_step_s": float(np.mean([r["end_s"] for r in out])),
         "client_end_prefill_s": float(np.mean([r["end_prefill_s"] for r in out])),
         "reconnects": sum(r["reconnects"] for r in out),
@@ -357,8 +357,10 @@ class _RunTiming:
         self.row, self.kind, self.tokens = row, kind, tokens
         occ = max(row["server_batch_occupancy"] or 1.0, 1.0)
         # A cloud-only session is stepped back to back (the cycle: compute and the server's
-        # handling); a split one whenever its payload arrives (the step's compute).
-        per_step = row["server_cycle_s_median"] if kind == "cloud-only" else 0.0
+        # handling); a split one whenever its payload arrives (the step as the batcher waits
+        # for it: compute and the hand-over to the compute thread).
+        per_step = row["server_cycle_s_median" if kind == "cloud-only"
+                       else "server_step_wall_s_median"]
         self.step = max(per_step, row["server_step_s_median"]) / occ
         b = row["bytes_per_token"]
         self.up_b, self.down_b = b["up"], b["down"]

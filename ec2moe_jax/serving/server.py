@@ -157,6 +157,7 @@ class CloudServer:
         self.prefill_times: collections.deque = collections.deque(maxlen=64)
         self.rows: collections.deque = collections.deque(maxlen=64)
         self.cycles: collections.deque = collections.deque(maxlen=64)
+        self.step_walls: collections.deque = collections.deque(maxlen=64)
         self._last_feed: dict[GroupKey, tuple[float, int]] = {}  # (start, steps so far)
         self.steps = self.tokens = 0
         self._wake: asyncio.Event | None = None
@@ -396,6 +397,7 @@ class CloudServer:
             step_s=med(self.step_times), sessions=len(self.sessions), slots=self.options.slots,
             occupancy=float(np.mean(self.rows)) if self.rows else 0.0, steps=self.steps,
             tokens=self.tokens, prefill_s=med(self.prefill_times), cycle_s=med(self.cycles),
+            step_wall_s=med(self.step_walls),
             compiled=self.metrics.compiles)
 
     # ----- errors -------------------------------------------------------------------------
@@ -493,10 +495,12 @@ class CloudServer:
     async def _step(self, key: GroupKey, msgs: dict):
         """One batched step on the compute thread: ({session: token}, seconds) or the
         error (an _Abort) to report to its sessions."""
+        t0 = time.monotonic()
         try:
             tokens, dt = await self._run(self.worker.step, key, msgs)
         except Exception as e:
             return _Abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+        self.step_walls.append(time.monotonic() - t0)
         self.steps += 1
         self.tokens += len(msgs)
         self.step_times.append(dt)
