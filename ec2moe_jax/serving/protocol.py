@@ -135,6 +135,34 @@ def token_matches(metadata, token: str) -> bool:
     return False
 
 
+class TokenCheck(grpc.aio.ServerInterceptor):
+    """Refuses a call without the shared token before its handler runs: the request bytes
+    are never deserialised, so no tensor is read. Health checks need no token."""
+
+    def __init__(self, token: str):
+        self.token = token
+
+        async def deny_unary(request, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong shared token (metadata 'authorization: "
+                                "Bearer <token>')")
+
+        async def deny_stream(request_iterator, context):
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                                "missing or wrong shared token (metadata 'authorization: "
+                                "Bearer <token>')")
+            yield  # an async generator, as the stream handler it replaces
+
+        self._unary = grpc.unary_unary_rpc_method_handler(deny_unary)
+        self._stream = grpc.stream_stream_rpc_method_handler(deny_stream)
+
+    async def intercept_service(self, continuation, details):
+        if details.method.startswith("/grpc.health.v1.") or token_matches(
+                details.invocation_metadata, self.token):
+            return await continuation(details)
+        return self._stream if details.method.endswith("/Decode") else self._unary
+
+
 def is_loopback(host: str) -> bool:
     """Whether binding ``host`` stays on this machine (127.0.0.0/8, ::1, localhost)."""
     return host in ("localhost", "::1", "[::1]") or host.startswith("127.")

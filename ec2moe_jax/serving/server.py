@@ -438,26 +438,34 @@ class CloudServer:
 
     async def _batcher(self) -> None:
         while True:
-            await self._wake.wait()
-            self._wake.clear()
-            if self.jobs:
-                fn, args, fut = self.jobs.popleft()
-                try:
-                    out = await self._run(fn, *args)
-                    if not fut.done():
-                        fut.set_result(out)
-                except Exception as e:  # reported to the caller, the server keeps serving
-                    # A ValueError is a documented refusal (no codec saved for the plan, a
-                    # bad shape); anything else is the server's fault.
-                    code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(e, ValueError)
-                            else grpc.StatusCode.INTERNAL)
-                    if not fut.done():
-                        fut.set_exception(_Abort(code, f"{type(e).__name__}: {e}"))
-            delay = await self._decode_round()
-            if self.jobs or delay == 0.0:
-                self._wake.set()
-            elif delay is not None:
-                asyncio.get_running_loop().call_later(delay, self._wake.set)
+            try:
+                await self._batch_once()
+            except Exception as e:  # a bug must not stop every session: say so, go on
+                log(f"batcher error (serving on): {type(e).__name__}: {e}")
+                self.metrics.errors.labels("BATCHER").inc()
+
+    async def _batch_once(self) -> None:
+        """Waits for work, runs one queued job, then one decode round."""
+        await self._wake.wait()
+        self._wake.clear()
+        if self.jobs:
+            fn, args, fut = self.jobs.popleft()
+            try:
+                out = await self._run(fn, *args)
+                if not fut.done():
+                    fut.set_result(out)
+            except Exception as e:  # reported to the caller, the server keeps serving
+                # A ValueError is a documented refusal (no codec saved for the plan, a
+                # bad shape); anything else is the server's fault.
+                code = (grpc.StatusCode.FAILED_PRECONDITION if isinstance(e, ValueError)
+                        else grpc.StatusCode.INTERNAL)
+                if not fut.done():
+                    fut.set_exception(_Abort(code, f"{type(e).__name__}: {e}"))
+        delay = await self._decode_round()
+        if self.jobs or delay == 0.0:
+            self._wake.set()
+        elif delay is not None:
+            asyncio.get_running_loop().call_later(delay, self._wake.set)
 
     async def _decode_round(self) -> float | None:
         """Runs each group whose batch is ready; returns how long until the next group is
@@ -537,11 +545,16 @@ class CloudServer:
 
     async def start(self) -> tuple[grpc.aio.Server, int]:
         """Binds, starts the batcher, TTL sweeper and health service; returns (server,
-        port)."""
+        port).
+
+        Raises:
+          ValueError: the address cannot be bound (in use, or not this machine's).
+        """
         self._wake = asyncio.Event()
         self._tasks = [asyncio.ensure_future(self._batcher()),
                        asyncio.ensure_future(self._expire())]
-        interceptors = [] if self.options.token is None else [_TokenCheck(self.options.token)]
+        token = self.options.token
+        interceptors = [] if token is None else [protocol.TokenCheck(token)]
         server = grpc.aio.server(options=protocol.channel_options(self.message_limit,
                                                                  server=True),
                                  interceptors=interceptors)
@@ -549,12 +562,18 @@ class CloudServer:
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         address = f"{self.options.host}:{self.options.port}"
-        if self.options.tls is not None:
-            cert, key = self.options.tls
-            port = server.add_secure_port(address,
-                                          grpc.ssl_server_credentials([(key, cert)]))
-        else:
-            port = server.add_insecure_port(address)
+        try:
+            if self.options.tls is not None:
+                cert, key = self.options.tls
+                port = server.add_secure_port(address,
+                                              grpc.ssl_server_credentials([(key, cert)]))
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise ValueError(f"cannot listen on {address} (in use, or not an address of this "
+                             "machine): choose another --port (0 picks a free one) or --host")
         await server.start()
         for name in ("", SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -570,34 +589,6 @@ class CloudServer:
         for t in self._tasks:
             t.cancel()
         self.compute.shutdown(wait=False, cancel_futures=True)
-
-
-class _TokenCheck(grpc.aio.ServerInterceptor):
-    """Refuses a call without the shared token before its handler runs: the request bytes
-    are never deserialised, so no tensor is read. Health checks need no token."""
-
-    def __init__(self, token: str):
-        self.token = token
-
-        async def deny_unary(request, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong shared token (metadata 'authorization: "
-                                "Bearer <token>')")
-
-        async def deny_stream(request_iterator, context):
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                                "missing or wrong shared token (metadata 'authorization: "
-                                "Bearer <token>')")
-            yield  # an async generator, as the stream handler it replaces
-
-        self._unary = grpc.unary_unary_rpc_method_handler(deny_unary)
-        self._stream = grpc.stream_stream_rpc_method_handler(deny_stream)
-
-    async def intercept_service(self, continuation, details):
-        if details.method.startswith("/grpc.health.v1.") or protocol.token_matches(
-                details.invocation_metadata, self.token):
-            return await continuation(details)
-        return self._stream if details.method.endswith("/Decode") else self._unary
 
 
 def log(message: str) -> None:
