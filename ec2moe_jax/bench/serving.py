@@ -29,6 +29,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -227,6 +228,7 @@ def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) 
     return {
         "clients": n,
         "aggregate_tokens_per_s": n * tokens / (last - start),
+        # None when some client finished before another began (no common window).
         "aggregate_decode_tokens_per_s": in_window / (b - a) if b > a else None,
         "steady_window_s": b - a,
         "ttft_s": _quantiles(ttft), "tpot_s": _quantiles(tpot),
@@ -445,6 +447,7 @@ def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
     from ec2moe_jax.serving.relay import RelayThread, Shape
     from ec2moe_jax.training import load_run
 
+    load_start = os.getloadavg()[0]
     links = LINKS[:1] if quick else LINKS
     setup, _, _, freq = load_run(workdir)
     cfg = setup.cfg.model
@@ -455,7 +458,8 @@ def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
     cache_len = min(cfg.max_seq_len, 1 << (PROMPT_LEN + tokens - 1).bit_length())
     print(f"bench-serving: server for groups {warm}, {SLOTS} slots, sessions of {cache_len} "
           f"positions; {max(clients)} client processes", file=sys.stderr, flush=True)
-    proc, port = _server(workdir, warm, out + ".port", cache_len, server_devices)
+    ready = os.path.join(tempfile.mkdtemp(prefix="bench-serving-"), "port")
+    proc, port = _server(workdir, warm, ready, cache_len, server_devices)
     relay, pool = RelayThread(("127.0.0.1", port)), None
     rows, done = [], set()
     try:
@@ -479,9 +483,11 @@ def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
                         row["simulator_error"] = (row["simulated_latency_mean_s"]
                                                   / row["latency_s"]["mean"] - 1)
                         rows.append(row)
-                        occ = row["server_batch_occupancy"]
+                        occ, rate = (row["server_batch_occupancy"],
+                                     row["aggregate_decode_tokens_per_s"])
                         print(f"bench-serving: {row['link']} {plan_name} ({kind}) {n} clients: "
-                              f"{row['aggregate_decode_tokens_per_s']:.0f} decode tok/s, "
+                              f"{'-' if rate is None else f'{rate:.0f}'} decode tok/s (steady), "
+                              f"{row['aggregate_tokens_per_s']:.0f} tok/s (run), "
                               f"TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms, occupancy "
                               f"{'-' if occ is None else f'{occ:.2f}'}, sim error "
                               f"{row['simulator_error']:+.0%}", file=sys.stderr, flush=True)
@@ -493,6 +499,8 @@ def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
         proc.wait(30)
     result = _summarise(rows, workdir, cfg, tokens, command)
     result["server_devices"] = server_devices
+    # Other jobs on this machine share its 2 cores: the 1-minute load average says how much.
+    result["load_average_1min"] = {"start": load_start, "end": os.getloadavg()[0]}
     result["link_crosscheck"] = link_crosscheck()
     write_json_atomic(out, result)
     if plot:
@@ -550,10 +558,14 @@ def plot_serving(result: dict, path: str) -> str:
                      key=lambda r: r["clients"])
         n = [r["clients"] for r in sel]
         style = "o-" if plan == "cloud-only" else "s--"
-        axes[0].plot(n, [r["aggregate_decode_tokens_per_s"] for r in sel], style,
-                     label=f"{plan}, {link}")
-        axes[1].plot(n, [r["tpot_s"]["p50"] * 1e3 for r in sel], style, label=f"{plan}, {link}")
-    for ax, label in zip(axes, ("aggregate decode tokens/s", "TPOT p50 (ms)"), strict=True):
+        kind = sel[0].get("kind", plan)
+        label = (f"{plan} ({kind}, here alone)" if kind == "end-only" else
+                 f"{plan}, {link} link" if plan == kind else f"{plan} ({kind}), {link} link")
+        axes[0].plot(n, [r["aggregate_decode_tokens_per_s"] or np.nan for r in sel], style,
+                     label=label)
+        axes[1].plot(n, [r["tpot_s"]["p50"] * 1e3 for r in sel], style, label=label)
+    for ax, label in zip(axes, ("aggregate decode tokens/s (all clients decoding)",
+                                "TPOT p50 (ms)"), strict=True):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("client processes")
         ax.set_ylabel(label)
