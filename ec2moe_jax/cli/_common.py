@@ -211,17 +211,27 @@ PIPELINE_CALIBRATION = os.path.join(RESULTS, "pipeline_calibration.json")
 CODEC_SWEEP = os.path.join(RESULTS, "codec_sweep.json")
 
 
-def add_scheduler_inputs(p: argparse.ArgumentParser) -> None:
-    """The files the scheduler plans with: this CPU's calibrations and the codec sweep."""
+def add_calibration_arg(p: argparse.ArgumentParser) -> None:
+    """``--calibration``: this CPU's stage-time calibration file."""
     p.add_argument("--calibration", default=CALIBRATION,
                    help="this CPU's stage-time calibration (`ec2moe calibrate` writes it)")
+
+
+def add_codec_sweep_arg(p: argparse.ArgumentParser) -> None:
+    """``--codec-sweep``: the measured codec sweep the scheduler chooses codecs from."""
+    p.add_argument("--codec-sweep", default=CODEC_SWEEP,
+                   help="measured codec quality (`ec2moe codec-sweep` writes it): the codecs the "
+                        "scheduler may choose")
+
+
+def add_scheduler_inputs(p: argparse.ArgumentParser) -> None:
+    """The files the scheduler plans with: this CPU's calibrations and the codec sweep."""
+    add_calibration_arg(p)
     p.add_argument("--pipeline-calibration", default=None, metavar="PATH",
                    help=f"per-submesh refit of the calibration (`ec2moe pipeline-calibration` "
                         f"writes it; default: {PIPELINE_CALIBRATION} if it exists, else the "
                         "single-device calibration for both submeshes)")
-    p.add_argument("--codec-sweep", default=CODEC_SWEEP,
-                   help="measured codec quality (`ec2moe codec-sweep` writes it): the codecs the "
-                        "scheduler may choose")
+    add_codec_sweep_arg(p)
 
 
 def pipeline_calibration(args: argparse.Namespace) -> str | None:

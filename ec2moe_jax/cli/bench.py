@@ -88,9 +88,8 @@ def register(sub) -> None:
                    help="group-gate training steps for masks without a saved gate; 0: the "
                         "least-squares-initialised gate for every mask (about 10 s per mask; "
                         "training costs about 4 s per step)")
-    b.add_argument("--calibration", default=_common.CALIBRATION,
-                   help="this CPU's stage-time calibration (`ec2moe calibrate` writes it)")
-    _codec_sweep_arg(b)
+    _common.add_calibration_arg(b)
+    _common.add_codec_sweep_arg(b)
     b.set_defaults(handler=bench)
 
     c = _common.add_parser(sub, "codec-sweep", help="codec rank sweep at a split point",
@@ -121,9 +120,8 @@ def register(sub) -> None:
 
     r = _common.add_parser(sub, "scheduler-report", help="scheduler report (simulated)",
                            description=_SCHED_REPORT)
-    r.add_argument("--calibration", default=os.path.join(_R, "calibration_cpu.json"),
-                   help="this CPU's stage-time calibration (`ec2moe calibrate` writes it)")
-    _codec_sweep_arg(r)
+    _common.add_calibration_arg(r)
+    _common.add_codec_sweep_arg(r)
     r.add_argument("--gap-instances", type=int, default=200,
                    help="random small instances for the heuristic-vs-optimum gap")
     r.add_argument("--routing-stats", default=None, metavar="WORKDIR",
@@ -140,7 +138,7 @@ def register(sub) -> None:
     d.add_argument("--experts", type=int, default=64, help="experts per MoE layer")
     d.add_argument("--devices", type=int, default=16, help="end devices")
     d.add_argument("--repeats", type=int, default=50, help="timed calls per workload")
-    _codec_sweep_arg(d)
+    _common.add_codec_sweep_arg(d)
     d.add_argument("--out", default=os.path.join(_R, "scheduler_decision_time.json"),
                    help="JSON path")
     d.set_defaults(handler=bench_scheduler)
@@ -172,12 +170,6 @@ def register(sub) -> None:
     dd.add_argument("--no-quality", action="store_true", help="skip the bf16 bits/char cost")
     dd.add_argument("--out", default=os.path.join(_R, "decode.json"), help="JSON path")
     dd.set_defaults(handler=bench_decode)
-
-
-def _codec_sweep_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--codec-sweep", default=_common.CODEC_SWEEP,
-                   help="measured codec quality (`ec2moe codec-sweep` writes it): the codecs the "
-                        "scheduler may choose")
 
 
 def bench(args: argparse.Namespace) -> dict:
