@@ -18,9 +18,9 @@ import argparse
 import sys
 from typing import Any
 
-from ec2moe_jax.cli import _common, bench, calibrate, demo, hf, infer, serve, train
+from ec2moe_jax.cli import _common, api, bench, calibrate, demo, hf, infer, serve, train
 
-_GROUPS = (demo, train, infer, bench, calibrate, hf, serve)
+_GROUPS = (demo, train, infer, bench, calibrate, hf, serve, api)
 
 _EPILOG = """\
 start with `ec2moe demo`. To reproduce the committed results: train (runs/small), then
