@@ -168,6 +168,18 @@ class ModelConfig:
     qk_norm: str = _rule("none", choices=("none", "head", "full"))
     # activation dtype; router maths always runs in float32
     dtype: str = _rule("float32", choices=("float32", "bfloat16"))
+    # sliding-window attention: a query at position p sees keys (p - W, p]; None = full
+    # causal attention (Mixtral, Qwen's use_sliding_window, GPT-OSS's sliding layers)
+    sliding_window: int | None = _rule(None, ge=1)
+    # the layers that use sliding_window; None = every layer
+    sliding_layers: tuple[int, ...] | None = None
+    # GraniteMoE's multipliers (1.0 elsewhere): embeddings are scaled by
+    # embedding_multiplier, each residual branch by residual_multiplier, logits divided by
+    # logits_scaling; attention_multiplier replaces head_dim**-0.5 (None keeps it)
+    embedding_multiplier: float = _rule(1.0, gt=0.0)
+    residual_multiplier: float = _rule(1.0, gt=0.0)
+    attention_multiplier: float | None = _rule(None, gt=0.0)
+    logits_scaling: float = _rule(1.0, gt=0.0)
     moe: MoEConfig = dataclasses.field(default_factory=MoEConfig)
 
     def __post_init__(self):
@@ -184,6 +196,12 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         return self.moe_layers is None or i in self.moe_layers
 
+    def window(self, i: int) -> int | None:
+        """The attention window of layer ``i`` (None: full causal attention)."""
+        if self.sliding_layers is not None and i not in self.sliding_layers:
+            return None
+        return self.sliding_window
+
     def validate(self, expert_shards: int = 1) -> ModelConfig:
         _check(
             self.head_dim is not None or self.d_model % self.num_heads == 0,
@@ -197,6 +215,10 @@ class ModelConfig:
         if self.moe_layers is not None:
             bad = [i for i in self.moe_layers if not 0 <= i < self.num_layers]
             _check(not bad, f"moe_layers {bad} outside [0, num_layers={self.num_layers})")
+        if self.sliding_layers is not None:
+            bad = [i for i in self.sliding_layers if not 0 <= i < self.num_layers]
+            _check(not bad, f"model.sliding_layers {bad} outside [0, num_layers="
+                            f"{self.num_layers})")
         self.moe.validate(expert_shards)
         return self
 

@@ -100,7 +100,8 @@ def _edit_config(tmp_path, family, **changes):
     ("olmoe", {"clip_qkv": 8.0}, "clip_qkv=8.0"),
     ("qwen3_moe", {"hidden_act": "gelu"}, "hidden_act='gelu'"),
     ("mixtral", {"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope scaling"),
-    ("qwen2_moe", {"use_sliding_window": True, "sliding_window": 4}, "sliding_window=4"),
+    ("qwen3_moe", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0}},
+     "rope_type='yarn'"),
     ("qwen3_moe", {"moe_intermediate_size": 7}, r"layer_0/moe/w_(down|gate|up) has shape"),
 ])
 def test_unsupported_configs_are_named(tmp_path, family, changes, match):

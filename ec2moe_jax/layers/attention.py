@@ -30,6 +30,7 @@ class Attention(nn.Module):
     """
 
     cfg: ModelConfig
+    window: int | None = None  # sliding window W (keys (p - W, p]); None = full causal
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, decode: bool = False) -> jax.Array:
@@ -69,8 +70,14 @@ class Attention(nn.Module):
             k, v = jnp.repeat(k, h // hk, axis=2), jnp.repeat(v, h // hk, axis=2)
         # [B, H, T, Dh] layout: plain batched matmuls are the fastest form on XLA:CPU.
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        scores = (q @ k.transpose(0, 1, 3, 2)).astype(jnp.float32) * dh**-0.5
+        scale = dh**-0.5 if cfg.attention_multiplier is None else cfg.attention_multiplier
+        scores = (q @ k.transpose(0, 1, 3, 2)).astype(jnp.float32) * scale
         causal = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S] (B may broadcast)
+        if self.window is not None:
+            # Sliding window as transformers' sliding_window_overlay: kv > q - W. The cache
+            # keeps every position (slot j = position j), so cached decoding masks the same
+            # keys as a recomputation.
+            causal &= k_pos[:, None, :] > q_pos[:, :, None] - self.window
         scores = jnp.where(causal[:, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = (probs @ v).transpose(0, 2, 1, 3)  # [B, T, H, Dh]

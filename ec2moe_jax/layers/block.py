@@ -20,6 +20,7 @@ class DecoderBlock(nn.Module):
 
     cfg: ModelConfig
     moe: bool
+    window: int | None = None  # this layer's attention window (ModelConfig.window)
 
     @nn.compact
     def __call__(
@@ -34,11 +35,15 @@ class DecoderBlock(nn.Module):
     ) -> tuple[jax.Array, Route | None]:
         cfg = self.cfg
         dtype = jnp.dtype(cfg.dtype)
-        h = x + Attention(cfg, name="attn")(RMSNorm(cfg.norm_eps, name="attn_norm")(x),
-                                            positions, decode)
+        # GraniteMoE scales each residual branch (residual_multiplier; 1.0 elsewhere).
+        mult = cfg.residual_multiplier
+        a = Attention(cfg, self.window, name="attn")(
+            RMSNorm(cfg.norm_eps, name="attn_norm")(x), positions, decode)
+        h = x + (a if mult == 1.0 else a * mult)
         y = RMSNorm(cfg.norm_eps, name="ffn_norm")(h)
         if self.moe:
             y, route = MoEBlock(cfg.moe, dtype=dtype, name="moe")(y, deterministic, allowed, gate)
         else:
             y, route = SwiGLU(cfg.d_ff, dtype=dtype, name="mlp")(y), None
-        return h + y.astype(h.dtype), route
+        y = y.astype(h.dtype)
+        return h + (y if mult == 1.0 else y * mult), route

@@ -1,4 +1,5 @@
-"""Import Hugging Face MoE checkpoints (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE) without torch.
+"""Import Hugging Face MoE checkpoints (Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, GraniteMoE)
+without torch.
 
 ``load_hf(folder) -> (model, params)`` reads ``config.json`` and the safetensors weights
 (one file or shards) and maps them onto :class:`~ec2moe_jax.models.MoELM`, so that
@@ -10,111 +11,36 @@ Experts may be stored one tensor per expert (what ``save_pretrained`` writes) or
 Family differences handled here: Mixtral always renormalises the top-k weights; OLMoE applies
 RMSNorm to the whole q/k projections and does not renormalise (``norm_topk_prob``);
 Qwen2-MoE has q/k/v biases, dense layers (``mlp_only_layers``, ``decoder_sparse_step``) and a
-shared expert with a sigmoid gate; Qwen3-MoE has a per-head q/k RMSNorm.
+shared expert with a sigmoid gate; Qwen3-MoE has a per-head q/k RMSNorm; GraniteMoE scales
+embeddings, attention scores, residual branches and logits, and stores its experts packed
+(``input_linear`` / ``output_linear``). Config keys absent from ``config.json`` take
+transformers' per-family defaults (:mod:`ec2moe_jax.models.hf_config`); block-FP8 weights
+are dequantized at load (:mod:`ec2moe_jax.models.hf_quant`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-from typing import Any
 
 import jax
 import numpy as np
 
-from ec2moe_jax.config import ModelConfig, MoEConfig
+from ec2moe_jax.config import ModelConfig
+from ec2moe_jax.files import read_json
+from ec2moe_jax.models.hf_config import (
+    SUPPORTED,
+    UnsupportedCheckpoint,
+    model_config_from_hf,
+)
+from ec2moe_jax.models.hf_quant import check_quantization, dequantize
 from ec2moe_jax.models.lm import MoELM
 from ec2moe_jax.models.safetensors_io import read_checkpoint
 
-SUPPORTED = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+__all__ = ["SUPPORTED", "UnsupportedCheckpoint", "load_hf", "model_config_from_hf",
+           "read_hf_config", "reference_parity"]
+
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-
-class UnsupportedCheckpoint(ValueError):
-    """The checkpoint uses an architecture, key or option we do not implement."""
-
-
-def _get(c: dict, *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if c.get(k) is not None:
-            return c[k]
-    return default
-
-
-def _reject(cond: bool, msg: str) -> None:
-    if cond:
-        raise UnsupportedCheckpoint(msg)
-
-
-def model_config_from_hf(c: dict, dispatch: str = "einsum") -> ModelConfig:
-    """Converts a transformers ``config.json`` dict into our :class:`ModelConfig`."""
-    family = c.get("model_type")
-    _reject(family not in SUPPORTED,
-            f"unsupported architecture model_type={family!r}; supported: {', '.join(SUPPORTED)}")
-    _reject(c.get("hidden_act", "silu") != "silu",
-            f"hidden_act={c.get('hidden_act')!r} is not supported (only 'silu')")
-    rope = c.get("rope_parameters") or {}
-    _reject(c.get("rope_scaling") not in (None, {}) or rope.get("rope_type", "default") !=
-            "default", f"rope scaling {c.get('rope_scaling') or rope} is not supported")
-    _reject(c.get("clip_qkv") is not None, f"clip_qkv={c.get('clip_qkv')} is not supported")
-    window = c.get("sliding_window")
-    uses_window = c.get("use_sliding_window", family == "mixtral")
-    _reject(bool(window) and uses_window,
-            f"sliding_window={window} is not supported (full attention only)")
-    _reject(c.get("mlp_bias", False), "mlp_bias=True is not supported")
-
-    layers = int(c["num_hidden_layers"])
-    experts = int(_get(c, "num_local_experts", "num_experts", default=0))
-    _reject(experts < 1, f"num_experts={experts}: not a MoE checkpoint")
-    qwen = family in ("qwen2_moe", "qwen3_moe")
-    if qwen:
-        step = int(c.get("decoder_sparse_step", 1))
-        dense = set(c.get("mlp_only_layers") or [])
-        moe_layers = tuple(i for i in range(layers) if i not in dense and (i + 1) % step == 0)
-        expert_dim = int(c["moe_intermediate_size"])
-    else:
-        moe_layers = tuple(range(layers))
-        expert_dim = int(c["intermediate_size"])
-    # transformers' default for norm_topk_prob is False in all three other families.
-    renormalize = True if family == "mixtral" else bool(c.get("norm_topk_prob", False))
-    if family == "qwen2_moe":
-        bias = "qkv" if c.get("qkv_bias", True) else "none"
-    else:
-        bias = "all" if c.get("attention_bias", False) else "none"
-    shared = int(c.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
-    heads = int(c["num_attention_heads"])
-    hidden = int(c["hidden_size"])
-    moe = MoEConfig(
-        num_experts=experts,
-        top_k=int(c["num_experts_per_tok"]),
-        expert_dim=expert_dim,
-        capacity_factor=None,  # transformers routes dropless
-        eval_capacity_factor=None,
-        renormalize=renormalize,
-        aux_loss_coef=float(c.get("router_aux_loss_coef", 0.01)),
-        z_loss_coef=0.0,
-        shared_expert_dim=shared,
-        shared_expert_gate=shared > 0,
-        dispatch=dispatch,
-    )
-    return ModelConfig(
-        vocab_size=int(c["vocab_size"]),
-        d_model=hidden,
-        num_layers=layers,
-        num_heads=heads,
-        num_kv_heads=int(c.get("num_key_value_heads") or heads),
-        head_dim=int(c.get("head_dim") or hidden // heads),
-        d_ff=int(c["intermediate_size"]),
-        moe_layers=None if len(moe_layers) == layers else moe_layers,
-        max_seq_len=int(c.get("max_position_embeddings", 4096)),
-        rope_theta=float(_get(c, "rope_theta", default=rope.get("rope_theta", 10000.0))),
-        norm_eps=float(c.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        attention_bias=bias,
-        qk_norm={"olmoe": "full", "qwen3_moe": "head"}.get(family, "none"),
-        moe=moe,
-    ).validate()
 
 
 class _Tensors:
@@ -138,10 +64,13 @@ class _Tensors:
 
 def _experts(t: _Tensors, pre: str, e: int) -> dict[str, np.ndarray]:
     """Stacked expert weights w_gate/w_up [E, D, F] and w_down [E, F, D]."""
-    if t.has(pre + "experts.gate_up_proj"):  # packed [E, 2F, D] (transformers 5 in memory)
-        gu = t.pop(pre + "experts.gate_up_proj")
+    packed = [(pre + "experts.gate_up_proj", pre + "experts.down_proj"),  # transformers 5
+              (pre + "input_linear.weight", pre + "output_linear.weight")]  # GraniteMoE
+    found = [names for names in packed if t.has(names[0])]
+    if found:  # packed [E, 2F, D] (gate rows, then up rows) and [E, D, F]
+        gu = t.pop(found[0][0])
         f = gu.shape[1] // 2
-        down = t.pop(pre + "experts.down_proj")  # [E, D, F]
+        down = t.pop(found[0][1])
         return {"w_gate": gu[:, :f].transpose(0, 2, 1), "w_up": gu[:, f:].transpose(0, 2, 1),
                 "w_down": down.transpose(0, 2, 1)}
     if t.has(pre + "experts.gate_proj"):  # packed separately, [E, F, D] / [E, D, F]
@@ -182,8 +111,11 @@ def _layer(t: _Tensors, cfg: ModelConfig, i: int) -> dict:
     if not cfg.is_moe_layer(i):
         out["mlp"] = _swiglu(t, pre + "mlp.")
         return out
-    mlp = pre + ("block_sparse_moe." if t.has(pre + "block_sparse_moe.gate.weight") else "mlp.")
-    moe = {"router": t.pop(mlp + "gate.weight").T, **_experts(t, mlp, cfg.moe.num_experts)}
+    mlp = pre + ("block_sparse_moe." if any(t.has(pre + f"block_sparse_moe.{r}.weight")
+                                            for r in ("gate", "router.layer")) else "mlp.")
+    router = mlp + ("router.layer.weight" if t.has(mlp + "router.layer.weight") else
+                    "gate.weight")
+    moe = {"router": t.pop(router).T, **_experts(t, mlp, cfg.moe.num_experts)}
     if cfg.moe.shared_expert_dim:
         moe["shared_expert"] = _swiglu(t, mlp + "shared_expert.")
         moe["shared_gate"] = t.pop(mlp + "shared_expert_gate.weight").T
@@ -204,6 +136,23 @@ def _check_shapes(ours, expected, path=""):
                                     f"the config implies {tuple(expected.shape)}")
 
 
+def read_hf_config(folder: str) -> tuple[dict, str]:
+    """``(config dict, path)`` of ``folder/config.json``.
+
+    Raises:
+      FileNotFoundError: no ``config.json``.
+      ValueError: the file is not valid JSON or not an object (naming the file).
+    """
+    path = os.path.join(folder, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no config.json in {folder!r}")
+    c = read_json(path, what="Hugging Face config")
+    if not isinstance(c, dict):
+        raise ValueError(f"Hugging Face config {path!r} must hold a JSON object, got "
+                         f"{type(c).__name__}")
+    return c, path
+
+
 def load_hf(folder: str, *, dispatch: str = "einsum", mesh=None) -> tuple[MoELM, dict]:
     """Loads a Hugging Face MoE folder into ``(model, params)`` (float32).
 
@@ -216,19 +165,26 @@ def load_hf(folder: str, *, dispatch: str = "einsum", mesh=None) -> tuple[MoELM,
       UnsupportedCheckpoint: unsupported architecture or option, missing, misshapen or
         unexpected tensors (the message names them).
     """
-    path = os.path.join(folder, "config.json")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"no config.json in {folder!r}")
-    with open(path) as f:
-        hf_cfg = json.load(f)
-    cfg = model_config_from_hf(hf_cfg, dispatch)
-    t = _Tensors(read_checkpoint(folder), folder)
+    hf_cfg, path = read_hf_config(folder)
+    block = check_quantization(hf_cfg, path)
+    cfg = model_config_from_hf(hf_cfg, dispatch, path)
+    t = _Tensors(dequantize(read_checkpoint(folder), block, folder), folder)
     params = {"embedding": t.pop("model.embed_tokens.weight"),
               "final_norm": {"scale": t.pop("model.norm.weight")}}
     for i in range(cfg.num_layers):
         params[f"layer_{i}"] = _layer(t, cfg, i)
     if not cfg.tie_embeddings:
         params["lm_head"] = t.pop("lm_head.weight").T
+    elif t.has("lm_head.weight"):
+        # transformers ties the head to the embedding and ignores a stored copy; so do we,
+        # after checking it is a copy (a different head would mean another model).
+        head = t.pop("lm_head.weight")
+        if head.shape != params["embedding"].shape or not np.array_equal(
+                head, params["embedding"]):
+            raise UnsupportedCheckpoint(
+                f"{folder!r}: tie_word_embeddings=true but lm_head.weight differs from "
+                "model.embed_tokens.weight; set tie_word_embeddings=false in config.json if "
+                "the head is its own matrix")
     left = t.leftovers()
     if left:
         raise UnsupportedCheckpoint(f"unexpected tensors we do not know how to map: "

@@ -47,7 +47,8 @@ class MoELM(nn.Module):
         self.embedding = self.param(
             "embedding", param_with_axes(nn.initializers.normal(1.0), ("vocab", "embed")),
             (cfg.vocab_size, cfg.d_model))
-        self.blocks = [DecoderBlock(cfg, moe=cfg.is_moe_layer(i), name=f"layer_{i}")
+        self.blocks = [DecoderBlock(cfg, moe=cfg.is_moe_layer(i), window=cfg.window(i),
+                                    name=f"layer_{i}")
                        for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(cfg.norm_eps)
         if not cfg.tie_embeddings:
@@ -62,7 +63,10 @@ class MoELM(nn.Module):
         if tokens.shape[1] > self.cfg.max_seq_len:
             raise ValueError(f"sequence length {tokens.shape[1]} exceeds "
                              f"max_seq_len={self.cfg.max_seq_len}")
-        return jnp.take(self.embedding, tokens, axis=0).astype(jnp.dtype(self.cfg.dtype))
+        x = jnp.take(self.embedding, tokens, axis=0)
+        if self.cfg.embedding_multiplier != 1.0:  # GraniteMoE
+            x = x * self.cfg.embedding_multiplier
+        return x.astype(jnp.dtype(self.cfg.dtype))
 
     def layers(
         self,
@@ -98,7 +102,10 @@ class MoELM(nn.Module):
         """[B, T, D] -> float32 logits [B, T, V]."""
         x = self.final_norm(x).astype(jnp.float32)
         w = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
-        return dense(x, w.astype(jnp.float32))
+        logits = dense(x, w.astype(jnp.float32))
+        if self.cfg.logits_scaling != 1.0:  # GraniteMoE divides its logits
+            logits = logits / self.cfg.logits_scaling
+        return logits
 
     def __call__(
         self,

@@ -15,12 +15,14 @@ import struct
 import ml_dtypes
 import numpy as np
 
-from ec2moe_jax.files import atomic_write
+from ec2moe_jax.files import atomic_write, get_field, read_json
 
 _DTYPES = {
     "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    # block-FP8 checkpoints (dequantized at load by models/hf_quant.py)
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn), "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 _NAMES = {v: k for k, v in _DTYPES.items()}
 _MAX_HEADER = 100 << 20
@@ -71,8 +73,14 @@ def read_checkpoint(folder: str) -> dict[str, np.ndarray]:
     index = os.path.join(folder, "model.safetensors.index.json")
     single = os.path.join(folder, "model.safetensors")
     if os.path.exists(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        what = "safetensors index"
+        weight_map = get_field(read_json(index, what=what), "weight_map", dict, path=index,
+                               what=what)
+        bad = [k for k, v in weight_map.items() if not isinstance(v, str)]
+        if bad:
+            raise ValueError(f"{what} {index!r}: field 'weight_map' maps {bad[0]!r} to "
+                             f"{weight_map[bad[0]]!r}, not a file name")
+        files = sorted(set(weight_map.values()))
     elif os.path.exists(single):
         files = ["model.safetensors"]
     else:
