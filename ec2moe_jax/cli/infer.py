@@ -64,10 +64,15 @@ def register(sub) -> None:
     g.add_argument("--workdir", default=None, help=_common.workdir_help())
     g.add_argument("--hf", default=None,
                    help="generate straight from a Hugging Face folder instead of a workdir")
-    g.add_argument("--prompt", default="ROMEO:\n", help="prompt text (UTF-8 bytes are tokens)")
+    g.add_argument("--prompt", default="ROMEO:\n",
+                   help="prompt text (UTF-8 bytes are tokens; with --hf, the folder's "
+                        "tokenizer.json and chat template)")
     g.add_argument("--prompt-ids", default=None,
                    help="comma-separated token ids instead of --prompt (imported models with "
                         "their own vocabulary); prints the new token ids instead of text")
+    g.add_argument("--no-chat-template", action="store_true",
+                   help="with --hf and --prompt: tokenize the prompt as plain text, without "
+                        "the folder's chat template")
     g.add_argument("--max-new-tokens", type=int, default=None,
                    help="tokens to generate (default: 300, or as many as the model's "
                         "max_seq_len leaves after the prompt; an explicit value that does not "
@@ -191,12 +196,25 @@ def generate(args: argparse.Namespace) -> str:
         workdir = _common.workdir(args)
         setup, params = load_params(workdir)
         model = setup.model
-    ids = _prompt_ids(args, model.cfg.vocab_size)
+    tok = None
+    if args.hf and args.prompt_ids is None:  # a text prompt: the folder's own tokenizer
+        from ec2moe_jax.models.hf_tokenizer import load_tokenizer
+
+        tok = load_tokenizer(args.hf)
+        ids = tok.encode(args.prompt, chat=not args.no_chat_template)
+        if not ids or max(ids) >= model.cfg.vocab_size:
+            raise ValueError(f"the tokenizer of {args.hf!r} gives {len(ids)} ids (largest "
+                             f"{max(ids, default=None)}) for --prompt {args.prompt!r}; the "
+                             f"model takes 1 or more ids below {model.cfg.vocab_size}")
+    else:
+        ids = _prompt_ids(args, model.cfg.vocab_size)
     n = _new_tokens(args.max_new_tokens, len(ids), model.cfg.max_seq_len)
     out = generate_lm(model, params, jnp.asarray(ids, jnp.int32)[None], n,
                       temperature=args.temperature, rng=jax.random.key(args.seed))
     new = jax.device_get(out[0])
-    if args.prompt_ids is not None:
+    if tok is not None:
+        text = tok.decode(new)
+    elif args.prompt_ids is not None:
         text = ",".join(str(int(i)) for i in new)
     else:
         text = _common.printable(args.prompt) + ByteTokenizer().decode(new)
