@@ -17,7 +17,7 @@ from ec2moe_jax.models.safetensors_io import read_file, write_file
 from ec2moe_jax.sharding import make_mesh
 
 FIX = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe"]
+FAMILIES = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "granitemoe"]
 PARITY = 1e-4  # max |logit difference| in fp32
 
 
@@ -81,7 +81,10 @@ def test_imported_experts_shard_over_the_mesh(devices):
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_greedy_generation_with_cache_equals_recomputation(family):
+    # Both fixtures slide (Mixtral every layer, window 5; Qwen2-MoE layer 0, window 4): 12
+    # positions run past the window, so the cache must mask what recomputation masks.
     model, params = load_hf(os.path.join(FIX, family))
+    assert model.cfg.sliding_window is not None and model.cfg.sliding_window < 4 + 8
     prompt = np.load(os.path.join(FIX, family, "reference.npz"))["token_ids"][:, :4]
     np.testing.assert_array_equal(generate(model, params, prompt, 8),
                                   generate_recompute(model, params, prompt, 8))
@@ -173,4 +176,6 @@ def test_parity_on_fresh_checkpoints_with_other_shapes(tmp_path, seed):
     for family in FAMILIES:
         err, model, _ = _parity(str(tmp_path / family))
         assert model.cfg.moe.num_experts == 6 and model.cfg.moe.top_k == 3
+        assert family not in ("mixtral", "qwen2_moe") or model.cfg.sliding_window == 4 - (
+            family == "qwen2_moe")
         assert err <= PARITY, f"{family}: {err}"

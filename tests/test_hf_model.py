@@ -1,0 +1,59 @@
+"""Model features the imported families need, on hand-computable cases: sliding-window
+attention (with and without the KV cache)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ec2moe_jax.config import ModelConfig, MoEConfig
+from ec2moe_jax.layers.attention import Attention
+from ec2moe_jax.layers.moe import uses_gathered
+from ec2moe_jax.models import MoELM, generate, generate_recompute, init_params
+from ec2moe_jax.sharding import unbox
+
+CFG = ModelConfig(vocab_size=32, d_model=16, num_layers=2, num_heads=2, d_ff=32,
+                  max_seq_len=32, moe=MoEConfig(num_experts=4, top_k=2, expert_dim=8,
+                                                capacity_factor=None,
+                                                eval_capacity_factor=None))
+
+
+def test_window_of_one_attends_to_the_token_itself():
+    # With W = 1 each query sees only its own key: softmax over one score is 1, so the
+    # output is wo(v(x_t)) token by token, whatever q and k are.
+    attn = Attention(CFG, window=1)
+    x = jax.random.normal(jax.random.key(0), (2, 6, 16))
+    pos = jnp.broadcast_to(jnp.arange(6), (2, 6))
+    p = unbox(attn.init(jax.random.key(1), x, pos)["params"])
+    v = jnp.einsum("btd,dhk->bthk", x, p["wv"])
+    want = jnp.einsum("bthk,hkd->btd", v, p["wo"])
+    np.testing.assert_allclose(attn.apply({"params": p}, x, pos), want, atol=1e-5)
+    full = Attention(CFG).apply({"params": p}, x, pos)
+    assert float(jnp.abs(full - want)[:, 1:].max()) > 1e-2  # the window changed something
+
+
+def test_window_longer_than_the_sequence_is_full_attention():
+    cfg = dataclasses.replace(CFG, sliding_window=8)
+    model, full = MoELM(cfg), MoELM(CFG)
+    params = unbox(init_params(full, jax.random.key(0)))
+    ids = jnp.arange(8)[None] % 32
+    want = full.apply({"params": params}, ids)
+    np.testing.assert_allclose(model.apply({"params": params}, ids), want, atol=1e-6)
+    shorter = MoELM(dataclasses.replace(cfg, sliding_window=3, sliding_layers=(1,)))
+    out = shorter.apply({"params": params}, ids)
+    # Positions 0..2 see the same keys with a window of 3; later ones do not.
+    np.testing.assert_allclose(out[:, :3], want[:, :3], atol=1e-6)
+    assert float(jnp.abs(out - want)[:, 3:].max()) > 1e-4
+
+
+def test_cached_generation_past_the_window_equals_recomputation():
+    # Alternating sliding/full layers (GPT-OSS's pattern), window 3, 14 positions; one row,
+    # so decode steps take the decode-shaped MoE path (uses_gathered).
+    cfg = dataclasses.replace(CFG, sliding_window=3, sliding_layers=(0,))
+    model = MoELM(cfg)
+    params = unbox(init_params(model, jax.random.key(2)))
+    prompt = jnp.asarray([[3, 1, 4, 1]], jnp.int32)
+    assert uses_gathered(1, cfg.moe.top_k, cfg.moe.num_experts)
+    np.testing.assert_array_equal(generate(model, params, prompt, 10),
+                                  generate_recompute(model, params, prompt, 10))
