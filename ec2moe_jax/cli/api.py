@@ -84,8 +84,14 @@ def _backend(args: argparse.Namespace, workdir: str, name: str):
     probe = max(1, cfg.max_seq_len // 4)  # the scheduler's workload: a typical request
     plan = (baseline("cloud-only", cfg) if args.plan is None else
             _resolve_plan(args, cfg, run[3], prompt_tokens=probe, gen_tokens=probe))
-    _common.status(f"plan {plan.name}: {describe_plan(plan.to_json(), cfg.moe.num_experts)}; "
-                   f"cloud at {args.cloud}")
+    words = describe_plan(plan.to_json(), cfg.moe.num_experts)
+    if plan.split == cfg.num_layers:
+        raise ValueError(f"--plan {args.plan} is end-only here ({words}): nothing would run "
+                         f"on the cloud at {args.cloud}; drop --cloud to serve the whole "
+                         "model in this process, or give --plan cloud-only or a plan JSON "
+                         "with split < num_layers (for --plan ec2moe, a weaker "
+                         "--end-device or another --link may move layers to the cloud)")
+    _common.status(f"plan {plan.name}: {words}; cloud at {args.cloud}")
     token = serve._read(args.cloud_token_file, "--cloud-token-file")
     clients = [connect(args.cloud, workdir, plan, token=None if token is None else
                        token.decode().strip(), tls_root=serve._read(args.cloud_ca, "--cloud-ca"),

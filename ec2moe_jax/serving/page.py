@@ -4,9 +4,10 @@ live panel that polls ``GET /ec2moe/status`` every second: the current plan (spl
 experts, codec), the link the end client measures (RTT, uplink), the queue, and TTFT/TPOT.
 A person can watch the re-planner react when the link changes.
 
-Self-contained (no CDN, no external font or script) so it works offline. ``/?prompt=TEXT&
-max_tokens=N&autorun=1`` runs one greedy completion on load (the headless-browser test uses
-it); when a completion ends, ``#done`` holds a JSON record of what the page saw.
+Self-contained (no CDN, no external font or script) so it works offline.
+``/?prompt=TEXT&max_tokens=N&temperature=T&autorun=1`` runs one completion on load (greedy
+unless T is given; the headless-browser test uses it) and then stops polling; when a
+completion ends, ``#done`` holds a JSON record of what the page saw.
 """
 
 PAGE = """<!doctype html>
@@ -166,9 +167,12 @@ $("go").onclick = generate;
 const q = new URLSearchParams(location.search);
 if (q.has("prompt")) $("prompt").value = q.get("prompt");
 if (q.has("max_tokens")) $("max").value = q.get("max_tokens");
+if (q.has("temperature")) $("temp").value = q.get("temperature");
 poll();
-setInterval(poll, 1000);
-if (q.get("autorun") === "1") generate();
+const timer = setInterval(poll, 1000);
+// autorun is for headless browsers: with nothing left pending after the completion, their
+// virtual time runs out at once and the screenshot shows the finished text.
+if (q.get("autorun") === "1") generate().then(() => clearInterval(timer));
 </script>
 </body></html>
 """
