@@ -337,3 +337,35 @@ if __name__ == "__main__":
                              "record of the streamed completion"}, f, indent=1)
         f.write("\n")
     print(json.dumps(record, indent=1))
+
+
+def test_chat_through_an_imported_models_template_equals_generate(tmp_path):
+    """An imported model (the Qwen3-MoE fixture with a trained tokenizer and a ChatML
+    template) served in this process (`ec2moe api --hf`'s backend, the app over an in-process
+    transport): a one-turn greedy chat equals `ec2moe generate --hf --prompt`, which renders
+    the same template around one user turn; streamed deltas give the same text."""
+    from fastapi.testclient import TestClient
+    from test_hf_tokenizer import CHATML, FIX, _tokenizer_json
+
+    from ec2moe_jax.cli import run
+    from ec2moe_jax.cli.api import _hf_backend
+    from ec2moe_jax.serving.openai_api import create_app
+
+    folder = tmp_path / "qwen3_moe"
+    shutil.copytree(os.path.join(FIX, "qwen3_moe"), folder)
+    (folder / "tokenizer.json").write_text(_tokenizer_json(96))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"chat_template": CHATML, "eos_token": "<|im_end|>", "bos_token": None}))
+    want = run(["generate", "--hf", str(folder), "--prompt", "the cat", "--max-new-tokens", "8"])
+    with TestClient(create_app(_hf_backend(str(folder), "qwen3"), queue_size=2)) as http:
+        c = openai.OpenAI(base_url="http://testserver/v1", api_key="unused", http_client=http,
+                          max_retries=0)
+        turn = [{"role": "user", "content": "the cat"}]
+        r = c.chat.completions.create(model="qwen3", messages=turn, max_tokens=8, temperature=0)
+        assert r.choices[0].message.content == want
+        chunks = c.chat.completions.create(model="qwen3", messages=turn, max_tokens=8,
+                                           temperature=0, stream=True)
+        assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == want
+        two = c.chat.completions.create(model="qwen3", max_tokens=2, temperature=0, messages=[
+            {"role": "system", "content": "the dog"}, *turn])
+        assert two.usage.prompt_tokens > r.usage.prompt_tokens  # the system turn is in

@@ -32,6 +32,9 @@ def register(sub) -> None:
     p = _common.add_parser(sub, "api", help="OpenAI-compatible HTTP API with a page",
                            description=_API)
     p.add_argument("--workdir", default=None, help=_common.workdir_help())
+    p.add_argument("--hf", default=None,
+                   help="serve a Hugging Face folder in this process instead of a workdir "
+                        "(its tokenizer.json; chat completions through its chat template)")
     p.add_argument("--host", default="127.0.0.1", help="bind address")
     p.add_argument("--port", type=int, default=8000, help="port (0: a free one)")
     p.add_argument("--allow-remote", action="store_true",
@@ -55,12 +58,36 @@ def register(sub) -> None:
     p.set_defaults(handler=api, needs_devices=False)
 
 
+def _hf_backend(folder: str, name: str):
+    """The whole imported model of ``folder`` here, with its tokenizer and chat template."""
+    from ec2moe_jax.models import load_hf
+    from ec2moe_jax.models.hf_tokenizer import load_tokenizer
+    from ec2moe_jax.serving.api_backends import HFText, LocalBackend
+
+    _common.status(f"loading {folder}")
+    model, params = load_hf(folder)
+    tok = load_tokenizer(folder)
+    text = HFText(tok)
+    cfg = model.cfg
+    plan = {"split": cfg.num_layers, "layers": cfg.num_layers,
+            "resident": [cfg.moe.num_experts] * cfg.num_layers, "codec": "none",
+            "text": "the whole imported model in this process (no cloud)"}
+    return LocalBackend(model, params, name, text, plan, eos_ids=tok.eos_ids,
+                        chat_template=None if tok.chat_template is None else text.chat)
+
+
 def _backend(args: argparse.Namespace, workdir: str, name: str):
     """The backend of ``args``: end clients of ``--cloud``, or the whole model here."""
     from ec2moe_jax.cli.infer import describe_plan
     from ec2moe_jax.data import ByteTokenizer
     from ec2moe_jax.serving.api_backends import LocalBackend, RemoteBackend
 
+    if args.hf is not None:
+        if args.cloud is not None or args.plan is not None:
+            raise ValueError("--hf runs the imported model in this process; for --cloud or "
+                             "--plan convert it first (`ec2moe convert-hf --hf FOLDER "
+                             "--workdir runs/imported`) and pass --workdir")
+        return _hf_backend(args.hf, name)
     if args.cloud is None:
         if args.plan is not None or args.replan_every:
             raise ValueError("--plan and --replan-every need --cloud HOST:PORT (without it "
@@ -125,7 +152,7 @@ def api(args: argparse.Namespace) -> None:
                          "authentication: add --allow-remote to expose it deliberately")
     if args.cloud is not None:
         _common.needs_fake_devices()  # the end mesh: the config's mesh.end_devices
-    workdir = _common.workdir(args)
+    workdir = args.hf if args.hf is not None else _common.workdir(args)
     name = args.model_name or os.path.basename(os.path.normpath(workdir))
     backend = _backend(args, workdir, name)
     if not args.no_warm:

@@ -30,15 +30,18 @@ class LocalBackend:
       name: the model id clients send.
       tokenizer: text <-> ids (a trained workdir's :class:`~ec2moe_jax.data.ByteTokenizer`).
       plan: the plan record shown in responses (whole model here).
+      chat_template: messages -> prompt ids (None: chat completions are refused).
+      eos_ids: token ids that end a generation (an imported model's end of turn).
     """
 
     workers = 1
-    chat_template = None
 
-    def __init__(self, model, params, name: str, tokenizer: Tokenizer, plan: dict):
+    def __init__(self, model, params, name: str, tokenizer: Tokenizer, plan: dict, *,
+                 chat_template: Callable[[list[dict]], list[int]] | None = None,
+                 eos_ids: tuple[int, ...] = ()):
         self.model, self.params, self.model_name, self.tokenizer = model, params, name, tokenizer
         self.vocab_size, self.max_seq_len = model.cfg.vocab_size, model.cfg.max_seq_len
-        self.plan = plan
+        self.plan, self.chat_template, self.eos_ids = plan, chat_template, eos_ids
 
     def check(self, sampling: Sampling) -> None:
         _unsupported_top_p(sampling, "by the local model")
@@ -78,6 +81,7 @@ class RemoteBackend:
     """
 
     chat_template = None
+    eos_ids: tuple[int, ...] = ()  # trained byte models have no end-of-sequence token
 
     def __init__(self, clients: list, name: str, tokenizer: Tokenizer, *, address: str,
                  describe: Callable[[dict], str] | None = None,
@@ -160,3 +164,37 @@ class RemoteBackend:
                 "method": "measured by the end client (EMA over replies)"}
         return {"backend": f"cloud {self.address}", "plan": self.plan_of(c), "link": link,
                 "replans": self.replans}
+
+
+class HFText:
+    """An imported model's text (:class:`~ec2moe_jax.models.hf_tokenizer.HFTokenizer`) for
+    the API: completions tokenize the prompt as plain text (OpenAI's completions take raw
+    text), chat completions render the messages through the folder's chat template, as
+    transformers' ``apply_chat_template`` with ``add_generation_prompt=True`` does.
+
+    Raises (``chat``):
+      ApiError: 400 when the template refuses the messages (its ``raise_exception``).
+    """
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, chat=False)
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(ids)
+
+    def chat(self, messages: list[dict]) -> list[int]:
+        import jinja2
+
+        # The module's renderer is the one `ec2moe generate --hf` uses for one user turn.
+        from ec2moe_jax.models.hf_tokenizer import _render
+
+        msgs = [{k: v for k, v in m.items() if v is not None} for m in messages]
+        try:
+            text = _render(self.tok.chat_template, msgs, self.tok.special)
+        except jinja2.TemplateError as e:
+            raise ApiError(400, f"messages: the model's chat template refused them: {e}",
+                           "messages") from None
+        return self.tok.tokenizer.encode(text, add_special_tokens=False).ids

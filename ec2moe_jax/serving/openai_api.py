@@ -92,6 +92,7 @@ class Backend(Protocol):
     workers: int
     tokenizer: Tokenizer
     chat_template: Callable[[list[dict]], list[int]] | None
+    eos_ids: tuple[int, ...]  # a generated one ends the text (finish_reason "stop")
 
     def check(self, sampling: Sampling) -> None: ...
 
@@ -310,6 +311,9 @@ class _Admission:
                 raise StopGeneration("client disconnected")
             job.times.append(time.monotonic())
             job.tokens += 1
+            if int(t) in self.backend.eos_ids:
+                job.finish = "stop"
+                raise StopGeneration("end of sequence")
             piece = stream.push(int(t))
             if piece:
                 job.text.append(piece)
@@ -540,9 +544,12 @@ def create_app(backend: Backend, *, queue_size: int = 8, page_html: str | None =
         if backend.chat_template is None:
             raise ApiError(400, f"model {backend.model_name!r} has no chat template (a "
                                 "byte-level model trained by `ec2moe train` has no roles or "
-                                "special tokens); use /v1/completions with a text prompt",
+                                "special tokens; an imported one needs chat_template in its "
+                                "tokenizer_config.json or a chat_template.jinja); use "
+                                "/v1/completions with a text prompt",
                            "messages", code="no_chat_template")
-        prompt = backend.chat_template([m.model_dump() for m in req.messages])
+        prompt = _prompt_ids(backend.chat_template([m.model_dump() for m in req.messages]),
+                             backend)
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
         job = start(req, prompt, req.max_completion_tokens or req.max_tokens, param, None)
         return await _respond(admission, request, job, True, req.stream, req.model,
