@@ -66,9 +66,10 @@ def plot_demo(result: dict, path: str) -> str:
     because it dropped experts shows up on the right. The title names EC2MoE's chosen plan.
 
     Args:
-      result: the dict ``ec2moe demo`` writes (``results/demo.json``): ``rows`` with ``name``,
-        ``plan``, ``generate``, ``score``, ``bits_per_char`` and ``predicted_generate_s``;
-        ``link`` and ``workload``. A row with ``same_as`` reuses another plan's measurement.
+      result: the dict ``ec2moe demo-pipeline`` writes (``results/pipeline_demo.json``):
+        ``rows`` with ``name``, ``plan``, ``generate``, ``score``, ``bits_per_char`` and
+        ``predicted_generate_s``; ``link`` and ``workload``. A row with ``same_as`` reuses
+        another plan's measurement.
       path: PNG file to write; its folder is created.
 
     Returns:

@@ -19,8 +19,8 @@ The discrete-event simulator (:mod:`ec2moe_jax.bench.sim`) is configured for eac
 same clients, tokens and link (the preset's bandwidth and RTT), the plan's kind, the
 measured bytes per message, the server's measured prefill time and service cycle per
 batched step at that concurrency (compute plus its own handling; shared by the sessions of
-a step), and the clients' measured end-stage time; its mean request latency is compared
-with the measured one.
+a step), and the clients' measured time per step between a reply and the next request (end
+stage, codec, serialisation); its mean request latency is compared with the measured one.
 """
 
 from __future__ import annotations
@@ -89,10 +89,20 @@ def _client_main() -> None:
             clients[key].warm_up(len(prompt))
         c = clients[key]
         time.sleep(max(0.0, cmd.get("start_at", 0.0) - time.time()))
-        times, t0 = [], time.time()
-        c.generate(prompt, cmd["tokens"], lambda _, times=times: times.append(time.time()))
-        print(json.dumps({"start": t0, "times": times, "end_s": c.stats.end_s,
-                          "end_prefill_s": c.stats.end_prefill_s,
+        times, t0, stream = [], time.time(), cmd.get("stream", False)
+        up0, down0 = c.stats.bytes_up, c.stats.bytes_down
+
+        def on_token(token, times=times, stream=stream):
+            times.append(time.time())
+            if stream:  # one line per token, as it arrives (the demo prints them)
+                print(json.dumps({"token": int(token)}), flush=True)
+
+        tokens = c.generate(prompt, cmd["tokens"], on_token)
+        print(json.dumps({"start": t0, "times": times, "tokens": [int(t) for t in tokens],
+                          "end_s": c.stats.end_s, "end_prefill_s": c.stats.end_prefill_s,
+                          "client_step_s": c.stats.client_step_s,
+                          "bytes_up": c.stats.bytes_up - up0,
+                          "bytes_down": c.stats.bytes_down - down0,
                           "reconnects": c.stats.reconnects}), flush=True)
     for c in clients.values():
         c.close()
@@ -115,7 +125,7 @@ class _Local:
                                     workdir=workdir, train_tokens=splits.train, side="end")
         self.end, self.stats, self.rng = EndEngine(stages), LinkStats(), jax.random.key(0)
 
-    def generate(self, prompt, n, on_token):
+    def generate(self, prompt, n, on_token) -> list[int]:
         import jax
 
         cache = self.end.init_cache(1)
@@ -123,14 +133,16 @@ class _Local:
             cache, np.asarray([prompt], np.int32), self.rng)
         token = np.asarray(out.token)
         on_token(int(token[0]))
-        steps = []
+        steps, tokens = [], [int(token[0])]
         for _ in range(n - 1):
             cache, out, dt = self.end.step(cache, token, self.rng)
             token = np.asarray(out.token)
             steps.append(dt)
-            on_token(int(token[0]))
-        self.stats.end_s = float(np.mean(steps)) if steps else 0.0
+            tokens.append(int(token[0]))
+            on_token(tokens[-1])
+        self.stats.end_s = self.stats.client_step_s = float(np.mean(steps)) if steps else 0.0
         jax.block_until_ready(cache)
+        return tokens
 
     def warm_up(self, prompt_len: int) -> None:
         self.generate([0] * prompt_len, 2, lambda _: None)
@@ -162,10 +174,24 @@ class _Pool:
         return json.loads(line)
 
     def run(self, n: int, command: dict) -> list[dict]:
-        for p in self.procs[:n]:
+        return self.run_each([command] * n)
+
+    def run_each(self, commands: list[dict], on_token=None) -> list[dict]:
+        """Sends ``commands[i]`` to client ``i`` and returns their result lines; a client
+        asked to ``stream`` answers one ``{"token": id}`` line per token first, passed to
+        ``on_token(i, id)`` as it arrives (the other clients' lines wait in their pipes)."""
+        for p, command in zip(self.procs, commands, strict=False):
             p.stdin.write(json.dumps(command) + "\n")
             p.stdin.flush()
-        return [self._read(p) for p in self.procs[:n]]
+        out = []
+        for i, p in enumerate(self.procs[:len(commands)]):
+            line = self._read(p)
+            while "token" in line:
+                if on_token is not None:
+                    on_token(i, line["token"])
+                line = self._read(p)
+            out.append(line)
+        return out
 
     def close(self) -> None:
         for p in self.procs:
@@ -177,13 +203,14 @@ class _Pool:
                 p.kill()
 
 
-def _server(workdir: str, warm: str, ready: str, cache_len: int, devices: int):
+def _server(workdir: str, warm: str, ready: str, cache_len: int, devices: int, *,
+            prompt_len: int = PROMPT_LEN):
     if os.path.exists(ready):
         os.remove(ready)
     proc = subprocess.Popen(
         [sys.executable, "-m", "ec2moe_jax", "serve", "--workdir", workdir, "--port", "0",
          "--slots", str(SLOTS), "--devices", str(devices), "--cache-len", str(cache_len),
-         "--warm", warm, "--warm-prompt", str(PROMPT_LEN), "--ready-file", ready],
+         "--warm", warm, "--warm-prompt", str(prompt_len), "--ready-file", ready],
         stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + 900
     while not os.path.exists(ready):
@@ -238,6 +265,7 @@ def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) 
         "server_step_s_median": after.step_s, "server_prefill_s_median": after.prefill_s,
         "server_cycle_s_median": after.cycle_s, "server_step_wall_s_median": after.step_wall_s,
         "client_end_step_s": float(np.mean([r["end_s"] for r in out])),
+        "client_step_s": float(np.mean([r["client_step_s"] for r in out])),
         "client_end_prefill_s": float(np.mean([r["end_prefill_s"] for r in out])),
         "reconnects": sum(r["reconnects"] for r in out),
     }
@@ -370,7 +398,10 @@ class _RunTiming:
     def end(self, job, step: int) -> float:
         if self.kind == "cloud-only":
             return 0.0
-        return self.row["client_end_prefill_s" if step == 0 else "client_end_step_s"]
+        if step == 0:
+            return self.row["client_end_prefill_s"]
+        # The end device's whole share of a step: its stage, the codec, serialisation.
+        return self.row["client_step_s"]
 
     def cloud(self, job, step: int) -> float:
         return self.row["server_prefill_s_median"] if step == 0 else self.step

@@ -4,10 +4,10 @@ One module per group of subcommands registers its parsers; each handler imports 
 library only when it runs, so ``ec2moe --help`` is fast. A documented error (ValueError,
 FileNotFoundError, the project's LinkError, WireFormatError, UnsupportedCheckpoint) prints one
 line, ``ec2moe <cmd>: error: <message>``, and exits with status 2; ``--debug`` shows the
-traceback instead. A new group of subcommands (``serve``, next) is a module with a
-``register(sub)`` function, listed in ``_GROUPS``.
+traceback instead. A new group of subcommands is a module with a ``register(sub)``
+function, listed in ``_GROUPS``.
 
-  ec2moe demo                                     # README command 1
+  ec2moe demo                                     # README command 1: server + clients
   ec2moe train --config tiny --set train.steps=5 --data my.txt --workdir runs/mine
   ec2moe generate --workdir runs/mine --plan ec2moe
 """
@@ -25,7 +25,7 @@ _GROUPS = (demo, train, infer, bench, calibrate, hf, serve, api)
 _EPILOG = """\
 start with `ec2moe demo`. To reproduce the committed results: train (runs/small), then
 codec-sweep, calibrate and pipeline-calibration (the scheduler reads their JSON), then demo,
-scheduler-report, bench-scheduler and bench; hlggn-eval, bench-moe-layer and hf-parity stand
+demo-pipeline, scheduler-report, bench-scheduler and bench; hlggn-eval, bench-moe-layer and hf-parity stand
 alone. `ec2moe COMMAND --help` says what each writes and how long it takes."""
 
 

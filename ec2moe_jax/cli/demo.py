@@ -1,4 +1,6 @@
-"""``ec2moe demo``: the README's main command, the end-cloud demo on 8 fake CPU devices."""
+"""``ec2moe demo`` (the README's main command: a real cloud server and end client processes
+over an emulated link) and ``ec2moe demo-pipeline`` (the in-process plan comparison on 8 fake
+CPU devices)."""
 
 from __future__ import annotations
 
@@ -9,13 +11,31 @@ from ec2moe_jax.cli import _common
 from ec2moe_jax.cli.infer import describe_plan
 
 _DEMO = """\
-The end-cloud demo on 8 fake CPU devices (end 2, cloud 6). Uses the fully trained small
-model in runs/small if it holds a finished run, else trains the small config briefly into
-runs/demo (once). Then it schedules EC2MoE for this CPU as the end device over an emulated
-link, streams generated text through the split pipeline, and compares EC2MoE's plan with
-cloud-only, end-only (drop / swap) and the best single split: measured stage compute, the
-link emulated on a virtual clock, and the scheduler's predictions. Writes <out>.json and
-<out>.png (results/demo.json, results/demo.png).
+The end-cloud demo with real processes: one `ec2moe serve` cloud server process and --clients
+end client processes (each its own JAX runtime) on 127.0.0.1, every client connecting through
+a relay that shapes the link (--link, default LTE-like: 20 Mbit/s, 50 ms RTT). Half the
+clients run EC2MoE's plan under privacy (the scheduler's plan for this CPU as the end
+device, its memory holding 10% of the experts (--expert-fraction), with at least one layer
+on the end: the hidden state crosses the link through the plan's codec, never the token
+ids), the others cloud-only; they start together and the server batches their decode steps.
+Client 0's text streams as it arrives; then per client: TTFT, TPOT, bytes per token each
+way. Uses the fully trained small model in runs/small if it
+holds a finished run, else trains the small config briefly into runs/demo (once). Writes
+<out>.json and <out>.png (results/demo.json, results/demo.png).
+
+Measured: processes, sockets, this CPU (shared by the server and every client). Emulated: the
+link's delay and rate. Time on a 2-core CPU: about 7 minutes the first time (300 training
+steps, the corpus download, compiling), under 2 minutes once a model is trained."""
+
+_PIPELINE = """\
+The in-process end-cloud plan comparison on 8 fake CPU devices (end 2, cloud 6). Uses the
+fully trained small model in runs/small if it holds a finished run, else trains the small
+config briefly into runs/demo (once). Then it schedules EC2MoE for this CPU as the end
+device over an emulated link, streams generated text through the split pipeline, and
+compares EC2MoE's plan with cloud-only, end-only (drop / swap) and the best single split:
+measured stage compute, the link emulated on a virtual clock, and the scheduler's
+predictions. Writes <out>.json and
+<out>.png (results/pipeline_demo.json, results/pipeline_demo.png).
 
 Time on a 2-core CPU: about 6 minutes the first time (300 training steps at about 1 step/s
 with 8 fake devices, the corpus download, compiling), about 1 minute once a model is
@@ -23,26 +43,50 @@ trained."""
 
 
 def register(sub) -> None:
-    p = _common.add_parser(sub, "demo", help="README command 1: the end-cloud demo",
-                           description=_DEMO, devices=True)
+    p = _common.add_parser(sub, "demo", help="README command 1: server and client processes",
+                           description=_DEMO, devices=True)  # 8 fake devices: training
+    _workdir_args(p)
+    p.add_argument("--prompt", default="ROMEO:\n",
+                   help="prompt of the streamed client (its last 16 bytes are used)")
+    p.add_argument("--link", default="lte",
+                   help="emulated link preset: 3g, lte (20 Mbit/s, 50 ms RTT), wifi, 5g")
+    p.add_argument("--clients", type=int, default=4, help="end client processes (2-16)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per client")
+    p.add_argument("--expert-fraction", type=float, default=0.1,
+                   help="share of the experts the end device's memory holds (EC2MoE's plan "
+                        "is scheduled for that budget)")
+    p.add_argument("--server-devices", type=int, default=1,
+                   help="devices of the server's mesh (fake CPU devices split this CPU's "
+                        "cores: 1 is fastest here)")
+    _common.add_scheduler_inputs(p)
+    p.add_argument("--out", default=os.path.join(_common.RESULTS, "demo"),
+                   help="output path without extension (.json and .png are written)")
+    p.set_defaults(handler=demo)
+
+    q = _common.add_parser(sub, "demo-pipeline", help="in-process plan comparison (8 fake "
+                           "devices)", description=_PIPELINE, devices=True)
+    _workdir_args(q)
+    q.add_argument("--prompt", default="ROMEO:\n",
+                   help="prompt of the streamed request (its last 16 bytes are used)")
+    q.add_argument("--link", default="lte",
+                   help="emulated link preset: 3g, lte (20 Mbit/s, 50 ms RTT), wifi, 5g")
+    q.add_argument("--temperature", type=_common.temperature, default=0.0,
+                   help="sampling temperature; 0 = greedy")
+    q.add_argument("--max-new-tokens", type=int, default=48,
+                   help="tokens generated per request (after 16 prompt tokens)")
+    _common.add_scheduler_inputs(q)
+    q.add_argument("--out", default=os.path.join(_common.RESULTS, "pipeline_demo"),
+                   help="output path without extension (.json and .png are written)")
+    q.set_defaults(handler=demo_pipeline)
+
+
+def _workdir_args(p) -> None:
     p.add_argument("--workdir", default=None,
                    help="trained model to use (default: runs/small if it holds a finished run, "
                         "else runs/demo, trained here if missing)")
     p.add_argument("--steps", type=int, default=300,
                    help="training steps when runs/demo is trained (300 keeps the whole demo "
                         "under 10 minutes on 2 cores)")
-    p.add_argument("--prompt", default="ROMEO:\n",
-                   help="prompt of the streamed request (its last 16 bytes are used)")
-    p.add_argument("--link", default="lte",
-                   help="emulated link preset: 3g, lte (20 Mbit/s, 50 ms RTT), wifi, 5g")
-    p.add_argument("--temperature", type=_common.temperature, default=0.0,
-                   help="sampling temperature; 0 = greedy")
-    p.add_argument("--max-new-tokens", type=int, default=48,
-                   help="tokens generated per request (after 16 prompt tokens)")
-    _common.add_scheduler_inputs(p)
-    p.add_argument("--out", default=os.path.join(_common.RESULTS, "demo"),
-                   help="output path without extension (.json and .png are written)")
-    p.set_defaults(handler=demo)
 
 
 def _demo_workdir(args: argparse.Namespace) -> str:
@@ -73,6 +117,64 @@ def _demo_workdir(args: argparse.Namespace) -> str:
 
 
 def demo(args: argparse.Namespace) -> dict:
+    from ec2moe_jax.bench import serving_demo
+    from ec2moe_jax.data import ByteTokenizer
+    from ec2moe_jax.profiles import link
+
+    link(args.link)  # a bad preset fails before any training
+    workdir = _demo_workdir(args)
+    tok = ByteTokenizer()
+    prompt = [int(t) for t in tok.encode(args.prompt)[-16:]]
+    if not prompt:
+        raise ValueError("--prompt is empty: give at least one character")
+    started = []
+
+    def on_token(t: int) -> None:
+        if not started:
+            started.append(True)
+            print(f"client 0 (EC2MoE, private), streaming over the emulated {args.link} link:\n"
+                  f"{_common.printable(args.prompt)}", end="")
+        print(tok.decode([t]), end="", flush=True)
+
+    def on_plan(name: str, plan: dict) -> None:
+        from ec2moe_jax.training import load_workdir_config
+
+        e = load_workdir_config(workdir).model.moe.num_experts
+        print(f"{name}: {describe_plan(plan, e)}", flush=True)
+
+    inputs = {"calibration": args.calibration, "codec_sweep": args.codec_sweep,
+              "pipeline_calibration": _common.pipeline_calibration(args)}
+    result = serving_demo.run_demo(workdir, link_name=args.link, prompt=prompt,
+                                   tokens=args.max_new_tokens, clients=args.clients,
+                                   inputs=inputs, expert_fraction=args.expert_fraction,
+                                   on_plan=on_plan, on_token=on_token,
+                                   server_devices=args.server_devices)
+    print("\n" + "-" * 72)
+    for row in result["clients"]:
+        row["text"] = tok.decode(row.pop("tokens"))
+    _print_clients(result)
+    _common.write_json(args.out + ".json", result)
+    png = serving_demo.plot_demo(result, args.out + ".png")
+    print(f"wrote {args.out}.json and {png}")
+    return result
+
+
+def _print_clients(result: dict) -> None:
+    print(f"{'client':>6} {'plan':15} {'split':>5} {'codec':>9} {'TTFT ms':>8} "
+          f"{'TPOT p50':>8} {'TPOT p99':>8} {'up B/tok':>8} {'down B/tok':>10} {'reconn':>6}")
+    for r in result["clients"]:
+        print(f"{r['client']:6d} {r['plan']:15} {r['split']:5d} {r['codec']:>9} "
+              f"{r['ttft_s'] * 1e3:8.1f} {r['tpot_s']['p50'] * 1e3:8.1f} "
+              f"{r['tpot_s']['p99'] * 1e3:8.1f} {r['bytes_up_per_token']:8.1f} "
+              f"{r['bytes_down_per_token']:10.1f} {r['reconnects']:6d}")
+    s = result["server"]
+    occ = "-" if s["batch_occupancy"] is None else f"{s['batch_occupancy']:.2f}"
+    print(f"measured: wall-clock at each client process, protobuf bytes; the server ran "
+          f"{s['batched_steps']} batched decode steps, {occ} sessions per step on average "
+          f"(median step {s['step_s_median'] * 1e3:.1f} ms); link emulated by the relay")
+
+
+def demo_pipeline(args: argparse.Namespace) -> dict:
     from ec2moe_jax.bench import pipeline_demo
     from ec2moe_jax.bench.plots import plot_demo
     from ec2moe_jax.data import ByteTokenizer, prepare_splits

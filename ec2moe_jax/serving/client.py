@@ -62,6 +62,9 @@ class LinkStats:
       bytes_up, bytes_down: protobuf bytes of requests and replies (payloads included).
       end_s: the end stage's compute per decode step (EMA, seconds; 0 at split 0).
       end_prefill_s: the end stage's compute of the last prompt (seconds; 0 at split 0).
+      client_step_s: wall time per decode step spent in this process between a reply and
+        the next request (end stage, codec, serialisation, the caller's ``on_token``; EMA,
+        seconds; 0 at split 0): the end device's whole share of a step.
       reconnects: outages survived.
       events: what each failed attempt saw ("CODE: details"), oldest first.
     """
@@ -74,6 +77,7 @@ class LinkStats:
     bytes_down: int = 0
     end_s: float = 0.0
     end_prefill_s: float = 0.0
+    client_step_s: float = 0.0
     reconnects: int = 0
     events: list = dataclasses.field(default_factory=list)
 
@@ -319,16 +323,24 @@ class EndClient:
                 t0 = time.monotonic()
                 emit(reply.token)
             return
-        for _ in range(n):
+        for i in range(n):
+            busy = time.monotonic()
             self._cover(h)
-            step = pb.Step(session=self.session, payload=self._encode(h, len(h.chunks) - 1))
+            # The stream's first step names the session; the server keeps it for the rest.
+            payload = self._encode(h, len(h.chunks) - 1)
+            step = (pb.Step(session=self.session, payload=payload) if i == 0
+                    else pb.Step(payload=payload))
             self.stats.bytes_up += step.ByteSize()
             t0 = time.monotonic()
             requests.put(step)
             reply = next(call)
+            t1 = time.monotonic()
             self.stats.bytes_down += reply.ByteSize()
-            self.stats.observe(time.monotonic() - t0, reply)
+            self.stats.observe(t1 - t0, reply)
             emit(reply.token)
+            mine = (t0 - busy) + (time.monotonic() - t1)
+            c = self.stats.client_step_s
+            self.stats.client_step_s = mine if not c else 0.7 * c + 0.3 * mine
 
     def generate(self, prompt: list[int], max_new_tokens: int,
                  on_token: Callable[[int], None] | None = None, *,
