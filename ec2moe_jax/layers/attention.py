@@ -16,12 +16,15 @@ from ec2moe_jax.layers.basic import RMSNorm, default_init, dense, param_with_axe
 
 class Attention(nn.Module):
     """Self-attention; with ``decode=True`` it appends to and attends over the 'cache'
-    collection: ``cached_key``/``cached_value`` [B, M, Hk, Dh] and ``cache_index`` <int32>[B],
-    each row's write position. Row b's new tokens take positions ``cache_index[b] + [0, T)``
-    (RoPE and the causal mask use them), its keys/values land in those slots, and its index
-    advances by T. Slot j of a row holds position j, so a query at position p attends to
-    slots ``[0, p]``: rows at different lengths share one cache, and slots past a row's
-    position (never written, or stale from an earlier occupant of the row) are masked.
+    collection: ``cached_key``/``cached_value`` [B, Hk, M, Dh] and ``cache_index`` <int32>[B],
+    each row's write position (head-major: a decode step multiplies against the cache as
+    stored; the [B, M, Hk, Dh] order cost a transposed copy of the whole cache per layer and
+    step, half of a batch-8 decode step of the small model on XLA:CPU, measured here). Row
+    b's new tokens take positions ``cache_index[b] + [0, T)`` (RoPE and the causal mask use
+    them), its keys/values land in those slots, and its index advances by T. Slot j of a row
+    holds position j, so a query at position p attends to slots ``[0, p]``: rows at different
+    lengths share one cache, and slots past a row's position (never written, or stale from an
+    earlier occupant of the row) are masked.
 
     M is the length of the cache passed in (:func:`ec2moe_jax.models.init_cache` sizes it to
     the request); a cache this module creates itself has ``max_seq_len``. Writing past M
@@ -62,14 +65,15 @@ class Attention(nn.Module):
         k = rope(proj("wk", hk), positions, cfg.rope_theta)
         v = proj("wv", hk)
         q_pos, k_pos = positions, positions
+        # [B, H, T, Dh] layout: plain batched matmuls are the fastest form on XLA:CPU. The
+        # cache is stored head-major, so a decode step reads it without a transposed copy.
+        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
         if decode:
             k, v = self._update_cache(k, v, idx)
-            k_pos = jnp.arange(k.shape[1], dtype=jnp.int32)[None]  # slot j holds position j
+            k_pos = jnp.arange(k.shape[2], dtype=jnp.int32)[None]  # slot j holds position j
 
         if hk != h:  # grouped-query attention: each key/value head serves h // hk queries
-            k, v = jnp.repeat(k, h // hk, axis=2), jnp.repeat(v, h // hk, axis=2)
-        # [B, H, T, Dh] layout: plain batched matmuls are the fastest form on XLA:CPU.
-        q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+            k, v = jnp.repeat(k, h // hk, axis=1), jnp.repeat(v, h // hk, axis=1)
         scale = dh**-0.5 if cfg.attention_multiplier is None else cfg.attention_multiplier
         scores = (q @ k.transpose(0, 1, 3, 2)).astype(jnp.float32) * scale
         causal = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S] (B may broadcast)
@@ -90,16 +94,16 @@ class Attention(nn.Module):
         return y
 
     def _update_cache(self, k, v, idx):
-        """Writes each row's new keys/values [B, T, Hk, Dh] at its own index and advances
-        it; returns the whole cache (k, v) [B, M, Hk, Dh] in the cache's dtype."""
-        b, t, hk, dh = k.shape
+        """Writes each row's new keys/values [B, Hk, T, Dh] at its own index and advances
+        it; returns the whole cache (k, v) [B, Hk, M, Dh] in the cache's dtype."""
+        b, hk, t, dh = k.shape
         m = self.cfg.max_seq_len
-        ck = self.variable("cache", "cached_key", jnp.zeros, (b, m, hk, dh), k.dtype)
-        cv = self.variable("cache", "cached_value", jnp.zeros, (b, m, hk, dh), v.dtype)
+        ck = self.variable("cache", "cached_key", jnp.zeros, (b, hk, m, dh), k.dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, (b, hk, m, dh), v.dtype)
 
         # One dynamic_update_slice per row (a scatter after vmap): rows start anywhere.
         def write(cache, new, start):
-            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (start, 0, 0))
+            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, start, 0))
 
         ck.value = jax.vmap(write)(ck.value, k, idx.value)
         cv.value = jax.vmap(write)(cv.value, v, idx.value)

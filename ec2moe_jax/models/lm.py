@@ -157,14 +157,14 @@ def cache_bucket(length: int, max_seq_len: int, smallest: int = 64) -> int:
 def cache_shapes(cfg: ModelConfig, batch_size: int, length: int | None = None,
                  dtype=None, layers: range | None = None) -> dict:
     """Shapes of the KV cache of ``layers`` (default all): per layer ``{"attn":
-    {"cached_key", "cached_value": [B, M, Hk, Dh], "cache_index": <int32>[B]}}`` with
+    {"cached_key", "cached_value": [B, Hk, M, Dh], "cache_index": <int32>[B]}}`` with
     M = ``length`` (default ``max_seq_len``) in ``dtype`` (default the activation dtype).
     Built from the config, without tracing the model."""
     m = cfg.max_seq_len if length is None else length
     if not 1 <= m <= cfg.max_seq_len:
         raise ValueError(f"cache length {m} must lie in [1, max_seq_len={cfg.max_seq_len}]")
     dtype = jnp.dtype(cfg.dtype if dtype is None else dtype)
-    kv = jax.ShapeDtypeStruct((batch_size, m, cfg.kv_heads, cfg.dim_per_head), dtype)
+    kv = jax.ShapeDtypeStruct((batch_size, cfg.kv_heads, m, cfg.dim_per_head), dtype)
     one = {"cache_index": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
            "cached_key": kv, "cached_value": kv}
     layers = range(cfg.num_layers) if layers is None else layers
@@ -183,7 +183,7 @@ def init_cache(model: MoELM, batch_size: int, length: int | None = None, dtype=N
 def cache_length(cache) -> int | None:
     """M, the positions each row of ``cache`` can hold (None for a cache without layers)."""
     keys = [layer["attn"]["cached_key"] for layer in cache.values()]
-    return int(keys[0].shape[1]) if keys else None
+    return int(keys[0].shape[2]) if keys else None
 
 
 def cache_positions(cache) -> jax.Array | None:
