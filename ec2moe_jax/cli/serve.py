@@ -68,6 +68,22 @@ def register(sub) -> None:
                    help="with --warm, also compile the prefill of prompts this long")
     p.add_argument("--ready-file", default=None,
                    help="write the bound port to this file once listening (for scripts)")
+    d = p.add_argument_group(
+        "a cloud of several processes (jax.distributed; the expert axis spans them)")
+    d.add_argument("--num-processes", type=int, default=1,
+                   help="processes of the cloud (1: this process alone, no jax.distributed); "
+                        "without --process-id, this command launches all of them on this "
+                        "machine (each with --devices fake CPU devices) and restarts them "
+                        "together when one dies")
+    d.add_argument("--process-id", type=int, default=None,
+                   help="this process's index in a cloud of --num-processes (multi-host: run "
+                        "the command once per host with its own id; process 0 serves gRPC)")
+    d.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="process 0's jax.distributed coordinator address, the same on every "
+                        "process (needed with --process-id; the local launcher picks one)")
+    d.add_argument("--launcher-status", default=None, metavar="FILE",
+                   help="local launcher: keep its state (restarts, exits, outage seconds) in "
+                        "this JSON file")
     p.set_defaults(handler=serve, needs_devices=False)
 
     b = _common.add_parser(sub, "bench-serving", help="benchmark the server with real clients",
@@ -111,6 +127,19 @@ def _warm(text: str) -> list[tuple[int, str]]:
 
 
 def serve(args: argparse.Namespace) -> None:
+    if args.num_processes < 1:
+        raise ValueError(f"--num-processes {args.num_processes} must be >= 1")
+    if args.num_processes > 1 and args.process_id is None:
+        from ec2moe_jax.serving.distributed import Launcher
+
+        rc = Launcher(args.argv, args.num_processes, port=args.port,
+                      ready_file=args.ready_file, status_file=args.launcher_status).run()
+        if rc:  # the launcher gave up and said why
+            raise SystemExit(rc)
+        return None
+    if args.process_id is not None and args.coordinator is None:
+        raise ValueError("--process-id needs --coordinator HOST:PORT (process 0's address, "
+                         "the same on every process)")
     # The mesh is this process's devices: on a CPU, fake ones, set before JAX starts.
     if args.devices is not None:
         os.environ["JAX_NUM_CPU_DEVICES"] = str(args.devices)
@@ -131,7 +160,10 @@ def serve(args: argparse.Namespace) -> None:
         allow_remote=args.allow_remote, metrics_port=args.metrics_port)
     run(_common.workdir(args), options, devices=args.devices,
         expert_shards=args.expert_shards, warm=_warm(args.warm), warm_prompt=args.warm_prompt,
-        ready_file=args.ready_file, cache_len=args.cache_len)
+        ready_file=args.ready_file, cache_len=args.cache_len,
+        num_processes=args.num_processes, process_id=args.process_id or 0,
+        coordinator=args.coordinator)
+    return None
 
 
 def bench_serving(args: argparse.Namespace) -> dict:

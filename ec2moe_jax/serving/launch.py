@@ -28,13 +28,19 @@ READY = "listening on"  # the line (on stdout) that tells a parent process the p
 def cloud_mesh(devices: int | None = None, expert_shards: int | None = None):
     """A ('data', 'expert') mesh over the first ``devices`` local devices (default all) with
     ``expert_shards`` on the expert axis (default: the largest power of two up to 2 that
-    divides the device count).
+    divides the device count). In a cloud of several processes (``jax.distributed``), every
+    process's devices with the expert axis across the processes
+    (:func:`~.distributed.global_cloud_mesh`).
 
     Raises:
       ValueError: more devices than exist, or shards that do not divide them.
     """
     from ec2moe_jax.sharding import make_mesh
 
+    if jax.process_count() > 1:  # one cloud over several processes: every process's devices
+        from ec2moe_jax.serving.distributed import global_cloud_mesh
+
+        return global_cloud_mesh(expert_shards)
     have = jax.devices()
     n = len(have) if devices is None else devices
     if not 1 <= n <= len(have):
@@ -125,7 +131,8 @@ async def _serve(server: CloudServer, ready_file: str | None) -> None:
 def serve(workdir: str, options: ServeOptions, *, devices: int | None = None,
           expert_shards: int | None = None, warm: list[tuple[int, str]] = (),
           warm_prompt: int = 0, ready_file: str | None = None, cache_len: int | None = None,
-          seed: int = 0) -> None:
+          seed: int = 0, num_processes: int = 1, process_id: int = 0,
+          coordinator: str | None = None) -> None:
     """Loads ``workdir`` and serves it until SIGINT/SIGTERM.
 
     Args:
@@ -134,17 +141,78 @@ def serve(workdir: str, options: ServeOptions, *, devices: int | None = None,
       warm_prompt: also compile the prefill of this prompt length for them.
       ready_file: once listening, the bound port is written there (atomically).
       cache_len: positions a session may hold (default the model's max_seq_len).
+      num_processes, process_id, coordinator: one process of a cloud of several
+        (``jax.distributed``; :mod:`~.distributed`): process 0 serves gRPC, the others
+        follow its calls. 1 (the default): a cloud of this process alone, no
+        ``jax.distributed`` at all.
     """
+    if num_processes > 1:
+        from ec2moe_jax.serving import distributed
+
+        distributed.watch_launcher()
+        distributed.initialize(coordinator or "", num_processes, process_id)
+        log(f"process {process_id} of {num_processes}: {jax.local_device_count()} of "
+            f"{jax.device_count()} devices")
     log(f"loading {workdir}")
     worker, fingerprint, codec_fp = load(workdir, slots=options.slots, devices=devices,
                                          expert_shards=expert_shards, cache_len=cache_len,
                                          seed=seed)
+    if num_processes > 1:
+        worker = _distributed_front(worker, process_id)
+        if worker is None:  # a follower: ran process 0's calls until it stopped
+            return
     if warm:
         log(f"compiling {len(warm)} group(s) for {len(worker.capacities)} batch sizes")
         keys = [(s, "bf16" if s == 0 else CodecSpec.parse(c).name, 0.0) for s, c in warm]
         warm_up(worker, keys, [warm_prompt] if warm_prompt else [])
     server = CloudServer(worker, fingerprint, codec_fp, options)
+    if num_processes > 1:
+        _cloud_metrics(server, worker)
     try:
         asyncio.run(_serve(server, ready_file))
     finally:
+        if num_processes > 1:
+            server.compute.shutdown(wait=True)  # no call in flight: the stop is the last one
+            worker.stop()
         sys.stderr.flush()
+
+
+def _distributed_front(worker: CloudWorker, process_id: int):
+    """Process 0: the worker that forwards every call to the others
+    (:class:`~.distributed.CloudFront`); other processes: follow process 0 until it stops,
+    then None."""
+    from ec2moe_jax.serving import distributed
+
+    held = distributed.expert_bytes(worker.params)
+    log(f"expert weights: {held['distinct']:,} of {held['total']:,} bytes on this process "
+        f"({held['held']:,} with replicas over its devices)")
+    channel = distributed.Channel()
+    if process_id == 0:
+        return distributed.CloudFront(worker, channel)
+    calls = distributed.follow(worker, channel)
+    log(f"process {process_id}: process 0 stopped the cloud after {calls} calls")
+    return None
+
+
+def _cloud_metrics(server: CloudServer, front) -> None:
+    """Prometheus gauges of a cloud of several processes, in the server's registry:
+    ``ec2moe_cloud_processes``, ``ec2moe_cloud_restarts`` (the launcher's count, so an
+    outage shows as a step), ``ec2moe_expert_bytes{kind}`` (this process's expert weights)
+    and ``ec2moe_broadcast_seconds`` (process 0's time broadcasting calls)."""
+    from prometheus_client import Gauge
+
+    from ec2moe_jax.serving import distributed
+
+    r = server.metrics.registry
+    Gauge("ec2moe_cloud_processes", "processes of this cloud", registry=r).set(
+        jax.process_count())
+    restarts = int(os.environ.get(distributed.RESTARTS_ENV, "0"))
+    Gauge("ec2moe_cloud_restarts", "times the launcher restarted this cloud",
+          registry=r).set(restarts)
+    g = Gauge("ec2moe_expert_bytes", "expert weight bytes on process 0", ["kind"], registry=r)
+    for kind, n in distributed.expert_bytes(front.worker.params).items():
+        g.labels(kind).set(n)
+    Gauge("ec2moe_broadcast_seconds", "seconds process 0 spent broadcasting calls",
+          registry=r).set_function(lambda: front.channel.seconds)
+    if restarts:
+        log(f"this cloud was restarted {restarts} time(s) by its launcher")
