@@ -123,6 +123,36 @@ def _theirs(folder: str):
     return run
 
 
+def weight_read_floor(cfg, repeats: int = 30) -> dict:
+    """The time a batch-1 decode step cannot beat on this machine: the bytes of weights it
+    must read (every layer's attention, norms, router and shared expert, top-k routed experts
+    per MoE layer, the LM head; :func:`ec2moe_jax.models.costs.model_costs`), and the measured
+    time to stream that many bytes once (a jitted sum over a float32 array of that size,
+    median of ``repeats`` after a warm-up; the array is in memory, as the weights are). Any
+    implementation, ours or transformers', reads at least these bytes per token.
+
+    Returns:
+      ``{"bytes_per_token", "stream_ms", "stream_gb_per_s"}``.
+    """
+    import jax.numpy as jnp
+
+    from ec2moe_jax.models.costs import model_costs
+
+    c = model_costs(cfg)
+    nbytes = float(c.fixed_bytes.sum() + c.is_moe.sum() * c.top_k * c.expert_bytes
+                   + c.head_bytes)
+    buf = jnp.ones((int(nbytes // 4),), jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(buf).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        total(buf).block_until_ready()
+        times.append(time.perf_counter() - t0)
+    ms = 1e3 * float(np.median(times))
+    return {"bytes_per_token": nbytes, "stream_ms": ms, "stream_gb_per_s": nbytes / ms / 1e6}
+
+
 def _timed(fn, *args):
     t0 = time.perf_counter()
     out = fn(*args)
@@ -142,9 +172,10 @@ def run_hf(folders: dict[str, str], *, batches=(1, 8), repeats: int = 5,
     """Ours vs transformers on every checkpoint and batch, interleaved; see the module."""
     import torch
 
-    impls = {}
+    impls, floors = {}, {}
     for name, folder in folders.items():
         impls[(name, "ours")], cfg = _ours(folder)
+        floors[name] = weight_read_floor(cfg)
         impls[(name, "transformers")] = _theirs(folder)
         if name == bf16_case:
             impls[(name, "ours_bf16")], _ = _ours(folder, bf16=True)
@@ -172,6 +203,11 @@ def run_hf(folders: dict[str, str], *, batches=(1, 8), repeats: int = 5,
                              "seconds_each_round": times[(name, impl, b)]}
             row["speedup_vs_transformers"] = (row["ours"]["tokens_per_s"]
                                               / row["transformers"]["tokens_per_s"])
+            if b == 1:  # what the weights alone cost per token (weight_read_floor)
+                f = floors[name]
+                row["weight_read_floor"] = {
+                    **f, "max_speedup_vs_transformers": (
+                        row["transformers"]["ms_per_token_step"] / f["stream_ms"])}
             row["tokens_ours_vs_transformers"] = _agreement(
                 tokens[(name, "ours", b)], tokens[(name, "transformers", b)])
             if "ours_bf16" in row:
