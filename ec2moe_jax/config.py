@@ -131,11 +131,26 @@ class MoEConfig:
     # "einsum" (portable), "gather" (sort/gather), "ragged" (dropless)
     dispatch: str = _rule("einsum", choices=DISPATCHES)
     group_size: int | None = _rule(None, ge=1)  # tokens per routing group; None = a sequence
+    router_bias: bool = False  # a learned bias on the router logits (GPT-OSS)
+    expert_bias: bool = False  # biases on the expert projections (GPT-OSS)
+    # expert activation: "swiglu" (silu(g) * u) or "swiglu_oss" (GPT-OSS: g clamped to
+    # <= swiglu_limit, u to +-swiglu_limit, g * sigmoid(swiglu_alpha * g) * (u + 1))
+    expert_act: str = _rule("swiglu", choices=("swiglu", "swiglu_oss"))
+    swiglu_alpha: float = _rule(1.702, gt=0.0)  # GPT-OSS's sigmoid slope (swiglu_oss only)
+    swiglu_limit: float = _rule(7.0, gt=0.0)  # GPT-OSS's clamp (swiglu_oss only)
 
     def __post_init__(self):
         _check_fields(self)
 
     def validate(self, expert_shards: int = 1) -> MoEConfig:
+        _check(self.dispatch != "ragged" or (self.expert_act == "swiglu"
+                                             and not self.expert_bias),
+               f"model.moe.dispatch='ragged' runs plain SwiGLU experts without biases, but "
+               f"expert_act={self.expert_act!r}, expert_bias={self.expert_bias}; use "
+               "dispatch='einsum' or 'gather'")
+        _check(not self.expert_bias or self.expert_act == "swiglu_oss",
+               "model.moe.expert_bias=True needs expert_act='swiglu_oss' (the biased GPT-OSS "
+               "expert); plain SwiGLU experts have no biases")
         _check(
             1 <= self.top_k <= self.num_experts,
             f"{self.top_k=} must lie in [1, num_experts={self.num_experts}]",
@@ -176,6 +191,15 @@ class ModelConfig:
     # GraniteMoE's multipliers (1.0 elsewhere): embeddings are scaled by
     # embedding_multiplier, each residual branch by residual_multiplier, logits divided by
     # logits_scaling; attention_multiplier replaces head_dim**-0.5 (None keeps it)
+    # RoPE scaling: "none" or "yarn" (Peng et al. 2023, "YaRN", as transformers computes
+    # it: rope_factor, rope_original_max_len, rope_beta_fast/slow, rope_truncate)
+    rope_scaling: str = _rule("none", choices=("none", "yarn"))
+    rope_factor: float = _rule(1.0, ge=1.0)
+    rope_original_max_len: int | None = _rule(None, ge=1)
+    rope_beta_fast: float = _rule(32.0, gt=0.0)
+    rope_beta_slow: float = _rule(1.0, gt=0.0)
+    rope_truncate: bool = True
+    attention_sinks: bool = False  # a learned per-head logit in each softmax (GPT-OSS)
     embedding_multiplier: float = _rule(1.0, gt=0.0)
     residual_multiplier: float = _rule(1.0, gt=0.0)
     attention_multiplier: float | None = _rule(None, gt=0.0)

@@ -217,3 +217,49 @@ def test_family_defaults_equal_the_installed_transformers(family):
         assert key in fields, f"{family}: {key} is not a field of {cls.__name__}"
         assert fields[key] == ours, f"{family}.{key}: ours {ours!r}, transformers {fields[key]!r}"
     assert cls.default_theta == DEFAULT_THETA.get(family, 1e4)
+
+
+_FP4 = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                 -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
+
+
+def _quantize_mxfp4(w):
+    """Reference MXFP4 quantizer of ``w`` [..., R, C] (C a multiple of 32): per 32 values a
+    power-of-two scale with amax / scale <= 6, each value rounded to the nearest FP4 value;
+    returns (blocks <uint8>[..., R, C/32, 16], scales <uint8>[..., R, C/32], dequantized)."""
+    g = w.reshape(*w.shape[:-1], -1, 32)
+    amax = np.maximum(np.abs(g).max(-1), 1e-30)
+    exp = np.ceil(np.log2(amax / 6.0)).astype(np.int32)
+    scaled = g / np.ldexp(1.0, exp)[..., None]
+    nib = np.abs(scaled[..., None] - _FP4).argmin(-1).astype(np.uint8)  # [..., G, 32]
+    deq = np.ldexp(_FP4[nib], exp[..., None]).reshape(w.shape)
+    blocks = (nib[..., 0::2] | (nib[..., 1::2] << 4)).astype(np.uint8)
+    return blocks, (exp + 127).astype(np.uint8), deq
+
+
+def test_mxfp4_experts_are_dequantized_at_load(tmp_path):
+    # GPT-OSS publishes its experts as MXFP4 blocks: quantize the fixture's (stored
+    # [E, R, C] = transposed in-memory layout) and compare with the same values in float32.
+    q_dir = _copy("gpt_oss", tmp_path / "q", quantization_config={"quant_method": "mxfp4"})
+    ref_dir = _copy("gpt_oss", tmp_path / "ref")
+    t = read_file(str(q_dir / "model.safetensors"))
+    quant, deq = dict(t), dict(t)
+    for k in [k for k in t if k.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        stored = np.swapaxes(np.asarray(t[k], np.float32), -1, -2)  # [E, out, in]
+        blocks, scales, d = _quantize_mxfp4(stored)
+        del quant[k]
+        quant[k + "_blocks"], quant[k + "_scales"] = blocks, scales
+        deq[k] = np.swapaxes(d, -1, -2)
+    write_file(str(q_dir / "model.safetensors"), quant)
+    write_file(str(ref_dir / "model.safetensors"), deq)
+    _, params = load_hf(str(q_dir))
+    _, ref = load_hf(str(ref_dir))
+    for name in ("w_gate", "w_up", "w_down"):
+        np.testing.assert_array_equal(params["layer_0"]["moe"][name],
+                                      ref["layer_0"]["moe"][name])
+    assert not np.array_equal(ref["layer_0"]["moe"]["w_up"],
+                              load_hf(os.path.join(FIX, "gpt_oss"))[1]["layer_0"]["moe"]["w_up"])
+    del quant["model.layers.1.mlp.experts.down_proj_scales"]
+    write_file(str(q_dir / "model.safetensors"), quant)
+    with pytest.raises(UnsupportedCheckpoint, match="down_proj_blocks' has no"):
+        load_hf(str(q_dir))

@@ -13,13 +13,18 @@ import tempfile
 
 from ec2moe_jax.cli import _common
 
-FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe")
+# The families the importer reads (models/hf_config.py SUPPORTED), each with a fixture.
+FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "granitemoe", "gpt_oss")
+
 
 _CONVERT = """\
-Convert a Hugging Face MoE folder (config.json + safetensors, one file or sharded; Mixtral,
-OLMoE, Qwen2-MoE, Qwen3-MoE; no torch needed) into an orbax checkpoint workdir that
-generate, score and eval read. Prints the model's shape as JSON. Seconds for small
-checkpoints; about the time to read the weights from disk for large ones.
+Convert a Hugging Face MoE folder (config.json + safetensors, one file or sharded, fp32,
+bf16, block-FP8 or GPT-OSS's MXFP4 experts; Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE,
+GraniteMoE, GPT-OSS; no torch needed) into an orbax checkpoint workdir that generate,
+score and eval read, whole or split with --plan. Prints JSON: parameter count, the routed
+experts' bytes per MoE layer and the dtype stored (float32: quantized weights are
+dequantized at load). Seconds for small checkpoints; about the time to read the weights
+from disk for large ones.
 
   ec2moe convert-hf --hf path/to/hf_folder --workdir runs/imported
   ec2moe generate --workdir runs/imported --prompt-ids 1,2,3"""
@@ -55,15 +60,14 @@ def register(sub) -> None:
 
 
 def convert_hf(args: argparse.Namespace) -> dict:
-    from ec2moe_jax.models.hf import experiment_config, load_hf, num_params
+    from ec2moe_jax.models.hf import experiment_config, import_report, load_hf
     from ec2moe_jax.training import save_params
 
     _common.status(f"reading {args.hf}")
     model, params = load_hf(args.hf, dispatch=args.dispatch)
     name = "hf_" + os.path.basename(os.path.normpath(args.hf))
     save_params(experiment_config(model.cfg, name), args.workdir, params)
-    info = {"workdir": args.workdir, "layers": model.cfg.num_layers,
-            "experts": model.cfg.moe.num_experts, "params": num_params(params)}
+    info = {"workdir": args.workdir, **import_report(model, params)}
     print(json.dumps(info))
     return info
 

@@ -61,8 +61,11 @@ class Attention(nn.Module):
             # The cache knows where each row's chunk goes; positions follow from its index.
             idx = self.variable("cache", "cache_index", jnp.zeros, (b,), jnp.int32)
             positions = idx.value[:, None] + jnp.arange(t, dtype=jnp.int32)
-        q = rope(proj("wq", h), positions, cfg.rope_theta)
-        k = rope(proj("wk", hk), positions, cfg.rope_theta)
+        yarn = None if cfg.rope_scaling == "none" else (
+            cfg.rope_factor, cfg.rope_original_max_len or cfg.max_seq_len, cfg.rope_beta_fast,
+            cfg.rope_beta_slow, cfg.rope_truncate)
+        q = rope(proj("wq", h), positions, cfg.rope_theta, yarn)
+        k = rope(proj("wk", hk), positions, cfg.rope_theta, yarn)
         v = proj("wv", hk)
         q_pos, k_pos = positions, positions
         # [B, H, T, Dh] layout: plain batched matmuls are the fastest form on XLA:CPU. The
@@ -83,7 +86,16 @@ class Attention(nn.Module):
             # keys as a recomputation.
             causal &= k_pos[:, None, :] > q_pos[:, :, None] - self.window
         scores = jnp.where(causal[:, None], scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+        if cfg.attention_sinks:
+            # GPT-OSS: a learned logit per head joins every softmax and takes its share of
+            # the probability; its column is then dropped (the sink attends to nothing).
+            sinks = self.param("sinks", param_with_axes(nn.initializers.zeros, ("heads",)),
+                               (h,)).astype(jnp.float32)
+            sink = jnp.broadcast_to(sinks[None, :, None, None], (*scores.shape[:3], 1))
+            probs = jax.nn.softmax(jnp.concatenate([scores, sink], -1), axis=-1)[..., :-1]
+            probs = probs.astype(dtype)
+        else:
+            probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
         out = (probs @ v).transpose(0, 2, 1, 3)  # [B, T, H, Dh]
         wo = self.param("wo", param_with_axes(default_init, ("heads", "head_dim", "embed")),
                         (h, dh, d))

@@ -9,6 +9,7 @@ The module only owns parameters; routing (:mod:`ec2moe_jax.routing.topk`) and di
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import flax.linen as nn
@@ -61,6 +62,27 @@ def _expert_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("end,edf->enf", a, w)
 
 
+def oss_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+               b_gate: jax.Array, b_up: jax.Array, b_down: jax.Array, *,
+               alpha: float = 1.702, limit: float = 7.0,
+               matmul=jnp.matmul) -> jax.Array:
+    """GPT-OSS's expert: ``g = x W_g + b_g`` clamped to ``<= limit``, ``u = x W_u + b_u``
+    clamped to ``[-limit, limit]``, ``(g * sigmoid(alpha g) * (u + 1)) W_d + b_d``
+    (transformers' ``GptOssExperts._apply_gate``; OpenAI's gpt-oss ``swiglu``).
+
+    Shapes follow ``matmul`` as in :func:`~ec2moe_jax.routing.dispatch.swiglu`: one token
+    ``x [1, D]`` with ``W [D, F]`` and ``b [F]``, or stacked experts ``[E, N, D]`` with
+    ``W [E, D, F]`` and ``b [E, F]``.
+    """
+    def bias(y, b):  # b [..., F] over y [..., N, F]: one bias row per expert
+        return y + b.reshape(*b.shape[:-1], *(1,) * (y.ndim - b.ndim), b.shape[-1])
+
+    g = jnp.minimum(bias(matmul(x, w_gate), b_gate), limit)
+    u = jnp.clip(bias(matmul(x, w_up), b_up), -limit, limit)
+    h = g * jax.nn.sigmoid(alpha * g) * (u + 1)
+    return bias(matmul(h, w_down), b_down)
+
+
 class MoEBlock(nn.Module):
     """Top-k routed SwiGLU experts (plus an optional shared expert).
 
@@ -107,21 +129,26 @@ class MoEBlock(nn.Module):
             logits = dense(xg.astype(jnp.float32), router.astype(jnp.float32))
         else:
             logits = gate(xg.astype(jnp.float32), router.astype(jnp.float32))
+        if cfg.router_bias:  # GPT-OSS: chosen and weighted on the biased logits
+            logits = logits + self.param("router_bias", param_with_axes(
+                nn.initializers.zeros, (None,)), (e,)).astype(jnp.float32)
         # A gate's weights are its own softmax over the chosen experts: always renormalised.
         route = top_k_route(logits, top_k=cfg.top_k, capacity_factor=factor,
                             renormalize=cfg.renormalize or gate is not None, allowed=allowed)
 
         xg = xg.astype(self.dtype)
+        ws = [w.astype(self.dtype) for w in (wg, wu, wd)]
+        biases = self._biases(d, f)
+        ffn = dispatch_lib.swiglu
+        if cfg.expert_act == "swiglu_oss":
+            ffn = functools.partial(oss_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         if uses_gathered(b * t, cfg.top_k, e):
-            y = dispatch_lib.gathered_moe(xg, route, wg.astype(self.dtype),
-                                          wu.astype(self.dtype), wd.astype(self.dtype))
-        elif cfg.dispatch == "ragged":
-            y = dispatch_lib.ragged_moe(xg, route, wg.astype(self.dtype), wu.astype(self.dtype),
-                                        wd.astype(self.dtype))
+            y = dispatch_lib.gathered_moe(xg, route, *ws, extra=biases, ffn=ffn)
+        elif cfg.dispatch == "ragged":  # MoEConfig.validate keeps it to plain SwiGLU
+            y = dispatch_lib.ragged_moe(xg, route, *ws)
         else:
             def experts(xe):  # [E, N, D] -> [E, N, D], one batched matmul per weight
-                return dispatch_lib.swiglu(xe, wg.astype(self.dtype), wu.astype(self.dtype),
-                                           wd.astype(self.dtype), _expert_matmul)
+                return ffn(xe, *ws, *biases, matmul=_expert_matmul)
 
             impl = {"einsum": dispatch_lib.einsum_moe, "gather": dispatch_lib.gather_moe}
             y = impl[cfg.dispatch](xg, route, experts)
@@ -136,3 +163,15 @@ class MoEBlock(nn.Module):
                 shared = shared * jax.nn.sigmoid(gate_value)
             y = y + shared
         return y, route
+
+    def _biases(self, d: int, f: int) -> tuple[jax.Array, ...]:
+        """``(b_gate [E, F], b_up [E, F], b_down [E, D])`` with ``expert_bias``, else ()."""
+        if not self.cfg.expert_bias:
+            return ()
+        e = self.cfg.num_experts
+        return tuple(self.param(name, param_with_axes(nn.initializers.zeros, axes), shape
+                                ).astype(self.dtype)
+                     for name, axes, shape in (
+                         ("b_gate", ("expert", "expert_mlp"), (e, f)),
+                         ("b_up", ("expert", "expert_mlp"), (e, f)),
+                         ("b_down", ("expert", "embed"), (e, d))))

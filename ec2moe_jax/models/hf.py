@@ -37,8 +37,8 @@ from ec2moe_jax.models.hf_quant import check_quantization, dequantize
 from ec2moe_jax.models.lm import MoELM
 from ec2moe_jax.models.safetensors_io import read_checkpoint
 
-__all__ = ["SUPPORTED", "UnsupportedCheckpoint", "load_hf", "model_config_from_hf",
-           "read_hf_config", "reference_parity"]
+__all__ = ["SUPPORTED", "UnsupportedCheckpoint", "import_report", "load_hf",
+           "model_config_from_hf", "read_hf_config", "reference_parity"]
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -86,6 +86,15 @@ def _experts(t: _Tensors, pre: str, e: int) -> dict[str, np.ndarray]:
     return {k: np.stack(v) for k, v in stack.items()}
 
 
+def _oss_experts(t: _Tensors, pre: str) -> dict[str, np.ndarray]:
+    """GPT-OSS's experts: ``gate_up_proj`` [E, D, 2F] with gate and up interleaved (columns
+    0::2 and 1::2) and its bias [E, 2F], ``down_proj`` [E, F, D] and its bias [E, D]."""
+    gu, gub = t.pop(pre + "experts.gate_up_proj"), t.pop(pre + "experts.gate_up_proj_bias")
+    return {"w_gate": gu[..., ::2], "w_up": gu[..., 1::2], "b_gate": gub[:, ::2],
+            "b_up": gub[:, 1::2], "w_down": t.pop(pre + "experts.down_proj"),
+            "b_down": t.pop(pre + "experts.down_proj_bias")}
+
+
 def _swiglu(t: _Tensors, pre: str) -> dict[str, np.ndarray]:
     return {"w_gate": t.pop(pre + "gate_proj.weight").T, "w_up": t.pop(pre + "up_proj.weight").T,
             "w_down": t.pop(pre + "down_proj.weight").T}
@@ -102,6 +111,8 @@ def _layer(t: _Tensors, cfg: ModelConfig, i: int) -> dict:
     attn["wo"] = t.pop(f"{pre}self_attn.o_proj.weight").T.reshape(h, dh, d)
     if cfg.attention_bias == "all":
         attn["bo"] = t.pop(f"{pre}self_attn.o_proj.bias")
+    if cfg.attention_sinks:
+        attn["sinks"] = t.pop(f"{pre}self_attn.sinks")
     if cfg.qk_norm != "none":
         attn["q_norm"] = {"scale": t.pop(f"{pre}self_attn.q_norm.weight")}
         attn["k_norm"] = {"scale": t.pop(f"{pre}self_attn.k_norm.weight")}
@@ -115,7 +126,11 @@ def _layer(t: _Tensors, cfg: ModelConfig, i: int) -> dict:
                                             for r in ("gate", "router.layer")) else "mlp.")
     router = mlp + ("router.layer.weight" if t.has(mlp + "router.layer.weight") else
                     "gate.weight")
-    moe = {"router": t.pop(router).T, **_experts(t, mlp, cfg.moe.num_experts)}
+    if cfg.moe.router_bias:  # GPT-OSS: mlp.router.{weight, bias}, biased experts
+        moe = {"router": t.pop(mlp + "router.weight").T,
+               "router_bias": t.pop(mlp + "router.bias"), **_oss_experts(t, mlp)}
+    else:
+        moe = {"router": t.pop(router).T, **_experts(t, mlp, cfg.moe.num_experts)}
     if cfg.moe.shared_expert_dim:
         moe["shared_expert"] = _swiglu(t, mlp + "shared_expert.")
         moe["shared_gate"] = t.pop(mlp + "shared_expert_gate.weight").T
@@ -203,14 +218,17 @@ def load_hf(folder: str, *, dispatch: str = "einsum", mesh=None) -> tuple[MoELM,
 REFERENCE_FILE = "reference.npz"  # token_ids [B, T] and transformers' logits [B, T, V]
 
 
-def reference_parity(folder: str, **load_kw) -> tuple[dict, MoELM, dict]:
+def reference_parity(folder: str, *, greedy: bool = False,
+                     **load_kw) -> tuple[dict, MoELM, dict]:
     """Imports ``folder`` and compares its logits with the reference logits transformers
     computed for the same checkpoint (``<folder>/reference.npz``, written by
     ``tests/fixtures/hf/make_fixtures.py``).
 
     Returns:
       ``(record, model, params)``; ``record`` holds ``max_abs_logit_diff`` (float32 logits,
-      this backend), ``logit_abs_max`` (the scale of the logits) and the model's shape.
+      this backend), ``logit_abs_max`` (the scale of the logits) and the model's shape; with
+      ``greedy`` and greedy tokens in the reference, ``greedy_tokens_equal`` (our KV-cache
+      greedy decoding against transformers' ``generate``) and ``greedy_steps``.
 
     Raises:
       FileNotFoundError: ``folder`` has no ``reference.npz``.
@@ -223,18 +241,50 @@ def reference_parity(folder: str, **load_kw) -> tuple[dict, MoELM, dict]:
     model, params = load_hf(folder, **load_kw)
     with np.load(path, allow_pickle=False) as ref:
         ids, expected = ref["token_ids"], ref["logits"]
+        prompt, tokens = (ref[k] if k in ref else None
+                          for k in ("greedy_prompt", "greedy_tokens"))
     out = np.asarray(model.apply({"params": params}, ids))
     c = model.cfg
     record = {"max_abs_logit_diff": float(np.abs(out - expected).max()),
               "logit_abs_max": float(np.abs(expected).max()),
               "shape": {"d_model": c.d_model, "layers": c.num_layers,
                         "experts": c.moe.num_experts, "top_k": c.moe.top_k,
-                        "heads": c.num_heads, "kv_heads": c.kv_heads}}
+                        "heads": c.num_heads, "kv_heads": c.kv_heads,
+                        "sliding_window": c.sliding_window}}
+    if greedy and tokens is not None:
+        from ec2moe_jax.models.generate import generate
+
+        ours = np.asarray(generate(model, params, prompt, tokens.shape[1]))
+        record["greedy_steps"] = int(tokens.shape[1])
+        record["greedy_tokens_equal"] = bool(np.array_equal(ours, tokens))
     return record, model, params
 
 
 def num_params(params) -> int:
     return int(sum(math.prod(np.shape(x)) for x in jax.tree.leaves(params)))
+
+
+_EXPERT_KEYS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
+
+
+def import_report(model: MoELM, params) -> dict:
+    """What an import holds: parameter count, the routed experts' bytes per MoE layer (the
+    weights a split plan keeps resident or streams: w_gate/w_up/w_down and their biases,
+    not the router or a shared expert) and the dtype(s) the parameters are stored in."""
+    cfg = model.cfg
+    per_layer = {}
+    for i in range(cfg.num_layers):
+        moe = params[f"layer_{i}"].get("moe")
+        if moe is not None:
+            per_layer[i] = int(sum(np.dtype(moe[k].dtype).itemsize * math.prod(moe[k].shape)
+                                   for k in _EXPERT_KEYS if k in moe))
+    dtypes = sorted({str(np.dtype(x.dtype)) for x in jax.tree.leaves(params)})
+    return {"params": num_params(params), "layers": cfg.num_layers,
+            "moe_layers": len(per_layer), "experts": cfg.moe.num_experts,
+            "top_k": cfg.moe.top_k,
+            "expert_bytes_per_layer": per_layer[min(per_layer)] if per_layer else 0,
+            "expert_bytes_total": int(sum(per_layer.values())),
+            "stored_dtype": dtypes[0] if len(dtypes) == 1 else dtypes}
 
 
 def experiment_config(model_cfg: ModelConfig, name: str):

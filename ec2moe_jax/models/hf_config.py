@@ -15,7 +15,7 @@ from typing import Any
 
 from ec2moe_jax.config import ModelConfig, MoEConfig
 
-SUPPORTED = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "granitemoe")
+SUPPORTED = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "granitemoe", "gpt_oss")
 
 
 class UnsupportedCheckpoint(ValueError):
@@ -62,10 +62,21 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                    "logits_scaling": 1.0, "residual_multiplier": 1.0,
                    "attention_multiplier": 1.0, "num_local_experts": 8,
                    "num_experts_per_tok": 2, "router_aux_loss_coef": 0.001},
+    "gpt_oss": {**_COMMON, "num_hidden_layers": 36, "num_local_experts": 128,
+                "vocab_size": 201088, "hidden_size": 2880, "intermediate_size": 2880,
+                "head_dim": 64, "num_attention_heads": 64, "num_key_value_heads": 8,
+                "sliding_window": 128, "max_position_embeddings": 131072,
+                "rms_norm_eps": 1e-5, "num_experts_per_tok": 4, "swiglu_alpha": 1.702,
+                "swiglu_limit": 7.0, "router_aux_loss_coef": 0.001, "layer_types": None,
+                "attention_bias": True},
 }
 # ``default_theta`` of each config class (transformers' RotaryEmbeddingConfigMixin: 1e4).
-DEFAULT_THETA = {"mixtral": 1e6}
-_EXPERTS_KEY = {"mixtral": "num_local_experts", "granitemoe": "num_local_experts"}
+DEFAULT_THETA = {"mixtral": 1e6, "gpt_oss": 150000.0}
+# GptOssConfig.__post_init__'s RoPE when config.json has none.
+_GPT_OSS_ROPE = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                 "truncate": False, "original_max_position_embeddings": 4096}
+_EXPERTS_KEY = {"mixtral": "num_local_experts", "granitemoe": "num_local_experts",
+                "gpt_oss": "num_local_experts"}
 
 
 class _Reader:
@@ -92,23 +103,56 @@ class _Reader:
         return value
 
 
-def _rope(r: _Reader) -> float:
-    """The RoPE base; a ``rope_scaling``/``rope_parameters`` of type "default" is plain RoPE
-    (as in Qwen2.5 and Qwen3-2507 configs); any other scaling is refused by name."""
+def _number(r: _Reader, rope: dict, key: str, default: float | None) -> float | None:
+    value = rope.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        raise ValueError(f"{r.path}: field 'rope_parameters.{key}' must be a positive number, "
+                         f"got {value!r}")
+    return float(value)
+
+
+def _rope(r: _Reader) -> dict[str, Any]:
+    """ModelConfig's RoPE fields. ``rope_type`` "default" is plain RoPE (as in Qwen2.5 and
+    Qwen3-2507 configs), "yarn" is YaRN (GPT-OSS); any other scaling is refused by name."""
     # transformers' convert_rope_params_to_dict: a legacy rope_scaling takes precedence.
-    rope = r.c.get("rope_scaling") or r.c.get("rope_parameters") or {}
+    rope = r.c.get("rope_scaling") or r.c.get("rope_parameters")
+    if rope is None and r.family == "gpt_oss":
+        rope = dict(_GPT_OSS_ROPE)
+    rope = rope or {}
     if not isinstance(rope, dict):
         raise ValueError(f"{r.path}: field 'rope_parameters' must be an object, got {rope!r}")
     kind = rope.get("rope_type", rope.get("type", "default"))
-    if kind != "default":
+    if kind not in ("default", "yarn"):
         raise UnsupportedCheckpoint(f"{r.path}: rope scaling {rope} (rope_type={kind!r}) is "
-                                    "not supported; only plain RoPE")
+                                    "not supported; only plain RoPE and 'yarn'")
     theta = rope.get("rope_theta", r.c.get("rope_theta"))
     if theta is None:
-        return DEFAULT_THETA.get(r.family, 1e4)
+        theta = DEFAULT_THETA.get(r.family, 1e4)
     if isinstance(theta, bool) or not isinstance(theta, int | float) or theta <= 0:
         raise ValueError(f"{r.path}: field 'rope_theta' must be a positive number, got {theta!r}")
-    return float(theta)
+    out: dict[str, Any] = {"rope_theta": float(theta)}
+    if kind == "default":
+        return out
+    odd = sorted(k for k in ("attention_factor", "mscale", "mscale_all_dim") if rope.get(k))
+    if odd:
+        raise UnsupportedCheckpoint(f"{r.path}: yarn with {odd} is not supported")
+    max_len = r.get("max_position_embeddings", int)
+    original = rope.get("original_max_position_embeddings", max_len)
+    if isinstance(original, bool) or not isinstance(original, int) or original < 1:
+        raise ValueError(f"{r.path}: field 'rope_parameters.original_max_position_embeddings' "
+                         f"must be a positive integer, got {original!r}")
+    factor = _number(r, rope, "factor", None) or max_len / original
+    truncate = rope.get("truncate", True)
+    if not isinstance(truncate, bool):
+        raise ValueError(f"{r.path}: field 'rope_parameters.truncate' must be true or false, "
+                         f"got {truncate!r}")
+    return {**out, "rope_scaling": "yarn", "rope_factor": float(factor),
+            "rope_original_max_len": original,
+            "rope_beta_fast": _number(r, rope, "beta_fast", None) or 32.0,
+            "rope_beta_slow": _number(r, rope, "beta_slow", None) or 1.0,
+            "rope_truncate": truncate}
 
 
 def _sliding(r: _Reader, layers: int) -> tuple[int | None, tuple[int, ...] | None]:
@@ -121,7 +165,7 @@ def _sliding(r: _Reader, layers: int) -> tuple[int | None, tuple[int, ...] | Non
     if r.family == "mixtral":
         window = r.get("sliding_window", int, none_ok=True)
         return (window or None), None
-    if not r.get("use_sliding_window", bool):
+    if r.family != "gpt_oss" and not r.get("use_sliding_window", bool):
         return None, None
     window = r.get("sliding_window", int, none_ok=True)
     if not window:
@@ -129,7 +173,10 @@ def _sliding(r: _Reader, layers: int) -> tuple[int | None, tuple[int, ...] | Non
     if r.family == "qwen3_moe":
         return window, None
     types = r.raw("layer_types")
-    if types is None:
+    if types is None and r.family == "gpt_oss":  # GptOssConfig: even layers slide
+        types = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                 for i in range(layers)]
+    elif types is None:
         top = r.get("max_window_layers", int)
         types = ["sliding_attention" if (i + 1) % 2 and i < top else "full_attention"
                  for i in range(layers)]
@@ -140,6 +187,15 @@ def _sliding(r: _Reader, layers: int) -> tuple[int | None, tuple[int, ...] | Non
     if not sliding:
         return None, None
     return window, (None if len(sliding) == layers else sliding)
+
+
+def _gpt_oss_moe(r: _Reader) -> dict[str, Any]:
+    """GPT-OSS's MoEConfig fields: router bias, biased clamped-SwiGLU experts."""
+    if r.family != "gpt_oss":
+        return {}
+    return {"router_bias": True, "expert_bias": True, "expert_act": "swiglu_oss",
+            "swiglu_alpha": r.get("swiglu_alpha", float),
+            "swiglu_limit": r.get("swiglu_limit", float)}
 
 
 def _moe_layers(r: _Reader, layers: int) -> tuple[int, ...]:
@@ -192,9 +248,10 @@ def model_config_from_hf(c: dict, dispatch: str = "einsum",
     moe_layers = _moe_layers(r, layers)
     qwen = family in ("qwen2_moe", "qwen3_moe")
     expert_dim = r.get("moe_intermediate_size" if qwen else "intermediate_size", int)
-    # Mixtral and GraniteMoE always renormalise the top-k weights (softmax over the top-k
-    # logits); the others follow norm_topk_prob.
-    renormalize = family in ("mixtral", "granitemoe") or r.get("norm_topk_prob", bool)
+    # Mixtral, GraniteMoE and GPT-OSS always renormalise the top-k weights (softmax over
+    # the top-k logits); the others follow norm_topk_prob.
+    renormalize = family in ("mixtral", "granitemoe", "gpt_oss") or r.get("norm_topk_prob",
+                                                                           bool)
     if family == "qwen2_moe":
         bias = "qkv" if r.get("qkv_bias", bool) else "none"
     elif family == "mixtral":
@@ -211,10 +268,10 @@ def model_config_from_hf(c: dict, dispatch: str = "einsum",
         capacity_factor=None, eval_capacity_factor=None,  # transformers routes dropless
         renormalize=renormalize, aux_loss_coef=r.get("router_aux_loss_coef", float),
         z_loss_coef=0.0, shared_expert_dim=shared, shared_expert_gate=shared > 0,
-        dispatch=dispatch)
-    extra = {}
+        dispatch=dispatch, **_gpt_oss_moe(r))
+    extra = _rope(r)
     if family == "granitemoe":
-        extra = {"embedding_multiplier": r.get("embedding_multiplier", float),
+        extra |= {"embedding_multiplier": r.get("embedding_multiplier", float),
                  "residual_multiplier": r.get("residual_multiplier", float),
                  "attention_multiplier": r.get("attention_multiplier", float),
                  "logits_scaling": r.get("logits_scaling", float)}
@@ -224,7 +281,7 @@ def model_config_from_hf(c: dict, dispatch: str = "einsum",
         head_dim=r.get("head_dim", int, none_ok=True) or hidden // heads,
         d_ff=r.get("intermediate_size", int),
         moe_layers=None if len(moe_layers) == layers else moe_layers,
-        max_seq_len=r.get("max_position_embeddings", int), rope_theta=_rope(r),
+        max_seq_len=r.get("max_position_embeddings", int), attention_sinks=family == "gpt_oss",
         norm_eps=r.get("rms_norm_eps", float),
         tie_embeddings=r.get("tie_word_embeddings", bool), attention_bias=bias,
         qk_norm={"olmoe": "full", "qwen3_moe": "head"}.get(family, "none"),

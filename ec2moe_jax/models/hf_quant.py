@@ -8,6 +8,10 @@ DeepSeek-V3): each quantized ``<m>.weight`` [O, I] is stored as float8 e4m3 next
 (norms, router, embeddings, ``modules_to_not_convert``) are stored unquantized. We
 dequantize to float32 at load: the imported model computes in float32 like the others.
 
+MXFP4 (``quant_method == "mxfp4"``, GPT-OSS): expert matrices stored as ``<p>_blocks``
+(two FP4 e2m1 values a byte) and ``<p>_scales`` (one power-of-two exponent per 32 values),
+dequantized to float32 at load.
+
 Any other ``quant_method`` (gptq, awq, bitsandbytes, compressed-tensors, ...) raises
 :class:`UnsupportedCheckpoint` naming the method.
 """
@@ -19,12 +23,17 @@ import numpy as np
 from ec2moe_jax.models.hf_config import UnsupportedCheckpoint
 
 SCALE_SUFFIX = "_scale_inv"  # "<m>.weight_scale_inv" next to "<m>.weight"
-SUPPORTED_METHODS = ("fp8",)
+SUPPORTED_METHODS = ("fp8", "mxfp4")
+MXFP4 = "mxfp4"  # check_quantization's answer for an MXFP4 checkpoint
+# The 16 values of an FP4 (e2m1) nibble (OCP Microscaling spec v1.0, table 5; transformers'
+# integrations/mxfp4.py FP4_VALUES).
+FP4_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                       -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0], np.float32)
 
 
-def check_quantization(c: dict, path: str) -> tuple[int, int] | None:
-    """The FP8 block size ``(bo, bi)`` of config ``c`` (from ``path``), or None when the
-    checkpoint is not quantized.
+def check_quantization(c: dict, path: str) -> tuple[int, int] | str | None:
+    """The FP8 block size ``(bo, bi)`` of config ``c`` (from ``path``), ``MXFP4`` for an
+    MXFP4 checkpoint (GPT-OSS's experts), or None when the checkpoint is not quantized.
 
     Raises:
       UnsupportedCheckpoint: a quantization method, format or activation scheme we do not
@@ -40,8 +49,10 @@ def check_quantization(c: dict, path: str) -> tuple[int, int] | None:
     if method not in SUPPORTED_METHODS:
         raise UnsupportedCheckpoint(
             f"{path}: quantization_config.quant_method={method!r} is not supported (only "
-            "block-FP8 'fp8' is dequantized at load); use an unquantized (bf16/fp32) copy "
-            "of the checkpoint")
+            "block-FP8 'fp8' and GPT-OSS's 'mxfp4' are dequantized at load); use an "
+            "unquantized (bf16/fp32) copy of the checkpoint")
+    if method == MXFP4:
+        return MXFP4
     fmt = qc.get("fmt", "e4m3")
     if fmt != "e4m3":
         raise UnsupportedCheckpoint(f"{path}: quantization_config.fmt={fmt!r} is not supported "
@@ -80,11 +91,47 @@ def dequantize_block_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int,
     return np.asarray(w, np.float32) * s
 
 
-def dequantize(tensors: dict[str, np.ndarray], block: tuple[int, int] | None,
+def dequantize_mxfp4(blocks: np.ndarray, scales: np.ndarray, name: str = "weight"
+                     ) -> np.ndarray:
+    """MXFP4 ``blocks`` <uint8>[..., R, G, 16] (two FP4 values a byte, low nibble first) and
+    ``scales`` <uint8>[..., R, G] (E8M0 exponents, bias 127) -> float32 [..., R, G * 32]:
+    value ``FP4_VALUES[nibble] * 2**(scale - 127)`` (OCP MX spec v1.0; transformers'
+    ``_convert_moe_packed_tensors`` before its final transpose).
+
+    Raises:
+      UnsupportedCheckpoint: the shapes do not pair up (names the tensor).
+    """
+    if blocks.dtype != np.uint8 or scales.dtype != np.uint8 or blocks.shape[:-1] != scales.shape:
+        raise UnsupportedCheckpoint(
+            f"{name}_blocks {blocks.dtype}{list(blocks.shape)} and {name}_scales "
+            f"{scales.dtype}{list(scales.shape)} are not MXFP4 (uint8 [..., G, B] and [..., G])")
+    out = np.empty((*blocks.shape, 2), np.float32)
+    out[..., 0] = FP4_VALUES[blocks & 0x0F]
+    out[..., 1] = FP4_VALUES[blocks >> 4]
+    out = np.ldexp(out, (scales.astype(np.int32) - 127)[..., None, None])
+    return out.reshape(*blocks.shape[:-2], -1)
+
+
+def _dequantize_mxfp4_all(tensors: dict[str, np.ndarray], folder: str) -> dict:
+    """Every ``<p>_blocks`` / ``<p>_scales`` pair replaced by ``<p>`` in transformers' layout
+    (the last two axes swapped: ``gate_up_proj`` [E, D, 2F], ``down_proj`` [E, F, D])."""
+    out = dict(tensors)
+    for key in [k for k in tensors if k.endswith("_blocks")]:
+        name = key[: -len("_blocks")]
+        if name + "_scales" not in out:
+            raise UnsupportedCheckpoint(f"{folder!r}: {key!r} has no {name + '_scales'!r}")
+        w = dequantize_mxfp4(out.pop(key), out.pop(name + "_scales"), name)
+        out[name] = np.swapaxes(w, -1, -2)
+    return out
+
+
+def dequantize(tensors: dict[str, np.ndarray], block: tuple[int, int] | str | None,
                folder: str) -> dict[str, np.ndarray]:
-    """``tensors`` with every FP8 weight and its ``weight_scale_inv`` replaced by the float32
-    weight. A float8 tensor without a scale (or a scale in an unquantized checkpoint) is an
-    error naming it."""
+    """``tensors`` with every FP8 weight and its ``weight_scale_inv`` (or MXFP4 blocks and
+    scales) replaced by the float32 weight. A float8 tensor without a scale (or a scale in an
+    unquantized checkpoint) is an error naming it."""
+    if block == MXFP4:
+        return _dequantize_mxfp4_all(tensors, folder)
     scales = [k for k in tensors if k.endswith(SCALE_SUFFIX)]
     if block is None:
         if scales:

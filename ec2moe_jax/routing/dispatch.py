@@ -145,6 +145,9 @@ def gathered_moe(
     w_gate: jax.Array,
     w_up: jax.Array,
     w_down: jax.Array,
+    *,
+    extra: tuple[jax.Array, ...] = (),
+    ffn: Callable[..., jax.Array] = swiglu,
 ) -> jax.Array:
     """Decode-shaped experts: one single-token SwiGLU per choice on that choice's expert's
     weights, ``[G * S * K]`` expert matmuls, nothing computed for an expert no token chose.
@@ -154,6 +157,9 @@ def gathered_moe(
       route: any routing decision; a dropped or masked choice contributes nothing (its
         combine weight is 0), as in the other dispatches.
       w_gate, w_up: [E, D, F]; w_down: [E, F, D].
+      extra: further per-expert arrays [E, ...] sliced like the weights (expert biases).
+      ffn: ``ffn(x [1, D], w_gate [D, F], w_up, w_down, *extra) -> [1, D]``, one choice on
+        its expert's slices; default :func:`swiglu`.
 
     Returns:
       [G, S, D]. The choices run in a ``fori_loop`` that slices one expert's matrices at a
@@ -168,8 +174,8 @@ def gathered_moe(
 
     def one(i, out):
         w = [jax.lax.dynamic_index_in_dim(a, expert[i], keepdims=False)
-             for a in (w_gate, w_up, w_down)]
-        y = swiglu(jax.lax.dynamic_index_in_dim(xs, i), *w)  # [1, D]
+             for a in (w_gate, w_up, w_down, *extra)]
+        y = ffn(jax.lax.dynamic_index_in_dim(xs, i), *w)  # [1, D]
         return jax.lax.dynamic_update_index_in_dim(out, y.astype(out.dtype), i, 0)
 
     ys = jax.lax.fori_loop(0, n, one, jnp.zeros((n, dim), x.dtype))
