@@ -31,9 +31,10 @@ from disk for large ones.
 
 _PARITY = """\
 Logits parity of the Hugging Face import against transformers: max |logit difference|
-(fp32) on the committed fixtures (tests/fixtures/hf) and, with --fresh-seeds, on fresh tiny
-checkpoints of other shapes built by tests/fixtures/hf/make_fixtures.py (that needs torch
-and transformers). Writes <out> (results/hf_parity.json). Seconds for the fixtures; about
+(fp32) and whether 16 greedy tokens equal transformers' generate, for every family, on the
+committed fixtures (tests/fixtures/hf) and, with --fresh-seeds, on fresh tiny checkpoints
+of other shapes built by tests/fixtures/hf/make_fixtures.py (that needs torch and
+transformers). Writes <out> (results/hf_parity.json). Seconds for the fixtures; about
 a minute per fresh seed (building checkpoints with transformers)."""
 
 
@@ -75,7 +76,7 @@ def convert_hf(args: argparse.Namespace) -> dict:
 def _parity(folder: str) -> dict:
     from ec2moe_jax.models import reference_parity
 
-    return reference_parity(folder)[0]
+    return reference_parity(folder, greedy=True)[0]
 
 
 def hf_parity(args: argparse.Namespace) -> dict:
@@ -99,6 +100,7 @@ def hf_parity(args: argparse.Namespace) -> dict:
             record[f"fresh_seed{seed}"] = {f: _parity(os.path.join(tmp, f)) for f in FAMILIES}
     record["command"] = _common.command_line("hf-parity", args.argv)
     _common.write_json(args.out, record)
-    print(json.dumps({k: {f: v["max_abs_logit_diff"] for f, v in r.items()}
+    print(json.dumps({k: {f: [v["max_abs_logit_diff"], v.get("greedy_tokens_equal")]
+                          for f, v in r.items()}
                       for k, r in record.items() if isinstance(r, dict)}, indent=1))
     return record
