@@ -29,6 +29,7 @@ from ec2moe_jax.models.lm import cache_bucket
 from ec2moe_jax.pipeline.engine import CloudEngine, Message, insert
 from ec2moe_jax.pipeline.stages import build_stages
 from ec2moe_jax.serving import protocol
+from ec2moe_jax.sharding import batch_sharding, replicated
 
 GroupKey = tuple[int, str, float]  # (split, codec name, temperature)
 
@@ -90,6 +91,21 @@ def _stack_rows(inputs: dict[int, object], capacity: int):
     return jax.tree.map(stack, *[inputs[r] for r in inputs])
 
 
+def _on_mesh(tree, mesh):
+    """Host arrays as global arrays of ``mesh``, placed as :func:`~ec2moe_jax.sharding.hop`
+    places them (B over 'data' where it divides), without the cross-process equality check
+    that ``jax.device_put`` makes of a host array in a cloud of several processes (one
+    collective per array): every process got these values from process 0's one broadcast
+    (:mod:`.distributed`). Used only when ``jax.process_count() > 1``."""
+
+    def one(x):
+        x = np.asarray(x)
+        sharding = batch_sharding(mesh, x.ndim, x.shape[0] if x.ndim else None)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
+
+
 class CloudWorker:
     """The cloud side's groups and pools (see the module docstring). Not thread-safe: call
     it from one thread (the server's compute thread).
@@ -121,6 +137,9 @@ class CloudWorker:
         self.groups: dict[GroupKey, Group] = {}
         self.rng = jax.random.key(seed)
         self.capacities = capacities(slots)
+        # Several processes (jax.distributed): inputs go onto the global mesh directly.
+        self.place = ((lambda tree: _on_mesh(tree, mesh)) if jax.process_count() > 1
+                      else (lambda tree: tree))
 
     @property
     def max_seq_len(self) -> int:
@@ -129,6 +148,10 @@ class CloudWorker:
 
     def _key(self):
         self.rng, sub = jax.random.split(self.rng)
+        if jax.process_count() > 1:  # the same key on every process, placed without a check
+            data = np.asarray(jax.random.key_data(sub))
+            return jax.random.wrap_key_data(jax.make_array_from_callback(
+                data.shape, replicated(self.mesh), lambda index: data[index]))
         return sub
 
     def group(self, key: GroupKey) -> Group:
@@ -190,7 +213,8 @@ class CloudWorker:
         g = self.groups[key]
         padded = cache_bucket(length, self.max_seq_len)
         prefix = g.engine.init_cache(1, padded)
-        msg = Message(_pad_time(payload, padded), None, 0, np.array([length], np.int32))
+        msg = Message(self.place(_pad_time(payload, padded)), None, 0,
+                      np.array([length], np.int32))
         prefix, sample, dt = g.engine.prefill(prefix, msg, self._key())
         g.cache = insert(prefix, g.cache, g.rows.index(session))
         return int(np.asarray(sample.token)[0]), dt
@@ -202,7 +226,7 @@ class CloudWorker:
         by_row = {g.rows.index(s): m for s, m in inputs.items()}
         active = np.zeros((g.capacity,), np.int32)
         active[list(by_row)] = 1
-        msg = Message(_stack_rows(by_row, g.capacity), None, 0, active)
+        msg = Message(self.place(_stack_rows(by_row, g.capacity)), None, 0, active)
         g.cache, sample, dt = g.engine.step(g.cache, msg, self._key())
         tokens = np.asarray(sample.token)
         return {s: int(tokens[g.rows.index(s)]) for s in inputs}, dt
@@ -213,7 +237,8 @@ class CloudWorker:
         g = self.group(key)
         b, t = targets.shape
         padded = cache_bucket(t, self.max_seq_len)
-        msg = Message(_pad_time(payload, padded), _pad_time(targets, padded), 0)
+        msg = Message(self.place(_pad_time(payload, padded)),
+                      self.place(_pad_time(targets, padded)), 0)
         scores, dt = g.engine.score(msg)
         return np.asarray(scores.logprobs)[:, :t], dt
 
