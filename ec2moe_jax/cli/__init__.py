@@ -25,8 +25,8 @@ _GROUPS = (demo, train, infer, bench, calibrate, hf, serve, api)
 _EPILOG = """\
 start with `ec2moe demo`. To reproduce the committed results: train (runs/small), then
 codec-sweep, calibrate and pipeline-calibration (the scheduler reads their JSON), then demo,
-demo-pipeline, scheduler-report, bench-scheduler and bench; hlggn-eval, bench-moe-layer and hf-parity stand
-alone. `ec2moe COMMAND --help` says what each writes and how long it takes."""
+demo-pipeline, scheduler-report, bench-scheduler and bench; hlggn-eval, bench-moe-layer and
+hf-parity stand alone. `ec2moe COMMAND --help` says what each writes and how long it takes."""
 
 
 def parser() -> argparse.ArgumentParser:
