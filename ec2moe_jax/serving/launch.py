@@ -157,6 +157,11 @@ def serve(workdir: str, options: ServeOptions, *, devices: int | None = None,
     worker, fingerprint, codec_fp = load(workdir, slots=options.slots, devices=devices,
                                          expert_shards=expert_shards, cache_len=cache_len,
                                          seed=seed)
+    from ec2moe_jax.serving.distributed import expert_bytes
+
+    held = expert_bytes(worker.params)
+    log(f"expert weights: {held['distinct']:,} of {held['total']:,} bytes on this process "
+        f"({held['held']:,} with replicas over its devices)")
     if num_processes > 1:
         worker = _distributed_front(worker, process_id)
         if worker is None:  # a follower: ran process 0's calls until it stopped
@@ -183,9 +188,6 @@ def _distributed_front(worker: CloudWorker, process_id: int):
     then None."""
     from ec2moe_jax.serving import distributed
 
-    held = distributed.expert_bytes(worker.params)
-    log(f"expert weights: {held['distinct']:,} of {held['total']:,} bytes on this process "
-        f"({held['held']:,} with replicas over its devices)")
     channel = distributed.Channel()
     if process_id == 0:
         return distributed.CloudFront(worker, channel)
@@ -197,8 +199,8 @@ def _distributed_front(worker: CloudWorker, process_id: int):
 def _cloud_metrics(server: CloudServer, front) -> None:
     """Prometheus gauges of a cloud of several processes, in the server's registry:
     ``ec2moe_cloud_processes``, ``ec2moe_cloud_restarts`` (the launcher's count, so an
-    outage shows as a step), ``ec2moe_expert_bytes{kind}`` (this process's expert weights)
-    and ``ec2moe_broadcast_seconds`` (process 0's time broadcasting calls)."""
+    outage shows as a step), ``ec2moe_expert_bytes{kind}`` (this process's expert weights),
+    ``ec2moe_broadcast_seconds`` and ``ec2moe_broadcast_calls`` (process 0's broadcasts)."""
     from prometheus_client import Gauge
 
     from ec2moe_jax.serving import distributed
@@ -214,5 +216,7 @@ def _cloud_metrics(server: CloudServer, front) -> None:
         g.labels(kind).set(n)
     Gauge("ec2moe_broadcast_seconds", "seconds process 0 spent broadcasting calls",
           registry=r).set_function(lambda: front.channel.seconds)
+    Gauge("ec2moe_broadcast_calls", "calls process 0 broadcast to the other processes",
+          registry=r).set_function(lambda: front.channel.calls)
     if restarts:
         log(f"this cloud was restarted {restarts} time(s) by its launcher")
