@@ -122,3 +122,32 @@ def test_group_size_reshapes_tokens_and_rejects_bad_sizes():
     # Dropless routing is per token, so an indivisible group size falls back to sequences.
     y7, _ = MoEBlock(dataclasses.replace(cfg, group_size=7)).apply(params, x)
     assert_close(y7, y, atol=1e-6)
+
+
+@pytest.mark.parametrize("oss", [False, True])
+@pytest.mark.parametrize("dispatch", ["einsum", "gather"])
+def test_unstacked_experts_equal_stacked(oss, dispatch):
+    # One buffer per expert (unstack_experts) changes where the weights live, not the maths:
+    # the decode-shaped path (B = 2 tokens, 4 choices of 16 experts) and the capacity-slot
+    # dispatch (2 x 8 tokens), plain SwiGLU with a shared expert, and GPT-OSS's biased,
+    # clamped experts with a router bias.
+    from ec2moe_jax.models import unstack_experts
+
+    extra = dict(expert_bias=True, router_bias=True, expert_act="swiglu_oss") if oss else {}
+    cfg = MoEConfig(num_experts=16, top_k=2, expert_dim=F, capacity_factor=None,
+                    eval_capacity_factor=None, shared_expert_dim=6, dispatch=dispatch, **extra)
+    seqs = jax.random.normal(jax.random.key(8), (2, 8, D))
+    block = MoEBlock(cfg)
+    params = block.init(jax.random.key(9), seqs)
+    # Non-zero biases, so a bias read from the wrong expert shows.
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: (a + 0.1 * jax.random.normal(jax.random.key(len(path)), a.shape)
+                         if "b_" in jax.tree_util.keystr(path) else a), params)
+    split = {"params": unstack_experts(params["params"])}
+    assert "w_gate" not in split["params"] and len(split["params"]["experts"]["w_gate"]) == 16
+    assert unstack_experts(split["params"]).keys() == split["params"].keys()  # idempotent
+    for x in (seqs[:, :1], seqs):
+        assert uses_gathered(x.shape[0] * x.shape[1], 2, 16) == (x.shape[1] == 1)
+        want, _ = block.apply(params, x)
+        got, _ = block.apply(split, x)
+        assert_close(got, want, atol=1e-5)

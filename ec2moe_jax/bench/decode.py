@@ -94,12 +94,13 @@ def make_checkpoints(root: str, *, olmoe_ffn: int = 256, seed: int = 0) -> dict[
 
 
 def _ours(folder: str, bf16: bool = False):
-    from ec2moe_jax.models import MoELM, cast_params, generate, load_hf
+    from ec2moe_jax.models import MoELM, cast_params, generate, load_hf, unstack_experts
 
     model, params = load_hf(folder)
     if bf16:
         model = MoELM(dataclasses.replace(model.cfg, dtype="bfloat16"))
         params = cast_params(params, "bfloat16")
+    params = unstack_experts(params)  # once, as a server or `ec2moe generate` does
 
     def run(prompt):
         return np.asarray(generate(model, params, prompt, NEW_TOKENS))

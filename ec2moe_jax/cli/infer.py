@@ -209,7 +209,9 @@ def generate(args: argparse.Namespace) -> str:
     else:
         ids = _prompt_ids(args, model.cfg.vocab_size)
     n = _new_tokens(args.max_new_tokens, len(ids), model.cfg.max_seq_len)
-    out = generate_lm(model, params, jnp.asarray(ids, jnp.int32)[None], n,
+    from ec2moe_jax.models import unstack_experts
+
+    out = generate_lm(model, unstack_experts(params), jnp.asarray(ids, jnp.int32)[None], n,
                       temperature=args.temperature, rng=jax.random.key(args.seed))
     new = jax.device_get(out[0])
     if tok is not None:

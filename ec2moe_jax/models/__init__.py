@@ -1,5 +1,6 @@
 """The MoE language model and generation."""
 
+from ec2moe_jax.layers.moe import unstack_experts
 from ec2moe_jax.models.generate import (
     Decoder,
     generate,
@@ -42,4 +43,5 @@ __all__ = [
     "routing_stats",
     "sample_token",
     "summarize_routes",
+    "unstack_experts",
 ]

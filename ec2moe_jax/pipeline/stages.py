@@ -29,11 +29,13 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from ec2moe_jax.codec import FP32, CodecSpec, lowrank, wire
 from ec2moe_jax.config import ModelConfig
 from ec2moe_jax.layers.group_gate import make_gates
+from ec2moe_jax.layers.moe import unstack_experts
 from ec2moe_jax.models.generate import last_valid, sample_token
 from ec2moe_jax.models.lm import MoELM, cache_positions, cache_shapes, set_cache_positions
 from ec2moe_jax.sharding import hop, param_shardings, unbox, use_mesh
@@ -243,7 +245,16 @@ def place_params(model: MoELM, params, mesh: Mesh, layers: range | None = None) 
     that one tree (:func:`build_stages` with ``side="cloud"``), sharing the buffers."""
     layers = range(model.cfg.num_layers) if layers is None else layers
     sh = param_shardings(_layer_subset(_boxed_shapes(model.cfg), layers), mesh)
-    return jax.device_put(_layer_subset(unbox(params), layers), sh)
+    tree = _layer_subset(unbox(params), layers)
+    if mesh.shape.get("expert", 1) > 1:  # experts sharded: the stacked form
+        return jax.device_put(tree, sh)
+    # Experts on every device of the mesh: one buffer per expert (unstack_experts), which
+    # decodes without copying the chosen experts; a tree already split is placed as it is.
+    flat = dict(traverse_util.flatten_dict(tree, sep="/"))
+    shard = dict(traverse_util.flatten_dict(sh, sep="/"))
+    rep = NamedSharding(mesh, PartitionSpec())
+    placed = {k: jax.device_put(v, shard.get(k, rep)) for k, v in flat.items()}
+    return unstack_experts(traverse_util.unflatten_dict(placed, sep="/"))
 
 
 def _check_build(model, split, side, end_mesh, cloud_mesh, transport, codec, gates):

@@ -171,12 +171,21 @@ def gathered_moe(
     n = num_groups * num_tokens * top_k
     expert = route.expert_index.reshape(n)
     xs = jnp.repeat(x.reshape(-1, dim), top_k, axis=0)  # [N * K, D], choice-major per token
+    weights = (w_gate, w_up, w_down, *extra)
 
-    def one(i, out):
-        w = [jax.lax.dynamic_index_in_dim(a, expert[i], keepdims=False)
-             for a in (w_gate, w_up, w_down, *extra)]
-        y = ffn(jax.lax.dynamic_index_in_dim(xs, i), *w)  # [1, D]
-        return jax.lax.dynamic_update_index_in_dim(out, y.astype(out.dtype), i, 0)
+    if isinstance(w_gate, (tuple, list)):  # one buffer per expert: unstack_experts
+        # A switch over the experts reads the chosen one's own buffers: no slice, no copy.
+        branches = [lambda xi, e=e: ffn(xi, *(w[e] for w in weights))
+                    for e in range(len(w_gate))]
+
+        def one(i, out):
+            y = jax.lax.switch(expert[i], branches, jax.lax.dynamic_index_in_dim(xs, i))
+            return jax.lax.dynamic_update_index_in_dim(out, y.astype(out.dtype), i, 0)
+    else:
+        def one(i, out):
+            w = [jax.lax.dynamic_index_in_dim(a, expert[i], keepdims=False) for a in weights]
+            y = ffn(jax.lax.dynamic_index_in_dim(xs, i), *w)  # [1, D]
+            return jax.lax.dynamic_update_index_in_dim(out, y.astype(out.dtype), i, 0)
 
     ys = jax.lax.fori_loop(0, n, one, jnp.zeros((n, dim), x.dtype))
     ys = ys.reshape(num_groups, num_tokens, top_k, dim)

@@ -39,7 +39,11 @@ class LocalBackend:
     def __init__(self, model, params, name: str, tokenizer: Tokenizer, plan: dict, *,
                  chat_template: Callable[[list[dict]], list[int]] | None = None,
                  eos_ids: tuple[int, ...] = ()):
-        self.model, self.params, self.model_name, self.tokenizer = model, params, name, tokenizer
+        from ec2moe_jax.models import unstack_experts
+
+        # One buffer per expert: decoding then reads the chosen experts without copying.
+        self.model, self.params = model, unstack_experts(params)
+        self.model_name, self.tokenizer = name, tokenizer
         self.vocab_size, self.max_seq_len = model.cfg.vocab_size, model.cfg.max_seq_len
         self.plan, self.chat_template, self.eos_ids = plan, chat_template, eos_ids
 
