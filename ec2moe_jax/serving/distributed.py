@@ -249,10 +249,12 @@ def follow(worker, channel: Channel) -> int:
 
 def watch_launcher() -> None:
     """In a launched child: exits the process when the launcher is gone (a killed launcher
-    must not leave a cloud behind)."""
+    must not leave a cloud behind), and leaves Ctrl-C to the launcher (which stops process
+    0, which stops the others) instead of interrupting a follower inside a collective."""
     parent = os.environ.get(LAUNCHER_ENV)
     if not parent:
         return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
     def watch():
         while os.getppid() == int(parent):

@@ -6,6 +6,10 @@ the first time a session asks for it. Link codecs come from the workdir (a fine-
 saved for the split, rank and precision, else the PCA initialisation on the training text,
 computed once): the same function the end client uses, so both ends hold the same weights,
 and the session's codec fingerprint proves it.
+
+A cloud of several processes (``num_processes > 1``, :mod:`.distributed`): every process
+joins ``jax.distributed`` and loads the workdir onto the global mesh; process 0 serves gRPC
+over a worker that broadcasts each call, the others follow it until it stops.
 """
 
 from __future__ import annotations
