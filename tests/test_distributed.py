@@ -17,8 +17,7 @@ import jax
 import numpy as np
 import pytest
 
-# About 40-60 s in all on 2 cores (the cloud starts in about 20), so marked slow.
-pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
+pytestmark = pytest.mark.timeout(240)
 PROMPT = [72, 101, 108, 108, 111, 44, 32, 119]  # 8 tokens
 NEW = 10
 
@@ -140,6 +139,7 @@ def _reference(run) -> list[int]:
     return _REFERENCE[0]
 
 
+@pytest.mark.slow  # the three share the cloud: 40-50 s in all here
 def test_two_processes_score_as_one_process_of_eight_devices(run, cloud, devices):
     # The same scoring requests through the 2 x 4 cloud (gRPC, experts split across the
     # processes) and through the server's worker on one process's 8 devices ('data' 4 x
@@ -165,12 +165,14 @@ def test_two_processes_score_as_one_process_of_eight_devices(run, cloud, devices
     assert_close(got, want)
 
 
+@pytest.mark.slow  # the three share the cloud: 40-50 s in all here
 def test_a_client_through_the_two_process_cloud_equals_the_in_process_pipeline(run, cloud):
     with _client(run, cloud.address, 1) as c:  # hidden states up, layer 1 across processes
         assert c.generate(PROMPT, NEW) == _reference(run)
         assert c.stats.reconnects == 0
 
 
+@pytest.mark.slow  # the three share the cloud: 40-50 s in all here
 def test_killing_one_cloud_process_restarts_the_cloud_and_the_client_replays(run, cloud):
     from ec2moe_jax.serving.client import Retry
 
@@ -194,3 +196,26 @@ def test_killing_one_cloud_process_restarts_the_cloud_and_the_client_replays(run
     assert s["exits"][-1]["process"] == 1 and s["exits"][-1]["returncode"] == -9
     assert len(s["outages_s"]) == s["restarts"] and s["outages_s"][-1] > 0
     assert f"restarted {s['restarts']} time(s)" in cloud.output()
+
+
+def test_the_launcher_gives_up_on_a_cloud_that_never_serves(tmp_path):
+    # Both processes fail at once (no model in the workdir): after max_failed_starts starts
+    # that never served, run() returns 1 and the status file says so.
+    from ec2moe_jax.serving.distributed import Launcher
+
+    status = tmp_path / "status.json"
+    launcher = Launcher(["--workdir", str(tmp_path / "missing"), "--devices", "1"], 2,
+                        status_file=str(status), max_failed_starts=1)
+    assert launcher.run() == 1
+    s = json.loads(status.read_text())
+    assert s["state"] == "failed" and s["restarts"] == 0 and s["exits"]
+    assert s["exits"][0]["returncode"] != 0 and s["outages_s"] == []
+
+
+def test_a_process_id_outside_the_cloud_is_refused_naming_the_flags():
+    from ec2moe_jax.serving.distributed import initialize
+
+    with pytest.raises(ValueError, match=r"--process-id 2 must lie in \[0, --num-processes 2"):
+        initialize("127.0.0.1:1234", 2, 2)
+    with pytest.raises(ValueError, match="--coordinator 'localhost' must be HOST:PORT"):
+        initialize("localhost", 2, 0)

@@ -347,8 +347,15 @@ class Launcher:
     def run(self) -> int:
         """Runs the cloud until SIGINT/SIGTERM; returns 0, or 1 after too many failed
         starts."""
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self.stop)
+        previous = {sig: signal.signal(sig, self.stop) for sig in (signal.SIGINT,
+                                                                    signal.SIGTERM)}
+        try:
+            return self._run()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _run(self) -> int:
         failed, down_since = 0, None
         while not self._stop.is_set():
             ready = f"{self._private}-{self.status['restarts']}"
