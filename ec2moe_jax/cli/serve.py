@@ -19,7 +19,12 @@ non-loopback address needs --allow-remote plus --auth-token-file and/or --tls-ce
 Prints "listening on HOST:PORT" on stdout once ready; stops on Ctrl-C or SIGTERM.
 
 Loading takes seconds; each (split, codec) compiles on first use (seconds per batch size on a
-2-core CPU) unless --warm names it."""
+2-core CPU) unless --warm names it.
+
+--num-processes N runs one cloud as N processes on jax.distributed (the experts sharded
+across them; process 0 serves gRPC and broadcasts each batch to the others): without
+--process-id on this machine (a launcher that restarts all N when one dies), or one command
+per host with --process-id and --coordinator."""
 
 _BENCH = """\
 Real processes on this machine: one `ec2moe serve` process, 1..16 end client processes
@@ -50,7 +55,7 @@ def register(sub) -> None:
                         "max_seq_len); shorter keeps batched steps cheap")
     p.add_argument("--devices", type=int, default=None,
                    help="devices of the server's mesh (default: 6 fake CPU devices on a CPU, "
-                        "every device on an accelerator)")
+                        "every device on an accelerator); with --num-processes, per process")
     p.add_argument("--expert-shards", type=int, default=None,
                    help="size of the mesh's 'expert' axis (default 2 if it divides --devices)")
     p.add_argument("--allow-remote", action="store_true",
