@@ -219,3 +219,19 @@ def test_a_process_id_outside_the_cloud_is_refused_naming_the_flags():
         initialize("127.0.0.1:1234", 2, 2)
     with pytest.raises(ValueError, match="--coordinator 'localhost' must be HOST:PORT"):
         initialize("localhost", 2, 0)
+
+
+def test_the_global_mesh_puts_each_process_on_its_own_expert_slices(devices):
+    # In one process the layout rule still holds: 'data' rows inside the process, the
+    # expert axis over (processes x e); with 8 devices and 4 expert shards, data 2.
+    from ec2moe_jax.serving.distributed import expert_bytes, global_cloud_mesh
+
+    mesh = global_cloud_mesh(4)
+    assert mesh.shape == {"data": 2, "expert": 4}
+    assert [d.id for d in mesh.devices.flat] == [d.id for d in jax.devices()]
+    with pytest.raises(ValueError, match="--expert-shards 3 must be 1 processes x a divisor"):
+        global_cloud_mesh(3)
+    w = jax.device_put(np.zeros((8, 4), np.float32),
+                       jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("expert")))
+    # 4 distinct quarters of 32 bytes, each held twice (the 2 'data' rows).
+    assert expert_bytes({"w": w}) == {"total": 128, "held": 256, "distinct": 128}

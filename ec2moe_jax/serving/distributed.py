@@ -108,8 +108,10 @@ def expert_bytes(params) -> dict:
     """Bytes of the expert weights (leaves sharded over 'expert') of placed ``params``:
     ``{"total": one copy of every expert, "held": on this process's devices (replicas over
     'data' included), "distinct": the distinct expert slices this process holds}``."""
+    import jax
+
     total = held = distinct = 0
-    for leaf in _leaves(params):
+    for leaf in jax.tree.leaves(params):
         spec = getattr(leaf.sharding, "spec", ())
         if "expert" not in tuple(spec):
             continue
@@ -122,12 +124,6 @@ def expert_bytes(params) -> dict:
                 seen.add(key)
                 distinct += shard.data.nbytes
     return {"total": int(total), "held": int(held), "distinct": int(distinct)}
-
-
-def _leaves(tree):
-    import jax
-
-    return jax.tree.leaves(tree)
 
 
 class Channel:
