@@ -105,15 +105,20 @@ def global_cloud_mesh(expert_shards: int | None = None):
 
 
 def expert_bytes(params) -> dict:
-    """Bytes of the expert weights (leaves sharded over 'expert') of placed ``params``:
-    ``{"total": one copy of every expert, "held": on this process's devices (replicas over
-    'data' included), "distinct": the distinct expert slices this process holds}``."""
+    """Bytes of the expert weights (leaves sharded over 'expert', or split one buffer per
+    expert by :func:`~ec2moe_jax.layers.moe.unstack_experts` on a mesh without an 'expert'
+    axis) of placed ``params``: ``{"total": one copy of every expert, "held": on this
+    process's devices (replicas over 'data' included), "distinct": the distinct expert
+    slices this process holds}``."""
     import jax
 
+    from ec2moe_jax.layers.moe import UNSTACKED
+
     total = held = distinct = 0
-    for leaf in jax.tree.leaves(params):
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         spec = getattr(leaf.sharding, "spec", ())
-        if "expert" not in tuple(spec):
+        split = any(getattr(k, "key", None) == UNSTACKED for k in path)
+        if "expert" not in tuple(spec) and not split:
             continue
         total += leaf.nbytes
         seen = set()
