@@ -25,6 +25,7 @@ stage, codec, serialisation); its mean request latency is compared with the meas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -220,6 +221,34 @@ def _server(workdir: str, warm: str, ready: str, cache_len: int, devices: int, *
         time.sleep(0.2)
     with open(ready) as f:
         return proc, int(f.read())
+
+
+@contextlib.contextmanager
+def serving_setup(workdir: str, groups, *, clients: int, cache_len: int, devices: int,
+                  prompt_len: int = PROMPT_LEN):
+    """An ``ec2moe serve`` process of ``workdir`` (``groups``: the (split, codec) pairs it
+    compiles before listening), a relay in front of it (unshaped until ``set_shape``) and a
+    pool of ``clients`` client processes; yields ``(port, relay, pool)`` and stops all of them
+    on exit, on error too.
+
+    Raises:
+      RuntimeError: the server or a client process failed to start.
+    """
+    from ec2moe_jax.serving.relay import RelayThread
+
+    warm = ",".join(f"{s}:{c}" for s, c in sorted(groups))
+    ready = os.path.join(tempfile.mkdtemp(prefix="ec2moe-serving-"), "port")
+    proc, port = _server(workdir, warm, ready, cache_len, devices, prompt_len=prompt_len)
+    relay, pool = RelayThread(("127.0.0.1", port)), None
+    try:
+        pool = _Pool(clients, workdir)
+        yield port, relay, pool
+    finally:
+        if pool is not None:
+            pool.close()
+        relay.close()
+        proc.terminate()
+        proc.wait(30)
 
 
 # ----- one run -------------------------------------------------------------------------------
@@ -475,7 +504,7 @@ def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
     from ec2moe_jax.files import write_json_atomic
     from ec2moe_jax.profiles import link
     from ec2moe_jax.serving.protocol import pb_grpc
-    from ec2moe_jax.serving.relay import RelayThread, Shape
+    from ec2moe_jax.serving.relay import Shape
     from ec2moe_jax.training import load_run
 
     load_start = os.getloadavg()[0]
@@ -485,16 +514,13 @@ def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
     plans = {name: _plans(cfg, freq, name, tokens, inputs) for name in links}
     groups = {(p.split, p.codec) for ps in plans.values() for p in ps.values()
               if p.split < cfg.num_layers}
-    warm = ",".join(f"{s}:{c}" for s, c in sorted(groups))
     cache_len = min(cfg.max_seq_len, 1 << (PROMPT_LEN + tokens - 1).bit_length())
-    print(f"bench-serving: server for groups {warm}, {SLOTS} slots, sessions of {cache_len} "
+    names = ", ".join(f"{s}:{c}" for s, c in sorted(groups))
+    print(f"bench-serving: server for groups {names}, {SLOTS} slots, sessions of {cache_len} "
           f"positions; {max(clients)} client processes", file=sys.stderr, flush=True)
-    ready = os.path.join(tempfile.mkdtemp(prefix="bench-serving-"), "port")
-    proc, port = _server(workdir, warm, ready, cache_len, server_devices)
-    relay, pool = RelayThread(("127.0.0.1", port)), None
     rows, done = [], set()
-    try:
-        pool = _Pool(max(clients), workdir)
+    with serving_setup(workdir, groups, clients=max(clients), cache_len=cache_len,
+                       devices=server_devices) as (port, relay, pool):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
             stub = pb_grpc.CloudStub(ch)
             for link_name in links:
@@ -522,12 +548,6 @@ def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
                               f"TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms, occupancy "
                               f"{'-' if occ is None else f'{occ:.2f}'}, sim error "
                               f"{row['simulator_error']:+.0%}", file=sys.stderr, flush=True)
-    finally:
-        if pool is not None:
-            pool.close()
-        relay.close()
-        proc.terminate()
-        proc.wait(30)
     result = _summarise(rows, workdir, cfg, tokens, command)
     result["server_devices"] = server_devices
     # Other jobs on this machine share its 2 cores: the 1-minute load average says how much.

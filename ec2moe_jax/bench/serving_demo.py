@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-from ec2moe_jax.bench.serving import SLOTS, _Pool, _quantiles, _server
+from ec2moe_jax.bench.serving import SLOTS, _quantiles, serving_setup
 
 PRIVATE, CLOUD_ONLY = "ec2moe-private", "cloud-only"
 
@@ -86,7 +85,7 @@ def run_demo(workdir: str, *, link_name: str, prompt: list[int], tokens: int, cl
 
     from ec2moe_jax.profiles import link as link_preset
     from ec2moe_jax.serving.protocol import pb, pb_grpc
-    from ec2moe_jax.serving.relay import RelayThread, Shape
+    from ec2moe_jax.serving.relay import Shape
     from ec2moe_jax.training import load_run
 
     if not 2 <= clients <= SLOTS:
@@ -106,15 +105,11 @@ def run_demo(workdir: str, *, link_name: str, prompt: list[int], tokens: int, cl
     groups = sorted({(plans[r].split, plans[r].codec) for r in roles
                      if plans[r].split < cfg.num_layers})
     cache_len = min(cfg.max_seq_len, 1 << (len(prompt) + tokens - 1).bit_length())
-    ready = os.path.join(tempfile.mkdtemp(prefix="ec2moe-demo-"), "port")
     _say(f"starting the cloud server (groups {', '.join(f'{s}:{c}' for s, c in groups)}; "
          f"compiling them first) and {clients} end client processes")
-    proc, port = _server(workdir, ",".join(f"{s}:{c}" for s, c in groups), ready, cache_len,
-                         server_devices, prompt_len=len(prompt))
-    relay, pool = RelayThread(("127.0.0.1", port)), None
-    relay.set_shape(Shape(delay_s=link.rtt_s / 2, rate_bps=link.bandwidth_bps))
-    try:
-        pool = _Pool(clients, workdir)
+    with serving_setup(workdir, groups, clients=clients, cache_len=cache_len,
+                       devices=server_devices, prompt_len=len(prompt)) as (port, relay, pool):
+        relay.set_shape(Shape(delay_s=link.rtt_s / 2, rate_bps=link.bandwidth_bps))
         test = np.asarray(splits.test)
         starts = np.linspace(0, len(test) - len(prompt) - 1, clients).astype(int)
         prompts = [list(prompt)] + [test[s:s + len(prompt)].tolist() for s in starts[1:]]
@@ -131,12 +126,6 @@ def run_demo(workdir: str, *, link_name: str, prompt: list[int], tokens: int, cl
                                  for c in commands],
                                 on_token=lambda i, t: on_token(t) if on_token else None)
             after, bytes1 = stub.Stats(pb.StatsRequest(), timeout=30), relay.bytes()
-    finally:
-        if pool is not None:
-            pool.close()
-        relay.close()
-        proc.terminate()
-        proc.wait(30)
     steps = after.steps - before.steps
     step_tokens = (after.tokens - before.tokens) - sum(
         plans[r].split < cfg.num_layers for r in roles)  # one prefill token per served client
