@@ -59,9 +59,25 @@ def demo_plans(cfg, freq, link, inputs: dict, *, prompt_tokens: int, gen_tokens:
             CLOUD_ONLY: baseline("cloud-only", cfg)}
 
 
+def check_options(*, clients: int, tokens: int, expert_fraction: float) -> None:
+    """Refuses options :func:`run_demo` cannot run, before any work (training included).
+
+    Raises:
+      ValueError: fewer than 2 or more than 16 clients, no new tokens, or an expert fraction
+        outside [0, 1]; the message names the flag.
+    """
+    if not 2 <= clients <= SLOTS:
+        raise ValueError(f"--clients {clients}: the demo runs 2 to {SLOTS} client processes")
+    if tokens < 1:
+        raise ValueError(f"--max-new-tokens {tokens}: each client generates at least 1 token")
+    if not 0.0 <= expert_fraction <= 1.0:
+        raise ValueError(f"--expert-fraction {expert_fraction}: a share of the experts, in "
+                         "[0, 1]")
+
+
 def run_demo(workdir: str, *, link_name: str, prompt: list[int], tokens: int, clients: int,
              inputs: dict, expert_fraction: float = 0.1, on_plan=None, on_token=None,
-             server_devices: int = 1) -> dict:
+             on_stream_end=None, server_devices: int = 1) -> dict:
     """Runs the demo (module docstring) and returns its JSON-ready record.
 
     Args:
@@ -74,11 +90,12 @@ def run_demo(workdir: str, *, link_name: str, prompt: list[int], tokens: int, cl
         CPU runs every layer itself, swapping experts in).
       on_plan: ``on_plan(name, plan JSON)`` once the plans are known.
       on_token: ``on_token(token id)`` for each of client 0's tokens as it arrives.
+      on_stream_end: called once every client has finished, before the processes stop.
       server_devices: devices of the server's mesh (fake CPU devices share the cores).
 
     Raises:
-      ValueError: fewer than 2 or more than 16 clients, or a request longer than the
-        model's max_seq_len.
+      ValueError: fewer than 2 or more than 16 clients, no new tokens, a request longer than
+        the model's max_seq_len, or an expert fraction outside [0, 1].
       RuntimeError: the server or a client process failed to start.
     """
     import grpc
@@ -88,13 +105,14 @@ def run_demo(workdir: str, *, link_name: str, prompt: list[int], tokens: int, cl
     from ec2moe_jax.serving.relay import Shape
     from ec2moe_jax.training import load_run
 
-    if not 2 <= clients <= SLOTS:
-        raise ValueError(f"--clients {clients}: the demo runs 2 to {SLOTS} client processes")
+    check_options(clients=clients, tokens=tokens, expert_fraction=expert_fraction)
+    load_start, t0 = os.getloadavg()[0], time.monotonic()
     setup, _, splits, freq = load_run(workdir)
     cfg = setup.cfg.model
     if len(prompt) + tokens > cfg.max_seq_len:
-        raise ValueError(f"a {len(prompt)}-token prompt plus {tokens} new tokens exceeds the "
-                         f"model's max_seq_len {cfg.max_seq_len}")
+        raise ValueError(f"--max-new-tokens {tokens}: with the {len(prompt)}-token prompt it "
+                         f"exceeds the model's max_seq_len {cfg.max_seq_len}; use at most "
+                         f"{cfg.max_seq_len - len(prompt)}")
     link = link_preset(link_name)
     plans = demo_plans(cfg, freq, link, inputs, prompt_tokens=len(prompt), gen_tokens=tokens,
                        expert_fraction=expert_fraction)
@@ -126,6 +144,8 @@ def run_demo(workdir: str, *, link_name: str, prompt: list[int], tokens: int, cl
                                  for c in commands],
                                 on_token=lambda i, t: on_token(t) if on_token else None)
             after, bytes1 = stub.Stats(pb.StatsRequest(), timeout=30), relay.bytes()
+        if on_stream_end is not None:
+            on_stream_end()  # before the processes stop (and log that they do)
     steps = after.steps - before.steps
     step_tokens = (after.tokens - before.tokens) - sum(
         plans[r].split < cfg.num_layers for r in roles)  # one prefill token per served client
@@ -143,6 +163,9 @@ def run_demo(workdir: str, *, link_name: str, prompt: list[int], tokens: int, cl
                    "step_s_median": after.step_s, "prefill_s_median": after.prefill_s},
         "relay_bytes": {"up": bytes1["up"] - bytes0["up"],
                         "down": bytes1["down"] - bytes0["down"]},
+        "wall_s": time.monotonic() - t0,  # loading, compiling and running, this process
+        # Other jobs may share the machine: the 1-minute load average around the run.
+        "load_average_1min": {"start": load_start, "end": os.getloadavg()[0]},
         "method": {
             "measured": "one `ec2moe serve` process and the client processes on this CPU "
                         "(its cores shared by all of them), real gRPC over TCP on 127.0.0.1; "
@@ -174,6 +197,7 @@ def plot_demo(result: dict, path: str) -> str:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     rows = result["clients"]
     x = np.arange(len(rows))
@@ -184,11 +208,14 @@ def plot_demo(result: dict, path: str) -> str:
     axes[1].bar(x, [r["tpot_s"]["p50"] * 1e3 for r in rows], color=colors)
     axes[1].set_ylabel("TPOT p50 (ms)")
     w = 0.4
-    axes[2].bar(x - w / 2, [r["bytes_up_per_token"] for r in rows], w, color=colors,
-                label="up")
-    axes[2].bar(x + w / 2, [r["bytes_down_per_token"] for r in rows], w, color=colors,
-                alpha=0.5, hatch="//", label="down")
+    for bars in (axes[2].bar(x - w / 2, [r["bytes_up_per_token"] for r in rows], w,
+                             color=colors, label="up"),
+                 axes[2].bar(x + w / 2, [r["bytes_down_per_token"] for r in rows], w,
+                             color=colors, alpha=0.5, hatch="//", label="down")):
+        axes[2].bar_label(bars, fmt="%.1f", fontsize=7)
     axes[2].set_yscale("log")
+    axes[2].yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    axes[2].yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     axes[2].set_ylabel("bytes per token (protobuf)")
     axes[2].legend(fontsize=8)
     for ax in axes:
@@ -198,7 +225,9 @@ def plot_demo(result: dict, path: str) -> str:
     link = result["link"]
     fig.suptitle(f"ec2moe demo: 1 server + {len(rows)} client processes (measured, this CPU); "
                  f"link emulated ({link['name']}: {link['bandwidth_bps'] / 1e6:g} Mbit/s, RTT "
-                 f"{link['rtt_s'] * 1e3:g} ms)", fontsize=9)
+                 f"{link['rtt_s'] * 1e3:g} ms)\nEC2MoE (private) sends hidden states, never "
+                 "token ids: a round trip per token; cloud-only streams tokens the server "
+                 "feeds back itself", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path)
