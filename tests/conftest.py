@@ -63,10 +63,30 @@ def fixture_splits():
     return prepare_splits(DataConfig(source=paths, val_fraction=0.1, test_fraction=0.1))
 
 
-@pytest.fixture()
-def tiny_cfg():
+def fixture_config(**overrides):
+    """The tiny config on the committed text fixture (``overrides``: ``section__field``)."""
     from ec2moe_jax.config import load_config
 
     paths = ",".join(os.path.join(FIXTURES, "corpus", n) for n in ("a.txt", "b.txt"))
     return load_config("tiny").replace(data__source=paths, data__val_fraction=0.1,
-                                       data__test_fraction=0.1)
+                                       data__test_fraction=0.1, **overrides)
+
+
+def random_workdir(path: str, **overrides):
+    """A workdir at ``path`` of :func:`fixture_config` with random parameters (seed 0), as a
+    server loads it; returns ``(path, config, params)``."""
+    import jax
+
+    from ec2moe_jax.models.lm import MoELM, init_params
+    from ec2moe_jax.sharding import unbox
+    from ec2moe_jax.training.loop import save_params
+
+    cfg = fixture_config(**overrides)
+    params = unbox(init_params(MoELM(cfg.model), jax.random.key(0)))
+    save_params(cfg, path, params)
+    return path, cfg, params
+
+
+@pytest.fixture()
+def tiny_cfg():
+    return fixture_config()

@@ -5,7 +5,6 @@ model with random parameters; every process is stopped when it returns."""
 import json
 import os
 
-import jax
 import pytest
 
 pytestmark = pytest.mark.timeout(300)
@@ -14,19 +13,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from conftest import FIXTURES
+    from conftest import random_workdir
 
-    from ec2moe_jax.config import load_config
-    from ec2moe_jax.models.lm import MoELM, init_params
-    from ec2moe_jax.sharding import unbox
-    from ec2moe_jax.training.loop import save_params
-
-    wd = str(tmp_path_factory.mktemp("demo") / "run")
-    corpus = ",".join(os.path.join(FIXTURES, "corpus", n) for n in ("a.txt", "b.txt"))
-    cfg = load_config("tiny").replace(data__source=corpus, data__val_fraction=0.1,
-                                      data__test_fraction=0.1)
-    save_params(cfg, wd, unbox(init_params(MoELM(cfg.model), jax.random.key(0))))
-    return wd
+    return random_workdir(str(tmp_path_factory.mktemp("demo") / "run"))[0]
 
 
 @pytest.mark.slow

@@ -25,19 +25,11 @@ NEW = 10
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A tiny workdir with random parameters and ``load_run`` of it."""
-    from conftest import FIXTURES
+    from conftest import random_workdir
 
-    from ec2moe_jax.config import load_config
-    from ec2moe_jax.models.lm import MoELM, init_params
-    from ec2moe_jax.sharding import unbox
     from ec2moe_jax.training import load_run
-    from ec2moe_jax.training.loop import save_params
 
-    wd = str(tmp_path_factory.mktemp("distributed") / "run")
-    corpus = ",".join(os.path.join(FIXTURES, "corpus", n) for n in ("a.txt", "b.txt"))
-    cfg = load_config("tiny").replace(data__source=corpus, data__val_fraction=0.1,
-                                      data__test_fraction=0.1)
-    save_params(cfg, wd, unbox(init_params(MoELM(cfg.model), jax.random.key(0))))
+    wd = random_workdir(str(tmp_path_factory.mktemp("distributed") / "run"))[0]
     return wd, load_run(wd, progress=False)
 
 

@@ -16,7 +16,6 @@ import uuid
 
 import google_crc32c
 import grpc
-import jax
 import numpy as np
 import pytest
 
@@ -34,24 +33,17 @@ NEW = 12
 def run(tmp_path_factory, fixture_splits):
     """A workdir of the tiny config with 3 layers, random parameters and saved int8-r8
     codecs (PCA on fixture text) at splits 1 and 2; and ``load_run`` of it."""
-    from conftest import FIXTURES
+    from conftest import random_workdir
 
     from ec2moe_jax.codec import lowrank
-    from ec2moe_jax.config import load_config
-    from ec2moe_jax.models.lm import MoELM, init_params
-    from ec2moe_jax.sharding import unbox
+    from ec2moe_jax.models.lm import MoELM
     from ec2moe_jax.training import load_run
     from ec2moe_jax.training.checkpoint import save_tree
     from ec2moe_jax.training.codec import collect_hidden, default_codec_dir
-    from ec2moe_jax.training.loop import save_params
 
-    wd = str(tmp_path_factory.mktemp("serving") / "run")
-    corpus = ",".join(os.path.join(FIXTURES, "corpus", n) for n in ("a.txt", "b.txt"))
-    cfg = load_config("tiny").replace(data__source=corpus, data__val_fraction=0.1,
-                                      data__test_fraction=0.1, model__num_layers=3)
+    wd, cfg, params = random_workdir(str(tmp_path_factory.mktemp("serving") / "run"),
+                                     model__num_layers=3)
     model = MoELM(cfg.model)
-    params = unbox(init_params(model, jax.random.key(0)))
-    save_params(cfg, wd, params)
     for split in (1, 2):
         h = collect_hidden(model, params, fixture_splits.train, split, batches=1,
                            batch_size=8, seq_len=32)
