@@ -87,6 +87,19 @@ def random_workdir(path: str, **overrides):
     return path, cfg, params
 
 
+def stop_process(proc, wait_s: float = 10.0) -> None:
+    """Stops a process a test started: SIGTERM, then SIGKILL if it outlives ``wait_s``."""
+    import subprocess
+
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+
+
 @pytest.fixture()
 def tiny_cfg():
     return fixture_config()

@@ -51,33 +51,19 @@ class Proc:
         return self
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        from conftest import stop_process
+
+        stop_process(self.proc, 15)
         self.log.close()
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """The tiny config (2 layers, 8 experts) with random parameters, saved as a workdir."""
-    import jax
-    from conftest import FIXTURES
-
-    from ec2moe_jax.config import load_config
-    from ec2moe_jax.models.lm import MoELM, init_params
-    from ec2moe_jax.sharding import unbox
-    from ec2moe_jax.training.loop import save_params
+    from conftest import random_workdir
 
     wd = tmp_path_factory.mktemp("api") / NAME
-    corpus = ",".join(os.path.join(FIXTURES, "corpus", n) for n in ("a.txt", "b.txt"))
-    cfg = load_config("tiny").replace(data__source=corpus, data__val_fraction=0.1,
-                                      data__test_fraction=0.1)
-    model = MoELM(cfg.model)
-    save_params(cfg, str(wd), unbox(init_params(model, jax.random.key(0))))
+    random_workdir(str(wd))
     return wd
 
 

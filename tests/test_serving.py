@@ -85,13 +85,9 @@ class Server:
         self.ready.unlink(missing_ok=True)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        from conftest import stop_process
+
+        stop_process(self.proc)
         self.log.close()
 
 

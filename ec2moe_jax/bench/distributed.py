@@ -29,6 +29,7 @@ small config's random parameters).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -88,14 +89,10 @@ def _broadcast(before: dict, after: dict) -> dict:
 def _stop(proc) -> None:
     if proc.poll() is None:
         proc.terminate()
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)  # a launcher's children too
-    except ProcessLookupError:
-        pass
     proc.wait(10)
 
 
