@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 DISPATCHES = ("einsum", "gather", "ragged")
-NAMED_CONFIGS = ("tiny", "small", "base")
+NAMED_CONFIGS = ("tiny", "small", "small_fine", "base")
 BYTE_VOCAB = 256  # the byte tokenizer's ids 0..255: every corpus here is tokenised as bytes
 
 
@@ -291,6 +291,12 @@ class TrainConfig:
     checkpoint_every: int = _rule(250, ge=1)  # steps between orbax checkpoints
     keep_checkpoints: int = _rule(2, ge=1)  # how many checkpoints to keep
     log_every: int = _rule(25, ge=1)  # steps between JSON-lines metric records
+    # residency-aware pre-training (ours): the share of steps that route the leading layers
+    # over a random expert subset (training.residency.step_residency), so an end device
+    # holding any subset degrades gracefully; 0 = off (every step sees every expert)
+    residency_prob: float = _rule(0.0, ge=0.0, le=1.0)
+    # how many leading layers such a step may mask (1..this many, drawn per step); None = all
+    residency_layers: int | None = _rule(None, ge=1)
 
     def __post_init__(self):
         _check_fields(self)
@@ -331,6 +337,14 @@ class ExperimentConfig:
             f"train.seq_len={self.train.seq_len} exceeds model.max_seq_len="
             f"{self.model.max_seq_len}",
         )
+        t, m = self.train, self.model
+        if t.residency_prob > 0:
+            _check(m.moe.num_experts > m.moe.top_k,
+                   f"train.residency_prob={t.residency_prob} needs model.moe.num_experts="
+                   f"{m.moe.num_experts} > top_k={m.moe.top_k} (a subset must drop an expert)")
+            _check(t.residency_layers is None or t.residency_layers <= m.num_layers,
+                   f"train.residency_layers={t.residency_layers} exceeds model.num_layers="
+                   f"{m.num_layers}")
         return self
 
     def replace(self, **sections: Any) -> ExperimentConfig:

@@ -1,4 +1,4 @@
-"""Residency-aware fine-tuning of the LM: random expert masks so any resident subset works.
+"""Residency-aware training of the LM: random expert masks so any resident subset works.
 
 *Ours*, beyond the paper's abstract. An LM trained with every expert always available
 specialises its experts so sharply that an end device holding half of them loses most of
@@ -6,6 +6,10 @@ its quality, whatever its gate does (see ``results/hlggn.json``). A short fine-t
 each step routes the leading layers over a random subset of experts (2..E-1 of E) teaches
 the model to degrade gracefully. This changes the LM (unlike gate training, which keeps it
 frozen), so its full-model quality is reported next to the original's.
+
+The same masks serve pre-training (``train.residency_prob`` in the main recipe, through
+:func:`~ec2moe_jax.training.residency.step_residency`) and the short fine-tune of an already trained LM
+(:func:`adapt_to_residency`).
 """
 
 from __future__ import annotations
@@ -19,22 +23,9 @@ from tqdm.auto import tqdm
 from ec2moe_jax import data as data_lib
 from ec2moe_jax.config import MoEConfig
 from ec2moe_jax.models import MoELM
+from ec2moe_jax.training.residency import random_residency
 from ec2moe_jax.training.steps import token_nll
 from ec2moe_jax.training.workdir import calibration_window
-
-
-def random_residency(rng: np.random.Generator, num_layers: int, num_experts: int,
-                     min_resident: int, full_prob: float = 0.25) -> np.ndarray:
-    """<bool>[L, E]: with probability ``full_prob`` every expert; otherwise the first
-    1..L layers each keep a random subset of ``min_resident``..E-1 experts."""
-    allowed = np.ones((num_layers, num_experts), bool)
-    if rng.random() < full_prob:
-        return allowed
-    for layer in range(rng.integers(1, num_layers + 1)):
-        keep = rng.permutation(num_experts)[: rng.integers(min_resident, num_experts)]
-        allowed[layer] = False
-        allowed[layer, keep] = True
-    return allowed
 
 
 def adapt_to_residency(model: MoELM, params, tokens: np.ndarray, *, steps: int = 400,

@@ -53,6 +53,7 @@ from ec2moe_jax.sharding import (
     unbox,
     use_mesh,
 )
+from ec2moe_jax.training.residency import step_residency
 from ec2moe_jax.training.checkpoint import (
     Checkpointer,
     CheckpointFallbackWarning,
@@ -102,9 +103,10 @@ def build(cfg: ExperimentConfig, mesh: Mesh | None = None) -> Setup:
     abstract = abstract_with_shardings(unbox(boxed), shardings)
     init_state = jax.jit(lambda rng: unbox(boxed_state(rng)), out_shardings=shardings)
     batch_sh = {"inputs": batch_sharding(mesh), "targets": batch_sharding(mesh)}
+    train_sh = dict(batch_sh, allowed=replicated(mesh)) if cfg.train.residency_prob else batch_sh
     train_step = jax.jit(
         make_train_step(model, optimizer, cfg.model.moe),
-        in_shardings=(shardings, batch_sh),
+        in_shardings=(shardings, train_sh),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
     )
@@ -397,6 +399,8 @@ def _loop(setup: Setup, state: TrainState, elapsed: float, splits, workdir: str,
             while step < target:
                 batch = data_lib.train_batch(splits.train, step, batch_size=t.batch_size,
                                              seq_len=t.seq_len, seed=t.seed)
+                if t.residency_prob:
+                    batch["allowed"] = step_residency(t, setup.cfg.model, step)
                 state, metrics = setup.train_step(state, batch)
                 # Dispatch is asynchronous: without a wait the bar counts queued steps and
                 # stalls at each logging sync. Waiting one step behind keeps one step queued.

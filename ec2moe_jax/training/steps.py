@@ -57,11 +57,16 @@ def token_nll(logits: jax.Array, targets: jax.Array) -> jax.Array:
 def make_train_step(
     model: MoELM, optimizer: optax.GradientTransformation, moe: MoEConfig
 ) -> Callable[[TrainState, dict], tuple[TrainState, dict]]:
-    """``step(state, batch) -> (state, metrics)``; hyperparameters are closed over."""
+    """``step(state, batch) -> (state, metrics)``; hyperparameters are closed over.
+
+    ``batch``: ``inputs``, ``targets`` <int32>[B, T] and optionally ``allowed`` <bool>[L, E],
+    the experts each layer may route to (residency-aware training; traced, so a new mask
+    compiles nothing).
+    """
 
     def loss_fn(params, batch):
         logits, aux = model.apply({"params": params}, batch["inputs"], deterministic=False,
-                                  return_aux=True)
+                                  return_aux=True, allowed=batch.get("allowed"))
         nll = token_nll(logits, batch["targets"]).mean()
         loss = nll + moe.aux_loss_coef * aux["aux_loss"] + moe.z_loss_coef * aux["z_loss"]
         metrics = {"loss": loss, "nll": nll, "bits_per_char": nll / LN2,

@@ -1,0 +1,70 @@
+"""Residency-aware pre-training (``train.residency_prob``): the masks it draws, that a masked
+step really trains without the dropped experts, and that new masks compile nothing."""
+
+import jax
+import numpy as np
+import pytest
+from conftest import fixture_config
+
+from ec2moe_jax.data import train_batch
+from ec2moe_jax.sharding import use_mesh
+from ec2moe_jax.training import build
+from ec2moe_jax.training.residency import step_residency
+
+_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _COMPILES.append(event) if "backend_compile" in event
+    else None)
+
+
+def test_step_masks_are_reproducible_and_bounded():
+    cfg = fixture_config(train__residency_prob=1.0, train__residency_layers=1)
+    k, e = cfg.model.moe.top_k, cfg.model.moe.num_experts
+    masks = [step_residency(cfg.train, cfg.model, s) for s in range(50)]
+    # A function of (seed, step): a resumed run draws the same masks.
+    np.testing.assert_array_equal(masks[7], step_residency(cfg.train, cfg.model, 7))
+    for m in masks:
+        assert m.shape == (cfg.model.num_layers, e)
+        assert m[1:].all(), "only the leading residency_layers=1 layer may be masked"
+        assert k <= m[0].sum() < e, "a masked layer keeps top_k..E-1 experts"
+    assert len({m.tobytes() for m in masks}) > 10, "the subsets vary from step to step"
+    # Probability 0: every expert at every step (the plain recipe).
+    off = fixture_config()
+    assert all(step_residency(off.train, off.model, s).all() for s in range(20))
+
+
+def test_bad_residency_options_are_refused():
+    with pytest.raises(ValueError, match="residency_layers=3 exceeds model.num_layers=2"):
+        fixture_config(train__residency_prob=0.5, train__residency_layers=3)
+    with pytest.raises(ValueError, match="residency_prob"):
+        fixture_config(train__residency_prob=1.5)
+
+
+@pytest.mark.slow
+def test_masked_steps_skip_dropped_experts_and_compile_once(fixture_splits):
+    cfg = fixture_config(train__residency_prob=1.0, train__residency_layers=1,
+                         train__weight_decay=0.0, train__warmup_steps=0)
+    setup = build(cfg)
+    state = setup.init_state(jax.random.key(0))
+    t = cfg.train
+    before = None
+    with use_mesh(setup.mesh):
+        for step in range(4):
+            batch = train_batch(fixture_splits.train, step, batch_size=t.batch_size,
+                                seq_len=t.seq_len, seed=t.seed)
+            batch["allowed"] = mask = step_residency(t, cfg.model, step)
+            old = jax.device_get(state.params["layer_0"]["moe"]["w_up"])
+            state, metrics = setup.train_step(state, batch)
+            new = jax.device_get(state.params["layer_0"]["moe"]["w_up"])
+            if before is None:
+                before = len(_COMPILES)
+            # Adam moves a weight only where a gradient ever reached it: at step 0, the
+            # dropped experts of layer 0 must stay exactly where they were.
+            if step == 0:
+                dropped = ~mask[0]
+                assert dropped.any()
+                np.testing.assert_array_equal(new[dropped], old[dropped])
+                assert not np.allclose(new[mask[0]], old[mask[0]])
+        jax.block_until_ready(metrics)
+    assert len(_COMPILES) == before, "a new mask must not recompile the train step"
+    assert np.isfinite(float(metrics["loss"]))
