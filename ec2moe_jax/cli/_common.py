@@ -60,7 +60,8 @@ def add_parser(sub, name: str, *, help: str, description: str, devices: bool = F
 def add_config_args(p: argparse.ArgumentParser, default: str = "small") -> None:
     """``--config NAME`` and repeatable ``--set section.field=value``."""
     p.add_argument("--config", default=default,
-                   help="named config (tiny, small, small_fine, base) or a path to a configs-style .py file")
+                   help="named config (tiny, small, small_fine, base) or a path to a "
+                        "configs-style .py file")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    dest="overrides",
                    help="override one config field, e.g. --set model.moe.num_experts=16 or "

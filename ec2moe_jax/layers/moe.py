@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from ec2moe_jax.config import MoEConfig
 from ec2moe_jax.layers.basic import SwiGLU, default_init, dense, param_with_axes
+from ec2moe_jax.layers.quant import QuantSpec, quantize
 from ec2moe_jax.routing import dispatch as dispatch_lib
 from ec2moe_jax.routing.topk import Route, top_k_route
 from ec2moe_jax.sharding import active_mesh, unbox
@@ -113,6 +114,9 @@ class MoEBlock(nn.Module):
         if self.has_variable("params", UNSTACKED):  # one buffer per expert: unstack_experts
             wg, wu, wd = (self.get_variable("params", UNSTACKED)[k]
                           for k in ("w_gate", "w_up", "w_down"))
+        elif self.has_variable("params", QUANTIZED):  # int8/int4 experts: quantize_experts
+            wg, wu, wd = (self.get_variable("params", QUANTIZED)[k].dequantize(self.dtype)
+                          for k in ("w_gate", "w_up", "w_down"))
         else:
             wg = self.param("w_gate", param_with_axes(
                 default_init, ("expert", "embed", "expert_mlp")), (e, d, f))
@@ -200,6 +204,43 @@ def _cast(w, dtype):
 
 EXPERT_PARAMS = ("w_gate", "w_up", "w_down", "b_gate", "b_up", "b_down")
 UNSTACKED = "experts"  # the per-expert buffers' key in a MoEBlock's params
+QUANTIZED = "experts_quantized"  # the quantised expert weights' key in a MoEBlock's params
+_WEIGHTS = ("w_gate", "w_up", "w_down")
+
+
+def _is_moe_block(tree) -> bool:
+    return isinstance(tree, dict) and "w_gate" in tree and "router" in tree
+
+
+def quantize_experts(params, spec: QuantSpec, layers: range | None = None, search: bool = True):
+    """``params`` with the routed expert weights of the MoE layers in ``layers`` (default:
+    all; the keys ``layer_<i>``) stored as :class:`~ec2moe_jax.layers.quant.QuantizedWeight`
+    (weight-only int8/int4; biases, router and shared expert stay float). The MoE block
+    dequantises them where it uses them, so every dispatch path runs unchanged; the values
+    equal a model whose float experts were replaced by their dequantised copies.
+
+    Raises:
+      ValueError: for ``spec`` bf16 (see :func:`~ec2moe_jax.layers.quant.quantize`).
+    """
+    if spec.bits == 16:
+        raise ValueError("spec is bf16: keep the float parameters")
+
+    def walk(tree, inside: bool):
+        if not isinstance(tree, dict):
+            return tree
+        if _is_moe_block(tree) and inside:
+            out = {k: v for k, v in tree.items() if k not in _WEIGHTS}
+            out[QUANTIZED] = {k: quantize(tree[k], spec, search) for k in _WEIGHTS}
+            return out
+        return {k: walk(v, inside or _in_layers(k, layers)) for k, v in tree.items()}
+
+    return walk(unbox(params), False)
+
+
+def _in_layers(key: str, layers: range | None) -> bool:
+    if not key.startswith("layer_"):
+        return False
+    return layers is None or int(key.split("_", 1)[1]) in layers
 
 
 def unstack_experts(params):
@@ -219,7 +260,7 @@ def unstack_experts(params):
     def walk(tree):
         if not isinstance(tree, dict):
             return tree
-        if "w_gate" in tree and "router" in tree:  # a MoEBlock's parameters
+        if _is_moe_block(tree):  # a MoEBlock's parameters (quantised ones stay as they are)
             out = {k: v for k, v in tree.items() if k not in EXPERT_PARAMS}
             out[UNSTACKED] = {k: tuple(v[i] for i in range(v.shape[0]))
                               for k, v in tree.items() if k in EXPERT_PARAMS}

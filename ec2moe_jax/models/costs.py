@@ -15,6 +15,7 @@ import dataclasses
 import numpy as np
 
 from ec2moe_jax.config import ModelConfig
+from ec2moe_jax.layers.quant import QuantSpec
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1}
 
@@ -77,11 +78,19 @@ class ModelCosts:
         return self.fixed_bytes + np.where(self.is_moe, self.top_k * self.expert_bytes, 0.0)
 
 
-def model_costs(cfg: ModelConfig, weight_dtype: str | None = None) -> ModelCosts:
+def model_costs(cfg: ModelConfig, weight_dtype: str | None = None,
+                experts: QuantSpec | None = None) -> ModelCosts:
     """Costs of the model ``cfg`` with weights stored as ``weight_dtype`` (default: its dtype).
 
+    Args:
+      experts: how routed experts are stored, when not as ``weight_dtype``: bf16 or
+        weight-only int8/int4 (:class:`~ec2moe_jax.layers.quant.QuantSpec`); ``expert_bytes``
+        is then that format's exact size, scales included (the end device's view: what
+        expert selection fits into its memory).
+
     Raises:
-      ValueError: for an unknown ``weight_dtype``.
+      ValueError: for an unknown ``weight_dtype``, or a group size that does not divide
+        the expert's input axes.
     """
     weight_dtype = weight_dtype or cfg.dtype
     if weight_dtype not in DTYPE_BYTES:
@@ -101,6 +110,10 @@ def model_costs(cfg: ModelConfig, weight_dtype: str | None = None) -> ModelCosts
     # 2 FLOPs per weight per token for every matmul weight the token touches.
     fixed_flops = 2.0 * (attn_params + np.where(is_moe, moe_fixed, dense_ffn))
     expert_params = 3 * d * moe.expert_dim
+    expert_bytes = float(expert_params * wb)
+    if experts is not None:
+        f = moe.expert_dim
+        expert_bytes = float(2 * experts.bytes_per_matrix(d, f) + experts.bytes_per_matrix(f, d))
     head_params = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     return ModelCosts(
         num_layers=cfg.num_layers,
@@ -110,7 +123,7 @@ def model_costs(cfg: ModelConfig, weight_dtype: str | None = None) -> ModelCosts
         weight_bytes=wb,
         is_moe=is_moe,
         fixed_bytes=fixed_params.astype(np.float64) * wb,
-        expert_bytes=float(expert_params * wb),
+        expert_bytes=expert_bytes,
         fixed_flops=fixed_flops.astype(np.float64),
         expert_flops=2.0 * expert_params,
         attention_flops_per_position=4.0 * h * dh,

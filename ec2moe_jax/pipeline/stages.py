@@ -35,7 +35,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from ec2moe_jax.codec import FP32, CodecSpec, lowrank, wire
 from ec2moe_jax.config import ModelConfig
 from ec2moe_jax.layers.group_gate import make_gates
-from ec2moe_jax.layers.moe import unstack_experts
+from ec2moe_jax.layers.moe import quantize_experts, unstack_experts
+from ec2moe_jax.layers.quant import QuantSpec
 from ec2moe_jax.models.generate import last_valid, sample_token
 from ec2moe_jax.models.lm import MoELM, cache_positions, cache_shapes, set_cache_positions
 from ec2moe_jax.sharding import hop, param_shardings, unbox, use_mesh
@@ -237,24 +238,33 @@ def _boxed_shapes(cfg: ModelConfig):
                           )["params"]
 
 
-def place_params(model: MoELM, params, mesh: Mesh, layers: range | None = None) -> dict:
+def place_params(model: MoELM, params, mesh: Mesh, layers: range | None = None,
+                 experts: QuantSpec | None = None) -> dict:
     """The parameters a side needs on ``mesh`` (blocks in ``layers``, default all, and every
     non-layer entry: embedding, final norm, head), sharded by the logical axis rules
     (experts over 'expert'). An array already placed so is not copied: a server places the
     cloud's parameters once (``layers=None``) and builds the cloud side of every split from
-    that one tree (:func:`build_stages` with ``side="cloud"``), sharing the buffers."""
+    that one tree (:func:`build_stages` with ``side="cloud"``), sharing the buffers.
+
+    ``experts``: int8/int4 stores the routed experts of ``layers`` weight-only quantised
+    (:func:`~ec2moe_jax.layers.quantize_experts`, replicated over ``mesh``); None or bf16:
+    as they are.
+    """
     layers = range(model.cfg.num_layers) if layers is None else layers
     sh = param_shardings(_layer_subset(_boxed_shapes(model.cfg), layers), mesh)
     tree = _layer_subset(unbox(params), layers)
-    if mesh.shape.get("expert", 1) > 1:  # experts sharded: the stacked form
-        return jax.device_put(tree, sh)
-    # Experts on every device of the mesh: one buffer per expert (unstack_experts), which
-    # decodes without copying the chosen experts; a tree already split is placed as it is.
+    if experts is not None and experts.bits < 16:
+        tree = quantize_experts(tree, experts)
     flat = dict(traverse_util.flatten_dict(tree, sep="/"))
     shard = dict(traverse_util.flatten_dict(sh, sep="/"))
     rep = NamedSharding(mesh, PartitionSpec())
-    placed = {k: jax.device_put(v, shard.get(k, rep)) for k, v in flat.items()}
-    return unstack_experts(traverse_util.unflatten_dict(placed, sep="/"))
+    placed = traverse_util.unflatten_dict(
+        {k: jax.device_put(v, shard.get(k, rep)) for k, v in flat.items()}, sep="/")
+    if mesh.shape.get("expert", 1) > 1:  # experts sharded: the stacked form
+        return placed
+    # Experts on every device of the mesh: one buffer per expert (unstack_experts), which
+    # decodes without copying the chosen experts; a tree already split is placed as it is.
+    return unstack_experts(placed)
 
 
 def _check_build(model, split, side, end_mesh, cloud_mesh, transport, codec, gates):
@@ -291,6 +301,7 @@ def build_stages(
     codec: dict | None = None,
     temperature: float = 0.0,
     side: str = "both",
+    end_experts: QuantSpec | None = None,
 ) -> Stages:
     """Places the parameters on the submesh(es) and jits the stages of one split.
 
@@ -308,6 +319,9 @@ def build_stages(
       side: ``"both"`` (the in-process pipeline), ``"end"`` (embedding, layers
         ``[0, split)`` and the encoder only: a client process) or ``"cloud"`` (decoder,
         layers ``[split, L)`` and the head only: a server process).
+      end_experts: how the end stores its experts: None/bf16 as given, int8 or int4
+        weight-only quantised (:class:`~ec2moe_jax.layers.QuantSpec`); the cloud is
+        unchanged.
 
     Raises:
       ValueError: a split outside ``[0, L]``, an unknown side or a missing mesh, codec
@@ -327,7 +341,7 @@ def build_stages(
         codec_enc = None if codec is None else {k: codec[k] for k in ("mean", "w_enc")}
         extra = {"allowed": allowed, "codec": codec_enc,
                  "gates": None if gates is None else gates[1]}
-        end = {"end_params": place_params(model, params, end_mesh, range(split)),
+        end = {"end_params": place_params(model, params, end_mesh, range(split), end_experts),
                "end_extra": jax.device_put(extra, NamedSharding(end_mesh, PartitionSpec())),
                "score_end": jax.jit(score_end), "prefill_end": jax.jit(dec_end),
                "step_end": jax.jit(dec_end, donate_argnums=2)}

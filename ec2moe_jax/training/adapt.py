@@ -8,8 +8,8 @@ the model to degrade gracefully. This changes the LM (unlike gate training, whic
 frozen), so its full-model quality is reported next to the original's.
 
 The same masks serve pre-training (``train.residency_prob`` in the main recipe, through
-:func:`~ec2moe_jax.training.residency.step_residency`) and the short fine-tune of an already trained LM
-(:func:`adapt_to_residency`).
+:func:`~ec2moe_jax.training.residency.step_residency`) and the short fine-tune of an already
+trained LM (:func:`adapt_to_residency`).
 """
 
 from __future__ import annotations

@@ -53,12 +53,12 @@ from ec2moe_jax.sharding import (
     unbox,
     use_mesh,
 )
-from ec2moe_jax.training.residency import step_residency
 from ec2moe_jax.training.checkpoint import (
     Checkpointer,
     CheckpointFallbackWarning,
     abstract_with_shardings,
 )
+from ec2moe_jax.training.residency import step_residency
 from ec2moe_jax.training.steps import (
     TrainState,
     bits_per_char,
