@@ -140,3 +140,48 @@ def plot_demo(result: dict, path: str) -> str:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+_QM_STYLE = {"plain/bf16/masked": ("masked top-k", "C7", "x--"),
+             "plain/bf16/gate": ("group gate", "C0", "o-"),
+             "residency/bf16/gate": ("residency-trained LM + gate", "C2", "s-"),
+             "residency/int8/gate": ("residency LM + int8 experts + gate", "C1", "^-"),
+             "residency/int4/gate": ("residency LM + int4 experts + gate", "C3", "v-"),
+             "plain/int8/gate": ("int8 experts + gate", "C1", "^:"),
+             "plain/int4/gate": ("int4 experts + gate", "C3", "v:")}
+
+
+def plot_quality_memory(result: dict, path: str) -> str:
+    """Bits/char against the end's expert memory (share of its layers' bf16 expert bytes),
+    one panel per model, one line per method, the full model and +3% as references."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = result["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(6.2 * len(models), 4.4), dpi=120,
+                             squeeze=False)
+    for ax, (name, entry) in zip(axes[0], models.items(), strict=True):
+        full = entry["full"].get("plain")
+        for variant, (label, color, style) in _QM_STYLE.items():
+            pts = sorted((p["fraction"], p["bits_per_char"]) for p in entry["points"]
+                         if p["variant"] == variant and p["feasible"])
+            if pts:
+                ax.plot([100 * f for f, _ in pts], [b for _, b in pts], style, color=color,
+                        label=label, ms=5)
+        if full is not None:
+            ax.axhline(full, color="k", lw=1, label=f"full model {full:.3f}")
+            ax.axhline(full * 1.03, color="k", ls=":", lw=1, label="full + 3%")
+            ax.set_ylim(full * 0.97, full * 1.6)
+        c = entry["config"]
+        ax.set_title(f"{name}: {c['num_experts']} experts top-{c['top_k']}"
+                     + (f" + shared {c['shared_expert_dim']}" if c["shared_expert_dim"] else ""))
+        ax.set_xlabel("end memory for expert weights, % of its layers' bf16 expert bytes")
+        ax.set_ylabel("bits/char, held-out test text (measured)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

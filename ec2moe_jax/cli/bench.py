@@ -1,6 +1,6 @@
 """Benchmarks that write the committed results: ``ec2moe bench`` (the evaluation),
 ``codec-sweep``, ``hlggn-eval``, ``scheduler-report``, ``bench-scheduler``,
-``bench-moe-layer`` and ``bench-decode``."""
+``bench-moe-layer``, ``bench-decode`` and ``bench-quality-memory``."""
 
 from __future__ import annotations
 
@@ -37,6 +37,15 @@ experts resident), hardware-aware expert selection from routing statistics, grou
 training (LM frozen), a residency-aware fine-tune, and bits/char, routing recall and gate
 FLOPs on the held-out test split. Writes <out> (results/hlggn.json, one object per
 profile). About half an hour on a 2-core CPU."""
+
+_QUALITY_MEMORY = """\
+Quality against end memory, measured: for end budgets of 10-100% of the end layers' bf16
+expert bytes, which experts fit (bf16, int8 or int4 weight-only, exact bytes), the group
+gate trained for them (LM frozen), and bits/char on the held-out test split, for the plain
+LM and the residency-trained one (train.residency_prob), on small and small_fine. Points
+are saved as they finish (an interrupted run resumes). Writes <out>
+(results/quality_memory.json) and the .png next to it. About 20 minutes per model on a
+2-core CPU."""
 
 _SCHED_REPORT = """\
 Scheduler report (simulated with the calibrated cost model): EC2MoE's plans against
@@ -153,6 +162,24 @@ def register(sub) -> None:
     m.add_argument("--out", default=os.path.join(_R, "moe_layer.json"), help="JSON path")
     m.set_defaults(handler=bench_moe_layer)
 
+    q = _common.add_parser(sub, "bench-quality-memory",
+                           help="bits/char against end memory per method (measured)",
+                           description=_QUALITY_MEMORY)
+    q.add_argument("--models", default="small=runs/small+runs/small-resident,"
+                   "small_fine=runs/small-fine+runs/small-fine-resident",
+                   help="comma-separated NAME=PLAIN_WORKDIR[+RESIDENCY_WORKDIR]; a missing "
+                        "workdir skips its variants")
+    q.add_argument("--variants", default=None,
+                   help="comma-separated lm/experts/router (default: the standard set)")
+    q.add_argument("--fractions", default="0.1,0.25,0.5,0.75,1.0",
+                   help="end expert budgets, fractions of the end layers' bf16 expert bytes")
+    q.add_argument("--end-layers", type=int, default=2, help="layers on the end")
+    q.add_argument("--gate-steps", type=int, default=100, help="group-gate training steps")
+    q.add_argument("--eval-batches", type=int, default=60,
+                   help="test batches of 16 x 128 bytes per bits/char figure")
+    q.add_argument("--out", default=os.path.join(_R, "quality_memory.json"), help="JSON path")
+    q.set_defaults(handler=bench_quality_memory)
+
     dd = _common.add_parser(sub, "bench-decode", help="decoding speed vs transformers (measured)",
                             description=_DECODE)
     dd.add_argument("--repeats", type=int, default=5, help="interleaved timing rounds")
@@ -251,6 +278,58 @@ def hlggn_eval(args: argparse.Namespace) -> list[dict]:
               f"  flops {r['gate_flops_ratio']:.3f}")
     print(f"wrote {args.out}")
     return rows
+
+
+def bench_quality_memory(args: argparse.Namespace) -> dict:
+    import jax
+
+    from ec2moe_jax.bench import quality_memory as qm
+    from ec2moe_jax.bench.plots import plot_quality_memory
+    from ec2moe_jax.files import read_json
+
+    variants = (qm.DEFAULT_VARIANTS if args.variants is None
+                else tuple(qm.Variant.parse(v) for v in args.variants.split(",")))
+    try:
+        fractions = tuple(float(f) for f in args.fractions.split(","))
+    except ValueError:
+        raise SystemExit(f"--fractions {args.fractions!r}: comma-separated numbers in (0, 1]"
+                         ) from None
+    if not all(0 < f <= 1 for f in fractions):
+        raise SystemExit(f"--fractions {args.fractions!r}: each must lie in (0, 1]")
+    models = {}
+    for item in args.models.split(","):
+        name, sep, dirs = item.partition("=")
+        if not sep or not dirs:
+            raise SystemExit(f"--models item {item!r}: write NAME=PLAIN_WORKDIR"
+                             "[+RESIDENCY_WORKDIR]")
+        plain, _, resident = dirs.partition("+")
+        _common.require_workdir(plain, f"ec2moe train --config {name} --workdir")
+        models[name] = {"plain": plain, "residency": resident or None}
+    for name, workdirs in models.items():
+        _common.status(f"{name}: {len(variants)} methods x {len(fractions)} budgets")
+        qm.run_model(name, workdirs, args.out, variants=variants, fractions=fractions,
+                     num_end_layers=args.end_layers, gate_steps=args.gate_steps,
+                     eval_batches=args.eval_batches)
+    record = read_json(args.out, what="quality-memory results")
+    record["method"] = (
+        f"measured on {jax.devices()[0].platform}, jax {jax.__version__}: bits/char on the "
+        f"first {args.eval_batches} batches of 16 disjoint 128-byte windows of the test split;"
+        f" the first {args.end_layers} layers on the end hold the experts that fit, the cloud "
+        "every expert; codec lossless (float32 hidden state), so only the end's experts differ")
+    record["command"] = _common.command_line("bench-quality-memory", args.argv)
+    record["best"] = {name: {str(f): {k: p[k] for k in ("variant", "bits_per_char",
+                                                        "relative_increase", "slots")}
+                             for f, p in qm.best_by_fraction(entry).items()}
+                      for name, entry in record["models"].items()}
+    record["quality_table"] = qm.quality_table(record)
+    _common.write_json(args.out, record)
+    png = plot_quality_memory(record, os.path.splitext(args.out)[0] + ".png")
+    for name, best in record["best"].items():
+        for f, p in best.items():
+            print(f"{name:>10} @ {float(f):4.0%}: best {p['variant']:<22} "
+                  f"{p['bits_per_char']:.4f} bits/char ({p['relative_increase']:+.1%})")
+    print(f"wrote {args.out} and {png}")
+    return record
 
 
 def scheduler_report(args: argparse.Namespace) -> dict:
