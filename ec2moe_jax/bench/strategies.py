@@ -117,7 +117,7 @@ def realise(live: Instance, plan: Plan) -> Plan:
     L = live.num_layers
     moe = np.asarray(inst.is_moe) > 0
     freq = np.asarray(inst.freq)
-    eb = float(inst.expert_bytes)
+    eb = float(inst.end_expert_bytes)
     bsz = np.asarray(inst.batch)[np.asarray(plan.batch)]
     ctx = float(inst.prompt_tokens + inst.gen_tokens)
 

@@ -7,6 +7,7 @@ from ec2moe_jax.scheduler.candidates import baseline_indices, candidates
 from ec2moe_jax.scheduler.heuristic import schedule
 from ec2moe_jax.scheduler.instance import (
     CodecOption,
+    ResidencyQuality,
     build_instance,
     codec_options,
     zipf_frequencies,
@@ -18,6 +19,7 @@ __all__ = [
     "CodecOption",
     "Instance",
     "Plan",
+    "ResidencyQuality",
     "Terms",
     "baseline_indices",
     "build_instance",

@@ -20,16 +20,15 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from ec2moe_jax.scheduler.model import Instance, Plan, coverage_table, end_memory
+from ec2moe_jax.scheduler.model import Instance, Plan, end_memory
 
 COVER, FIT, SWAP = 0, 1, 2
 NUM_RESIDENCY = 3
 
 
 def cover_counts(inst: Instance) -> jax.Array:
-    """<int32>[L] fewest top experts reaching ``min_coverage`` per layer (>= top-k)."""
-    cov = coverage_table(inst.freq)
-    need = jnp.sum(cov < inst.min_coverage - 1e-6, -1)
+    """<int32>[L] fewest top experts reaching ``min_score`` per layer (>= top-k)."""
+    need = jnp.sum(inst.resident_score < inst.min_score - 1e-6, -1)
     return jnp.clip(jnp.maximum(need, inst.top_k.astype(jnp.int32)), 0, inst.num_experts)
 
 
@@ -99,7 +98,7 @@ def fit_ranks(inst: Instance) -> FitRanks:
     no = jnp.zeros(L + 1, jnp.int32)
     fixed = jax.vmap(lambda b: end_memory(inst, Plan(splits, zero, no > 0, no, no), b))(
         inst.batch)  # [B, S]
-    slots = jnp.floor((inst.end_mem[:, None, None] - fixed[None]) / inst.expert_bytes)
+    slots = jnp.floor((inst.end_mem[:, None, None] - fixed[None]) / inst.end_expert_bytes)
     slots = jnp.maximum(slots[..., None] - jnp.arange(2.0), 0).astype(jnp.int32)
     n, b = slots.shape[:2]  # [N, B, S, 2]
     # Ranks admitted at split s: the longest rank prefix whose in-prefix count fits the slots.

@@ -89,6 +89,91 @@ def codec_options(d_model: int, sweep: dict | str | os.PathLike) -> list[CodecOp
     return sorted(pareto, key=lambda o: -o.bytes_per_token)
 
 
+QUALITY_MEMORY_COMMAND = "ec2moe bench-quality-memory"  # writes results/quality_memory.json
+
+
+@dataclasses.dataclass(frozen=True)
+class ResidencyQuality:
+    """Measured quality loss of an end that holds only some of its layers' experts: the
+    scheduler's quality budget on evidence instead of the routing-mass proxy (*ours*).
+
+    Attributes:
+      fractions: ascending resident shares of the end layers' experts at which the loss was
+        measured (experts resident / experts of the end MoE layers).
+      loss: relative bits/char increase over the full model at each fraction.
+      experts: the format the end stored its experts in when measured ("bf16", "int8",
+        "int4"); the scheduler counts end memory in that format.
+      source: where the figures come from (file, model, method).
+
+    A plan holding ``n`` of ``E`` experts in an end layer is charged the measured loss at
+    the largest measured fraction ``<= n / E`` after taking the non-increasing upper
+    envelope (noise never makes more experts look worse than fewer): a pessimistic step
+    function. Below the smallest measured fraction the loss is unknown and the plan is
+    refused. The table was measured with a whole end (every end layer at that share); it is
+    applied per layer (an approximation, stated where it is used).
+    """
+
+    fractions: tuple[float, ...]
+    loss: tuple[float, ...]
+    experts: str = "bf16"
+    source: str = ""
+
+    def __post_init__(self):
+        f, q = np.asarray(self.fractions, np.float64), np.asarray(self.loss, np.float64)
+        if f.ndim != 1 or f.shape != q.shape or f.size == 0:
+            raise ValueError(f"fractions {self.fractions} and loss {self.loss} must be equal-"
+                             "length, non-empty sequences")
+        if np.any(np.diff(f) <= 0) or f[0] <= 0 or f[-1] > 1 or not np.all(np.isfinite(q)):
+            raise ValueError(f"fractions {self.fractions} must increase within (0, 1] and "
+                             f"loss {self.loss} be finite")
+
+    def loss_at(self, resident: np.ndarray, num_experts: int) -> np.ndarray:
+        """<float64>[...] charged loss of holding ``resident`` [...] of ``num_experts``
+        experts per layer (``inf`` below the smallest measured fraction)."""
+        f = np.asarray(self.fractions, np.float64)
+        envelope = np.maximum.accumulate(np.asarray(self.loss, np.float64)[::-1])[::-1]
+        share = np.asarray(resident, np.float64) / num_experts
+        i = np.searchsorted(f, share + 1e-9, side="right") - 1
+        return np.where(i >= 0, envelope[np.clip(i, 0, None)], np.inf)
+
+    @classmethod
+    def from_quality_memory(cls, record: dict | str | os.PathLike, model: str,
+                            variant: str) -> ResidencyQuality:
+        """The table of one model and method (``lm/experts/router``) of ``ec2moe
+        bench-quality-memory``'s record (``results/quality_memory.json``), loaded or a path.
+
+        Raises:
+          FileNotFoundError: a path that does not exist (the message names the command).
+          ValueError: the model or method is not in the record (the message lists them).
+        """
+        if not isinstance(record, dict):
+            record = read_json(record, what="the quality-memory results",
+                               command=QUALITY_MEMORY_COMMAND)
+        entry = record.get("models", {}).get(model)
+        if entry is None:
+            raise ValueError(f"model {model!r} not in the quality-memory results; it has "
+                             f"{sorted(record.get('models', {}))}")
+        e = entry["config"]["num_experts"]
+        m_end = entry["settings"]["num_end_layers"]  # every end layer of these models is MoE
+        pts = sorted({p["slots"] / (e * m_end): p["relative_increase"] for p in entry["points"]
+                      if p["variant"] == variant and p["feasible"]}.items())
+        if not pts:
+            names = sorted({p["variant"] for p in entry["points"]})
+            raise ValueError(f"method {variant!r} has no measured point for {model!r}; "
+                             f"measured: {names}")
+        return cls(tuple(f for f, _ in pts), tuple(max(q, 0.0) for _, q in pts),
+                   experts=variant.split("/")[1],
+                   source=f"{QUALITY_MEMORY_COMMAND}: {model} {variant}")
+
+    def score_table(self, costs: ModelCosts) -> np.ndarray:
+        """<float64>[L, E+1] minus the charged loss of holding the top n = 0..E experts (0 in
+        dense layers, which hold no experts); a large negative number where unmeasured."""
+        e = costs.num_experts
+        loss = self.loss_at(np.arange(e + 1), e)
+        row = -np.where(np.isfinite(loss), loss, 1e6)
+        return np.where(costs.is_moe[:, None], row[None, :], 0.0)
+
+
 def _expand_freq(costs: ModelCosts, frequencies) -> np.ndarray:
     f = np.asarray(frequencies, np.float64)
     m = int(costs.is_moe.sum())
@@ -121,6 +206,9 @@ def build_instance(
     cloud_calibration: Calibration | None = None,
     min_end_layers: Sequence[int] | int = 0,
     min_coverage: float = 0.9,
+    quality: ResidencyQuality | None = None,
+    quality_budget: float = 0.03,
+    end_expert_bytes: float | None = None,
     codec_budget: float = 0.02,
     storage_bw: float = 1e9,
     codecs: Sequence[CodecOption] | None = None,
@@ -137,7 +225,13 @@ def build_instance(
       calibration: roofline efficiencies of the end devices (default :class:`Calibration`);
         ``cloud_calibration`` the cloud's (default the same).
       min_end_layers: privacy, per device or for all: layers that must run on the end.
-      min_coverage: routing mass each end MoE layer's resident experts must cover.
+      min_coverage: routing mass each end MoE layer's resident experts must cover (the
+        proxy quality budget, used when ``quality`` is None).
+      quality: the measured loss of holding fewer experts (:class:`ResidencyQuality`);
+        with it a plan's end layers must each stay within ``quality_budget`` (relative
+        bits/char increase) instead of covering ``min_coverage``.
+      end_expert_bytes: one expert as the end stores it (default ``costs.expert_bytes``);
+        e.g. ``model_costs(cfg, experts=QuantSpec(4)).expert_bytes`` for int4 experts.
       codec_budget: largest allowed relative bits/char increase of a codec.
       storage_bw: bytes/s at which an end swaps experts in from storage.
       codecs: the codec options, bf16 first (:func:`codec_options` of the model width and
@@ -160,6 +254,11 @@ def build_instance(
         raise ValueError(f"{prompt_tokens=} must be >= 1 and {gen_tokens=} >= 0")
     if not 0 < min_coverage <= 1:
         raise ValueError(f"{min_coverage=} must lie in (0, 1]")
+    if quality_budget < 0:
+        raise ValueError(f"{quality_budget=} must be >= 0 (a relative bits/char increase)")
+    end_eb = costs.expert_bytes if end_expert_bytes is None else float(end_expert_bytes)
+    if not end_eb > 0:
+        raise ValueError(f"end_expert_bytes={end_expert_bytes} must be > 0")
     if codec_budget < 0 or storage_bw <= 0:
         raise ValueError(f"{codec_budget=} must be >= 0 and {storage_bw=} > 0")
     priv = np.broadcast_to(np.asarray(min_end_layers, np.int32), (n,))
@@ -198,9 +297,21 @@ def build_instance(
         codec_bytes=f32([c.bytes_per_token for c in codecs]),
         codec_rank=f32([c.rank for c in codecs]),
         codec_quality=f32([c.quality for c in codecs]),
-        batch=f32(list(batch_sizes)), min_coverage=f32(min_coverage),
+        batch=f32(list(batch_sizes)),
+        resident_score=f32(_coverage(costs, frequencies) if quality is None
+                           else quality.score_table(costs)),
+        min_score=f32(min_coverage if quality is None else -quality_budget),
+        end_expert_bytes=f32(end_eb),
         codec_budget=f32(codec_budget), codec_specs=tuple(c.spec for c in codecs),
+        score_kind="coverage" if quality is None else "quality_loss",
     )
+
+
+def _coverage(costs: ModelCosts, frequencies) -> np.ndarray:
+    """<float64>[L, E+1] routing mass covered by the top n = 0..E experts (sorted
+    frequencies; uniform rows for dense layers)."""
+    cum = np.cumsum(_expand_freq(costs, frequencies), axis=-1)
+    return np.concatenate([np.zeros_like(cum[:, :1]), cum], axis=-1)
 
 
 def zipf_frequencies(num_layers: int, num_experts: int, alpha: float = 1.0,

@@ -31,8 +31,10 @@ decode steps of one request are not Poisson arrivals.
 
 **Objective** (minimised): the request-rate-weighted mean request latency, including
 micro-batch filling, queueing, compute, transfers and RTT, subject to stability (utilisation
-< 1 at every server), memory, the quality budget (coverage of routing mass per end MoE layer
->= ``min_coverage`` unless swapping; codec bits/char increase <= ``codec_budget``) and privacy
+< 1 at every server), memory, the quality budget (each end MoE layer's resident score
+>= ``min_score`` unless swapping: the routing mass its experts cover, or minus the measured
+bits/char increase of holding that many; codec bits/char increase <= ``codec_budget``) and
+privacy
 (``split >= min_end_layers``). Violations add ``INFEASIBLE`` per violated constraint. A plan
 that loads some server (the shared cloud, an end device or its uplink) to
 ``Instance.max_utilisation`` (default 0.9) or more is *over its margin* and scores
@@ -92,7 +94,15 @@ class Instance:
     Options: codec_bytes [C] bytes per token on the wire (index 0 = bf16, no codec),
       codec_rank [C], codec_quality [C] relative bits/char increase; batch [B] micro-batch
       sizes (index 0 = 1).
-    Budgets: min_coverage, codec_budget.
+    end_expert_bytes: scalar, one expert as the end stores it (bf16, or int8/int4 weight-only:
+      :class:`~ec2moe_jax.layers.QuantSpec`), for the end's memory; ``expert_bytes`` is the
+      cloud's and the rooflines' figure.
+    Quality: resident_score [L, E+1], the quality of an end MoE layer holding its top-n
+      experts, n = 0..E, non-decreasing in n: the routing mass covered (the proxy,
+      ``score_kind`` "coverage") or minus the measured relative bits/char increase
+      (``score_kind`` "quality_loss", :class:`~.instance.ResidencyQuality`); min_score, the
+      least score a plan's end layers may have unless swapping.
+    Budgets: min_score, codec_budget.
     codec_specs: the :class:`~ec2moe_jax.codec.CodecSpec` of each codec option [C], static
       (part of the tree structure, not an array): plans name their codec from it.
     max_utilisation: scalar in (0, 1], the planning margin: a plan loading any server to
@@ -133,9 +143,12 @@ class Instance:
     codec_rank: jax.Array
     codec_quality: jax.Array
     batch: jax.Array
-    min_coverage: jax.Array
+    resident_score: jax.Array
+    min_score: jax.Array
+    end_expert_bytes: jax.Array
     codec_budget: jax.Array
     codec_specs: tuple = flax.struct.field(pytree_node=False, default=())
+    score_kind: str = flax.struct.field(pytree_node=False, default="coverage")
     max_utilisation: jax.Array = flax.struct.field(default=np.float32(MAX_UTILISATION))
 
     def codec_name(self, index: int) -> str:
@@ -204,12 +217,6 @@ class Terms:
     coverage: jax.Array
     end_bytes: jax.Array
     wire_bytes: jax.Array
-
-
-def coverage_table(freq: jax.Array) -> jax.Array:
-    """<float32>[L, E+1] routing mass covered by the top-n experts, n = 0..E."""
-    cum = jnp.cumsum(freq, axis=-1)
-    return jnp.concatenate([jnp.zeros_like(cum[:, :1]), cum], axis=-1)
 
 
 def touched_table(freq: jax.Array, choices: jax.Array) -> jax.Array:
@@ -418,25 +425,25 @@ def end_memory(inst: Instance, plan: Plan, b: jax.Array) -> jax.Array:
     layers = jnp.arange(inst.num_layers)
     mask = (layers < plan.split[..., None]).astype(jnp.float32)
     s = plan.split
-    weights = jnp.sum(mask * (inst.fixed_bytes + inst.is_moe * inst.expert_bytes
+    weights = jnp.sum(mask * (inst.fixed_bytes + inst.is_moe * inst.end_expert_bytes
                               * plan.resident), -1)
     kv = s * inst.kv_bytes * (inst.prompt_tokens + inst.gen_tokens) * b
     return jnp.where(s > 0, inst.embed_bytes + weights + kv
-                     + jnp.where(plan.swap, inst.expert_bytes, 0.0)
+                     + jnp.where(plan.swap, inst.end_expert_bytes, 0.0)
                      + jnp.where(s == inst.num_layers, inst.head_bytes, 0.0), 0.0)
 
 
 def _constraints(inst: Instance, plan: Plan, dev, b):
-    """(violations, min end coverage, end bytes) of each candidate."""
+    """(violations, min end resident score, end bytes) of each candidate."""
     layers = jnp.arange(inst.num_layers)
     end_moe = (layers < plan.split[..., None]) & (inst.is_moe > 0)
-    cov = coverage_table(inst.freq).reshape(-1)[layers * (inst.num_experts + 1) + plan.resident]
+    cov = inst.resident_score.reshape(-1)[layers * (inst.num_experts + 1) + plan.resident]
     min_cov = jnp.min(jnp.where(end_moe & ~plan.swap[..., None], cov, 1.0), -1)
     too_few = jnp.any(end_moe & (plan.resident < inst.top_k), -1)
     mem = end_memory(inst, plan, b)
     mid = (plan.split > 0) & (plan.split < inst.num_layers)
     violations = ((mem > inst.end_mem[dev]).astype(jnp.float32)
-                  + (min_cov < inst.min_coverage - 1e-6)
+                  + (min_cov < inst.min_score - 1e-6)
                   + too_few
                   + (mid & (inst.codec_quality[plan.codec] > inst.codec_budget + 1e-9))
                   + (plan.split < inst.min_end_layers[dev]))

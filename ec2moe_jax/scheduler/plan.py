@@ -47,7 +47,8 @@ def schedule_checked(inst: Instance, rounds: int = 3) -> tuple[Plan, dict]:
             f"no feasible plan for end devices {bad}: min_end_layers="
             f"{np.asarray(inst.min_end_layers)[bad].tolist()} layers do not fit their memory "
             f"({np.asarray(inst.end_mem)[bad].tolist()} bytes) within the quality budget; "
-            "lower min_end_layers or min_coverage, or give the device more memory")
+            "lower min_end_layers, relax the quality budget (min_coverage or quality_budget) "
+            "or give the device more memory")
     return plan, info
 
 
@@ -71,5 +72,7 @@ def describe(inst: Instance, plan: Plan) -> dict:
             "split": split.tolist(), "kind": kind, "codec": names,
             "micro_batch": np.asarray(inst.batch)[np.asarray(plan.batch)].astype(int).tolist(),
             "swap": np.asarray(plan.swap).tolist(),
-            "min_coverage": np.round(np.asarray(t.coverage), 4).tolist(),
+            **({"min_coverage": np.round(np.asarray(t.coverage), 4).tolist()}
+               if inst.score_kind == "coverage" else
+               {"quality_loss": np.round(-np.asarray(t.coverage), 4).tolist()}),
             "uplink_bytes_per_request": np.round(np.asarray(t.wire_bytes), 1).tolist()}

@@ -30,7 +30,6 @@ from ec2moe_jax.scheduler.candidates import (
 from ec2moe_jax.scheduler.model import (
     Instance,
     Terms,
-    coverage_table,
     terms_from_work,
     touched_table,
 )
@@ -88,8 +87,8 @@ def _violations(inst: Instance, fr: FitRanks, cover):
     moe = inst.is_moe > 0
     k = inst.top_k.astype(jnp.int32)
     splits = jnp.arange(L + 1)
-    cov = coverage_table(inst.freq)
-    need_cov = jnp.clip(jnp.sum(cov < inst.min_coverage - 1e-6, -1), 1, E)
+    cov = inst.resident_score
+    need_cov = jnp.clip(jnp.sum(cov < inst.min_score - 1e-6, -1), 1, E)
     cov_at = jnp.take_along_axis(cov, cover[:, None], -1)[:, 0]
     cover_min = jnp.concatenate([jnp.ones(1), jax.lax.cummin(jnp.where(moe, cov_at, 1.0))])
     cover_few = _prefix((moe & (cover < k)).astype(jnp.int32)) > 0
@@ -97,7 +96,7 @@ def _violations(inst: Instance, fr: FitRanks, cover):
     fit_cov = rank[..., 0] < _thresholds(inst, fr, need_cov)[:, None]
     fit_few = rank < _thresholds(inst, fr, jnp.zeros(L, jnp.int32) + k)[:, None, None]
     f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-    cover_bad = f32(cover_min < inst.min_coverage - 1e-6) + f32(cover_few)  # [S]
+    cover_bad = f32(cover_min < inst.min_score - 1e-6) + f32(cover_few)  # [S]
     quality = jnp.stack([jnp.broadcast_to(cover_bad[:, None], fit_cov.shape),
                          f32(fit_cov) + f32(fit_few[..., 0]), f32(fit_few[..., 1])],
                         2)  # [N, S, R, B]: swapping lifts the coverage constraint
@@ -105,9 +104,9 @@ def _violations(inst: Instance, fr: FitRanks, cover):
                                               rank.shape[:3] + (1,)),
                              fr.admitted[splits[None, :, None, None], rank]], -1)
     count = count.transpose(0, 1, 3, 2)  # [N, S, R, B]
-    buf = jnp.where(jnp.arange(NUM_RESIDENCY) == SWAP, inst.expert_bytes, 0.0)
+    buf = jnp.where(jnp.arange(NUM_RESIDENCY) == SWAP, inst.end_expert_bytes, 0.0)
     mem = fr.fixed.T[None, :, None, :] + jnp.where(
-        splits[None, :, None, None] > 0, inst.expert_bytes * count + buf[:, None], 0.0)
+        splits[None, :, None, None] > 0, inst.end_expert_bytes * count + buf[:, None], 0.0)
     mem = mem[:, :, :, None, :]
     mid = (splits > 0) & (splits < L)
     codec = mid[:, None] & (inst.codec_quality > inst.codec_budget + 1e-9)  # [S, C]
