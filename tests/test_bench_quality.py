@@ -64,6 +64,28 @@ def test_swap_makes_every_expert_usable_and_masked_when_nothing_dropped():
     assert _map(4, 8, gate="masked").gate == "masked"
 
 
+def test_measured_budget_keys_count_slots_and_keep_the_expert_format():
+    # End MoE layers 1..3 keep 30, 31, 32 of 32 (split 4 maps to 2 small end layers): the
+    # smallest share 30/32 of the small end's 2 x 8 = 16 slots is 15, handed out by routing
+    # mass.
+    res = [0, 30, 31, 32] + [0] * 8
+    key = map_plan(4, res, False, "int8-r256", gate="group", base_cfg=BASE, small_cfg=SMALL,
+                   experts="int4", by_slots=True)
+    assert (key.end_layers, key.end_slots, key.resident, key.experts) == (2, 15, 7, "int4")
+    assert key.label() == "L2-n7-group-int8-r64-s15-xint4"
+    # Nothing dropped: no slot count, every expert, the router.
+    full = map_plan(4, [0, 32, 32, 32] + [0] * 8, False, "bf16", gate="group", base_cfg=BASE,
+                    small_cfg=SMALL, experts="int4", by_slots=True)
+    assert (full.end_slots, full.resident, full.gate) == (0, 8, "masked")
+    # Never fewer than top_k per end layer: 2/32 would floor to 1 slot of 16.
+    low = map_plan(4, [0, 2, 2, 2] + [0] * 8, False, "bf16", gate="group", base_cfg=BASE,
+                   small_cfg=SMALL, by_slots=True)
+    assert low.end_slots == 2 * 2
+    assert QualityKey.from_json(key.to_json()) == key
+    with pytest.raises(ValueError, match="int3"):
+        QualityKey(1, 4, "group", experts="int3")
+
+
 @pytest.mark.parametrize("base, small", [
     ("int8-r256", "int8-r64"), ("int4-r384", "int4-r96"), ("int8-r32", "int8-r8"),
     ("int8-r1", "int8-r1"), ("bf16", "bf16"), ("none", "bf16"),
@@ -168,6 +190,20 @@ def test_evaluate_keys_measures_gates_and_caches(tiny_run, tmp_path, monkeypatch
     assert evaluate_keys(wd, [masked], gate_steps=5, **kw)[masked] == out[masked]
     with pytest.raises(AssertionError, match="evaluated again"):
         evaluate_keys(wd, [group], gate_steps=5, **kw)
+
+
+def test_slot_keys_with_quantised_experts_run_through_the_pipeline(tiny_run, tmp_path):
+    wd = tiny_run["workdir"]
+    kw = {"windows": WINDOWS, "window_len": WINDOW_LEN, "cache": str(tmp_path / "q.json"),
+          "progress": False, "gate_steps": 0}
+    float_key = QualityKey(1, 7, "masked", "bf16", end_slots=7)  # layer 0: 7 of 8 experts
+    int4_key = QualityKey(1, 7, "masked", "bf16", experts="int4", end_slots=7)
+    out = evaluate_keys(wd, [float_key, int4_key], **kw)
+    assert out[int4_key]["plan"]["experts"] == "int4"
+    assert out[float_key]["plan"]["resident"] == [7, 0]
+    # Same mask, quantised end experts: a different (and finite) figure.
+    assert np.isfinite(out[int4_key]["bits_per_char"])
+    assert out[int4_key]["bits_per_char"] != out[float_key]["bits_per_char"]
 
 
 def test_group_gates_use_gate_false_returns_the_router(tiny_run, tmp_path):

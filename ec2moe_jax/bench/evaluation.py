@@ -39,10 +39,12 @@ from ec2moe_jax.bench import sim, strategies
 from ec2moe_jax.bench.bounds import throughput_bound
 from ec2moe_jax.bench.traces import Drop, LteParams, lte_trace
 from ec2moe_jax.config import load_config
+from ec2moe_jax.layers import QuantSpec
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import DeviceProfile, LinkProfile, device
 from ec2moe_jax.scheduler import (
     Calibration,
+    ResidencyQuality,
     build_instance,
     codec_options,
     load_calibration,
@@ -119,24 +121,45 @@ class Context:
     seed: int = 0
     target_requests: int = 300
     target_decode_requests: int = 120
+    # The quality budget: None, the routing-mass proxy (resident experts cover >= 90% of each
+    # end layer's routing mass); else the measured loss of holding fewer experts, each end
+    # layer within quality_budget (relative bits/char), experts stored as end_experts.
+    quality: ResidencyQuality | None = None
+    quality_budget: float = 0.03
+    end_experts: str = "bf16"
+    codec_budget: float = 0.02
 
     @classmethod
     def default(cls, calibration: Calibration | str | os.PathLike,
-                codec_sweep: dict | str | os.PathLike, seed: int = 0) -> Context:
+                codec_sweep: dict | str | os.PathLike, seed: int = 0, *,
+                quality: ResidencyQuality | None = None, quality_budget: float = 0.03,
+                codec_budget: float = 0.02) -> Context:
         """The base model with Zipf(1) statistics, a calibration (or ``ec2moe calibrate``'s
         file, read with :func:`~ec2moe_jax.scheduler.load_calibration`: clamped for presets)
         and the codec options of ``codec_sweep`` (``ec2moe codec-sweep``'s record or its
-        path) within a 2% budget.
+        path) within ``codec_budget``; with ``quality`` (a measured
+        :class:`~ec2moe_jax.scheduler.ResidencyQuality`) the ends store experts in its
+        format and plans keep each end layer within ``quality_budget``.
 
         Raises:
           FileNotFoundError: a file is missing (the message names its command).
         """
         costs = model_costs(load_config("base").model)
         freq = zipf_frequencies(int(costs.is_moe.sum()), costs.num_experts, 1.0, seed=0)
-        codecs = [c for c in codec_options(costs.d_model, codec_sweep) if c.quality <= 0.02]
+        codecs = [c for c in codec_options(costs.d_model, codec_sweep)
+                  if c.quality <= codec_budget]
         if not isinstance(calibration, Calibration):
             calibration = load_calibration(calibration)
-        return cls(costs, freq, calibration, codecs, seed)
+        return cls(costs, freq, calibration, codecs, seed, quality=quality,
+                   quality_budget=quality_budget,
+                   end_experts=quality.experts if quality is not None else "bf16",
+                   codec_budget=codec_budget)
+
+    @property
+    def end_expert_bytes(self) -> float:
+        """One expert of the base model as the ends store it."""
+        return model_costs(load_config("base").model,
+                           experts=QuantSpec.parse(self.end_experts)).expert_bytes
 
     @property
     def counts(self) -> np.ndarray:
@@ -144,14 +167,18 @@ class Context:
 
 
 def _instance(ctx: Context, regime: Regime, ends, rate: float, mbps: float | None = None,
-              codecs=None, min_coverage: float = 0.9):
+              codecs=None, lossless: bool = False):
     T, G, private = regime.tokens
     n = regime.devices
     bw = (mbps or regime.mbps) * 1e6
     links = [LinkProfile(f"{bw / 1e6:g}Mbps", bw, BANDWIDTHS.get(regime.mbps, 0.04))] * n
     return build_instance(ctx.costs, ctx.freq, ends, device(regime.cloud), links, [rate] * n,
                           prompt_tokens=T, gen_tokens=G, calibration=ctx.calibration,
-                          min_end_layers=1 if private else 0, min_coverage=min_coverage,
+                          min_end_layers=1 if private else 0,
+                          min_coverage=1.0 if lossless else 0.9,
+                          quality=None if lossless else ctx.quality,
+                          quality_budget=ctx.quality_budget, codec_budget=ctx.codec_budget,
+                          end_expert_bytes=ctx.end_expert_bytes,
                           codecs=codecs if codecs is not None else ctx.codecs)
 
 
@@ -173,7 +200,7 @@ def setting(ctx: Context, regime: Regime, rate: float, horizon: float, seed: int
         live=_instance(ctx, regime, live, rate, mbps),
         spec=_instance(ctx, regime, spec, rate, mbps),
         no_codec=_instance(ctx, regime, live, rate, mbps, codecs=ctx.codecs[:1]),
-        lossless=_instance(ctx, regime, live, rate, mbps, min_coverage=1.0),
+        lossless=_instance(ctx, regime, live, rate, mbps, lossless=True),
         up=up, down=up, rtt=[rtt] * regime.devices, private=regime.tokens[2])
 
 

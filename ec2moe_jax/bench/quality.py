@@ -22,6 +22,7 @@ import numpy as np
 
 from ec2moe_jax.codec import BF16, CodecSpec
 from ec2moe_jax.config import ModelConfig
+from ec2moe_jax.layers.quant import QuantSpec
 
 GATES = ("group", "masked")
 
@@ -46,6 +47,13 @@ class QualityKey:
       codec: a codec name (:class:`~ec2moe_jax.codec.CodecSpec`) of the small model's
         width: "bf16" or "<int8|int4>-r<rank>" (stored canonical: "none" becomes "bf16").
       swap: non-resident experts are fetched when needed (the mask allows every expert).
+      experts: how the end stores its experts ("bf16", "int8", "int4": weight-only,
+        :class:`~ec2moe_jax.layers.QuantSpec`).
+      end_slots: 0, or the experts resident over all end MoE layers together, handed out by
+        routing mass as ``ec2moe bench-quality-memory`` does
+        (:func:`~ec2moe_jax.bench.quality_memory.resident_mask`); ``resident`` is then
+        ``end_slots`` over the end MoE layers, rounded down (a label). Keys of a measured
+        quality budget use it, so the plan measured is the one the budget was measured on.
     """
 
     end_layers: int
@@ -53,6 +61,8 @@ class QualityKey:
     gate: str
     codec: str = BF16.name
     swap: bool = False
+    experts: str = "bf16"
+    end_slots: int = 0
 
     def __post_init__(self):
         if self.end_layers < 0:
@@ -62,12 +72,18 @@ class QualityKey:
         if self.gate not in GATES:
             raise ValueError(f"gate={self.gate!r} must be one of {list(GATES)}")
         object.__setattr__(self, "codec", _parse_codec(self.codec).name)
+        QuantSpec.parse(self.experts)
+        if self.end_slots < 0:
+            raise ValueError(f"end_slots={self.end_slots} must be >= 0")
 
     def label(self) -> str:
-        """A short unique name, e.g. ``"L2-n4-group-int8-r64"`` (``-swap`` appended). Keys
-        cached before the codec vocabulary said "none" where this says "bf16"."""
+        """A short unique name, e.g. ``"L2-n4-group-int8-r64"`` (``-swap``, ``-s<slots>``
+        and ``-x<experts>`` appended when set). Keys cached before the codec vocabulary said
+        "none" where this says "bf16"."""
         return (f"L{self.end_layers}-n{self.resident}-{self.gate}-{self.codec}"
-                + ("-swap" if self.swap else ""))
+                + ("-swap" if self.swap else "")
+                + (f"-s{self.end_slots}" if self.end_slots else "")
+                + (f"-x{self.experts}" if self.experts != "bf16" else ""))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,7 +91,8 @@ class QualityKey:
     @classmethod
     def from_json(cls, d: dict) -> QualityKey:
         return cls(int(d["end_layers"]), int(d["resident"]), str(d["gate"]),
-                   str(d.get("codec", BF16.name)), bool(d.get("swap", False)))
+                   str(d.get("codec", BF16.name)), bool(d.get("swap", False)),
+                   str(d.get("experts", "bf16")), int(d.get("end_slots", 0)))
 
 
 def _moe_layers(cfg: ModelConfig, below: int) -> list[int]:
@@ -83,7 +100,8 @@ def _moe_layers(cfg: ModelConfig, below: int) -> list[int]:
 
 
 def map_plan(split: int, resident: Sequence[int], swap: bool, codec: str, *, gate: str,
-             base_cfg: ModelConfig, small_cfg: ModelConfig) -> QualityKey:
+             base_cfg: ModelConfig, small_cfg: ModelConfig, experts: str = "bf16",
+             by_slots: bool = False) -> QualityKey:
     """The small-model :class:`QualityKey` of one device's base-model plan (our mapping, an
     approximation: the small model has fewer layers, experts and a narrower hidden state).
 
@@ -101,6 +119,10 @@ def map_plan(split: int, resident: Sequence[int], swap: bool, codec: str, *, gat
       (the same fraction of the width), a raw hidden state stays as it is; "bf16" when the
       small plan has no boundary (``end_layers`` 0 or ``L'``).
     * gate: "masked" whenever ``resident' == E'`` (nothing dropped: the router is exact).
+    * ``by_slots`` (a measured quality budget): ``end_slots = floor(frac * m' E')`` experts
+      over the ``m'`` small end MoE layers, handed out by routing mass as the budget's
+      measurement did (the smallest per-layer share ``frac`` again: pessimistic).
+    * ``experts``: the end's expert format, kept for any plan with end layers.
 
     Args:
       split: base layers ``[0, split)`` on the end.
@@ -143,7 +165,16 @@ def map_plan(split: int, resident: Sequence[int], swap: bool, codec: str, *, gat
             r2 = min(small_cfg.d_model,
                      max(1, round(parsed.rank * small_cfg.d_model / base_cfg.d_model)))
             small_codec = CodecSpec(parsed.kind, r2).name
-    return QualityKey(end_layers, res, "masked" if res == E2 else gate, small_codec, bool(swap))
+    slots = 0
+    if by_slots and not swap:
+        m2 = len(_moe_layers(small_cfg, end_layers))
+        fracs = [int(resident[i]) / E for i in _moe_layers(base_cfg, split)]
+        slots = max(m2 * K2, math.floor(min(fracs, default=1.0) * m2 * E2 + 1e-9))
+        res = slots // max(m2, 1)
+        if slots >= m2 * E2:
+            slots, res = 0, E2
+    return QualityKey(end_layers, res, "masked" if res == E2 else gate, small_codec, bool(swap),
+                      experts, slots)
 
 
 def full_model_key(small_cfg: ModelConfig) -> QualityKey:
@@ -204,10 +235,18 @@ def _evaluate_one(run, meshes, key: QualityKey, texts: np.ndarray, *, workdir: s
     if key.end_layers > L:
         raise ValueError(f"key {key.label()}: end_layers={key.end_layers} > the model's {L}")
     t0 = time.perf_counter()
-    plan = PipelinePlan(name=key.label(), split=key.end_layers,
-                        resident=tuple(key.resident if i < key.end_layers else 0
-                                       for i in range(L)),
-                        codec=key.codec, micro_batch=16, swap=key.swap)
+    resident = tuple(key.resident if i < key.end_layers else 0 for i in range(L))
+    if key.end_slots:
+        from ec2moe_jax.bench.quality_memory import resident_mask
+
+        mask = resident_mask(setup.cfg.model, freq, key.end_slots, key.end_layers)
+        if mask is None:
+            raise ValueError(f"key {key.label()}: {key.end_slots} experts cannot give each of "
+                             f"the {key.end_layers} end layers one")
+        resident = tuple(int(n) if i < key.end_layers else 0
+                         for i, n in enumerate(mask.sum(-1)))
+    plan = PipelinePlan(name=key.label(), split=key.end_layers, resident=resident,
+                        codec=key.codec, micro_batch=16, swap=key.swap, experts=key.experts)
     use_gate = key.gate == "group"
     stages, info = runtime.prepare(setup.model, params, plan, *meshes, frequencies=freq,
                                    workdir=workdir, train_tokens=splits.train,

@@ -146,7 +146,8 @@ def quality_keys(ctx: ev.Context, rows: list[dict], small_cfg) -> dict:
                 key = map_plan(int(np.asarray(p.split)[d]),
                                [int(x) for x in np.asarray(p.resident)[d]],
                                bool(np.asarray(p.swap)[d]), names[int(np.asarray(p.codec)[d])],
-                               gate=gate, base_cfg=base, small_cfg=small_cfg)
+                               gate=gate, base_cfg=base, small_cfg=small_cfg,
+                               experts=ctx.end_experts, by_slots=ctx.quality is not None)
                 weights[key] = weights.get(key, 0) + k
             out[(row["label"], m)] = list(weights.items())
     return out
@@ -481,14 +482,16 @@ def _clean(x):
 
 
 def run(workdir: str, *, calibration, codec_sweep, regimes=None, quality: bool = True,
-        validation: bool = True, gate_steps: int = 0, progress: bool = True, log=print) -> dict:
+        validation: bool = True, gate_steps: int = 0, progress: bool = True, log=print,
+        budget: dict | None = None) -> dict:
     """Everything ``ec2moe bench`` writes, as one JSON-ready record; ``calibration`` and
-    ``codec_sweep``: the paths of ``ec2moe calibrate``'s and ``ec2moe codec-sweep``'s files
-    (see :meth:`~ec2moe_jax.bench.evaluation.Context.default`)."""
+    ``codec_sweep``: the paths of ``ec2moe calibrate``'s and ``ec2moe codec-sweep``'s files;
+    ``budget``: the quality budget's keyword arguments of
+    :meth:`~ec2moe_jax.bench.evaluation.Context.default` (None: the routing-mass proxy)."""
     from tqdm.auto import tqdm
 
     t0 = time.time()
-    ctx = ev.Context.default(calibration, codec_sweep)
+    ctx = ev.Context.default(calibration, codec_sweep, **(budget or {}))
     regimes = regimes or ev.regimes()
     rows = []
     for rg in tqdm(regimes, desc="regimes (simulated)", disable=not progress):
@@ -538,6 +541,17 @@ def run(workdir: str, *, calibration, codec_sweep, regimes=None, quality: bool =
                        "ablations": list(strategies.ABLATIONS),
                        "baselines": list(strategies.BASELINES)},
         "regimes": rows, **sweeps, "quality": qual, "validation": val,
+        "quality_budget": (
+            {"kind": "routing-mass proxy", "min_coverage": 0.9, "codec_budget": ctx.codec_budget,
+             "end_experts": ctx.end_experts} if ctx.quality is None else
+            {"kind": "measured", "source": ctx.quality.source,
+             "fractions": list(ctx.quality.fractions), "loss": list(ctx.quality.loss),
+             "quality_budget_per_end_layer": ctx.quality_budget,
+             "codec_budget": ctx.codec_budget, "end_experts": ctx.end_experts,
+             "note": "each end MoE layer of a plan is charged the loss measured on the small "
+                     "model when its whole end (2 layers) held that share of its experts "
+                     "(the pessimistic step function of ResidencyQuality); the lossless "
+                     "variant keeps every expert (coverage 1)"}),
     })
     record["headline"] = headline(rows)
     record["wall_seconds"] = round(time.time() - t0, 1)

@@ -97,6 +97,16 @@ def register(sub) -> None:
                    help="group-gate training steps for masks without a saved gate; 0: the "
                         "least-squares-initialised gate for every mask (about 10 s per mask; "
                         "training costs about 4 s per step)")
+    b.add_argument("--quality-memory", default=os.path.join(_R, "quality_memory.json"),
+                   help="ec2moe bench-quality-memory's results: the measured quality budget "
+                        "('none': the routing-mass proxy, 90%% coverage per end layer)")
+    b.add_argument("--quality-method", default="small:plain/int4/gate",
+                   help="MODEL:LM/EXPERTS/ROUTER of those results the scheduler plans with; "
+                        "the ends store experts in that format (use --workdir of that LM)")
+    b.add_argument("--quality-budget", type=float, default=0.02,
+                   help="largest relative bits/char increase of an end layer's experts")
+    b.add_argument("--codec-budget", type=float, default=0.01,
+                   help="largest relative bits/char increase of a codec")
     _common.add_calibration_arg(b)
     _common.add_codec_sweep_arg(b)
     b.set_defaults(handler=bench)
@@ -213,17 +223,40 @@ def bench(args: argparse.Namespace) -> dict:
                    + (", measuring quality" if not args.no_quality else "")
                    + (", validating the simulator" if not (args.no_validation or args.quick)
                       else ""))
+    budget = _quality_budget(args)
     record = report.run(args.workdir, calibration=args.calibration,
                         codec_sweep=args.codec_sweep, regimes=regimes,
                         quality=not args.no_quality,
                         validation=not (args.no_validation or args.quick),
-                        gate_steps=args.gate_steps)
+                        gate_steps=args.gate_steps, budget=budget)
     record["command"] = _common.command_line("bench", args.argv)
     stem = os.path.splitext(args.out)[0]
     record = report.write(record, args.out, stem + ".md", stem + ".png")
     print(record["tables_markdown"])
     print(f"wrote {args.out}, {stem}.md, {stem}.png in {record['wall_seconds']:.0f} s")
     return record
+
+
+def _quality_budget(args: argparse.Namespace) -> dict:
+    """``Context.default``'s budget keywords from ``ec2moe bench``'s flags."""
+    from ec2moe_jax.scheduler import ResidencyQuality
+
+    for flag in ("quality_budget", "codec_budget"):
+        if not 0 <= getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a relative "
+                             "bits/char increase in [0, 1)")
+    budget = {"quality_budget": args.quality_budget, "codec_budget": args.codec_budget}
+    if args.quality_memory == "none":
+        return budget
+    model, sep, variant = args.quality_method.partition(":")
+    if not sep:
+        raise SystemExit(f"--quality-method {args.quality_method!r}: write MODEL:LM/EXPERTS/"
+                         "ROUTER, e.g. small:plain/int4/gate")
+    try:
+        quality = ResidencyQuality.from_quality_memory(args.quality_memory, model, variant)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"--quality-memory {args.quality_memory}: {e}") from None
+    return {**budget, "quality": quality}
 
 
 def _settings(text: str | None):

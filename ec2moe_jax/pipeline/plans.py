@@ -18,6 +18,7 @@ import numpy as np
 from ec2moe_jax.codec import CodecSpec
 from ec2moe_jax.config import ModelConfig
 from ec2moe_jax.files import get_field, read_json
+from ec2moe_jax.layers.quant import QuantSpec
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import DeviceProfile, LinkProfile
 from ec2moe_jax.routing.masks import top_n_mask
@@ -49,6 +50,9 @@ class PipelinePlan:
       micro_batch: requests per micro-batch.
       swap: non-resident experts are read from storage when needed (end-only-swap): every
         expert stays usable, so the mask allows all; storage time is not emulated.
+      experts: how the end stores its experts: "bf16" (the model's weights as they are),
+        "int8" or "int4" weight-only (optionally "-g<group>", :class:`~ec2moe_jax.layers.
+        QuantSpec`); the cloud always holds the model's own weights.
     """
 
     name: str
@@ -57,10 +61,12 @@ class PipelinePlan:
     codec: str = "bf16"
     micro_batch: int = 1
     swap: bool = False
+    experts: str = "bf16"
 
     def __post_init__(self):
         try:
             canonical = CodecSpec.parse(self.codec).name
+            QuantSpec.parse(self.experts)
         except ValueError as e:
             raise ValueError(f"plan {self.name!r}: {e}") from None
         object.__setattr__(self, "codec", canonical)
@@ -131,6 +137,8 @@ def load_plan(path: str, cfg: ModelConfig) -> PipelinePlan:
         swap         bool              non-resident experts are swapped in from storage
                                        instead of dropped, so every expert stays usable
                                        (default false)
+        experts      str               how the end stores its experts: "bf16", "int8",
+                                       "int4" or "int<8|4>-g<group>" (default "bf16")
 
     Example (4 layers, 8 experts: two end layers keeping 6 experts, rank-64 int8 codec)::
 
@@ -160,9 +168,10 @@ def load_plan(path: str, cfg: ModelConfig) -> PipelinePlan:
     codec = get_field(d, "codec", str, **kw, default="bf16")
     micro_batch = get_field(d, "micro_batch", int, **kw, default=1)
     swap = get_field(d, "swap", bool, **kw, default=False)
+    experts = get_field(d, "experts", str, **kw, default="bf16")
     try:
         return PipelinePlan(os.path.basename(path), split, tuple(res), codec, micro_batch,
-                            swap).validate(cfg)
+                            swap, experts).validate(cfg)
     except ValueError as e:
         raise ValueError(f"plan JSON {path!r}: {e}") from None
 

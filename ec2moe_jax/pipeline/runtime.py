@@ -13,6 +13,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from ec2moe_jax.codec import lowrank
+from ec2moe_jax.layers import QuantSpec, quantize_experts
 from ec2moe_jax.models import MoELM
 from ec2moe_jax.pipeline import executor
 from ec2moe_jax.pipeline.link import Channel
@@ -46,14 +47,16 @@ def link_codec(model: MoELM, params, plan: PipelinePlan, *, workdir: str | None,
 def group_gates(model: MoELM, params, allowed: np.ndarray, split: int,
                 frequencies: np.ndarray, *, workdir: str | None,
                 train_tokens: np.ndarray | None, steps: int = 0,
-                use_gate: bool = True, init_only: bool = False) -> tuple[tuple | None, str]:
+                use_gate: bool = True, init_only: bool = False, experts: str = "bf16"
+                ) -> tuple[tuple | None, str]:
     """HL-GGN gates for the end layers of a plan that drops experts: loaded from
     ``<workdir>/gates/mask-<hash of the mask>`` if trained before, else trained for ``steps``
     (LM frozen) and saved there, else None (the router, i.e. plain masked top-k).
     ``use_gate=False`` always gives the router, even when a gate is saved for the mask (the
     masked top-k ablation); ``init_only=True`` always gives the gate as initialised by
     least-squares distillation of the router on real activations (no training, nothing
-    loaded or saved: seconds instead of minutes per mask)."""
+    loaded or saved: seconds instead of minutes per mask). ``experts``: the end's expert
+    format (``params`` already in it); a gate is saved per mask and format."""
     from ec2moe_jax.training import gate as gate_lib
 
     if split == 0 or allowed[:split].all():
@@ -61,6 +64,7 @@ def group_gates(model: MoELM, params, allowed: np.ndarray, split: int,
     if not use_gate:
         return None, "router (masked top-k, gate disabled)"
     key = hashlib.sha1(np.packbits(allowed[:split]).tobytes()).hexdigest()[:12]
+    key += "" if experts == "bf16" else f"-{experts}"
     path = os.path.join(workdir, "gates", f"mask-{key}") if workdir else None
     if train_tokens is None or not ((path and os.path.isdir(path)) or steps > 0 or init_only):
         return None, "router (masked top-k: no trained group gate for this mask)"
@@ -91,14 +95,20 @@ def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh,
     cfg = model.cfg
     plan.validate(cfg)
     allowed = plan.allowed(frequencies, cfg)
-    codec, source = link_codec(model, params, plan, workdir=workdir, train_tokens=train_tokens)
-    gates, gate_source = group_gates(model, params, allowed, plan.split, frequencies,
+    experts = QuantSpec.parse(plan.experts)
+    # The end's gate and codec see the hidden states of the end it runs: quantised experts.
+    end_params = (quantize_experts(params, experts, range(plan.split)) if experts.bits < 16
+                  else params)
+    codec, source = link_codec(model, end_params, plan, workdir=workdir,
+                               train_tokens=train_tokens)
+    gates, gate_source = group_gates(model, end_params, allowed, plan.split, frequencies,
                                      workdir=workdir, train_tokens=train_tokens,
                                      steps=gate_steps, use_gate=use_gate,
-                                     init_only=gate_init_only)
+                                     init_only=gate_init_only, experts=experts.name)
     stages = build_stages(model, params, end_mesh, cloud_mesh, split=plan.split,
                           transport=plan.spec, allowed=allowed, codec=codec,
-                          gates=gates, temperature=temperature, side=side)
+                          gates=gates, temperature=temperature, side=side,
+                          end_experts=experts)
     moe = [i for i in range(plan.split) if cfg.is_moe_layer(i)]
     freq = np.asarray(frequencies, np.float64)
     freq = freq / freq.sum(-1, keepdims=True)
