@@ -295,7 +295,8 @@ class TrainConfig:
     # over a random expert subset (training.residency.step_residency), so an end device
     # holding any subset degrades gracefully; 0 = off (every step sees every expert)
     residency_prob: float = _rule(0.0, ge=0.0, le=1.0)
-    # how many leading layers such a step may mask (1..this many, drawn per step); None = all
+    # how many leading MoE layers such a step may mask (1..this many, drawn per step); None:
+    # all of them
     residency_layers: int | None = _rule(None, ge=1)
 
     def __post_init__(self):
@@ -342,9 +343,10 @@ class ExperimentConfig:
             _check(m.moe.num_experts > m.moe.top_k,
                    f"train.residency_prob={t.residency_prob} needs model.moe.num_experts="
                    f"{m.moe.num_experts} > top_k={m.moe.top_k} (a subset must drop an expert)")
-            _check(t.residency_layers is None or t.residency_layers <= m.num_layers,
-                   f"train.residency_layers={t.residency_layers} exceeds model.num_layers="
-                   f"{m.num_layers}")
+            moe = sum(m.is_moe_layer(i) for i in range(m.num_layers))
+            _check(t.residency_layers is None or t.residency_layers <= moe,
+                   f"train.residency_layers={t.residency_layers} exceeds the model's {moe} "
+                   "MoE layers (model.moe_layers)")
         return self
 
     def replace(self, **sections: Any) -> ExperimentConfig:

@@ -34,7 +34,8 @@ def test_top_level_help_lists_every_subcommand():
     for name in ("train", "generate", "score", "eval", "demo", "bench", "calibrate",
                  "convert-hf", "hf-parity", "codec-sweep", "hlggn-eval", "gate",
                  "scheduler-report", "bench-scheduler", "bench-moe-layer",
-                 "pipeline-calibration", "demo-pipeline", "serve", "bench-serving"):
+                 "pipeline-calibration", "demo-pipeline", "serve", "bench-serving",
+                 "adapt-residency", "bench-quality-memory"):
         assert name in SUBCOMMANDS
         assert f"    {name}" in out.stdout, name
 

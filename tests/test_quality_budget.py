@@ -39,11 +39,11 @@ def test_from_quality_memory_reads_one_method():
     record = {"models": {"small": {
         "config": {"num_experts": 8}, "settings": {"num_end_layers": 2},
         "points": [{"variant": "plain/int4/gate", "feasible": True, "slots": 15,
-                    "relative_increase": 0.01},
+                    "resident_fraction": 15 / 16, "relative_increase": 0.01},
                    {"variant": "plain/int4/gate", "feasible": True, "slots": 16,
-                    "relative_increase": -0.001},
+                    "resident_fraction": 1.0, "relative_increase": -0.001},
                    {"variant": "plain/bf16/gate", "feasible": True, "slots": 4,
-                    "relative_increase": 0.9},
+                    "resident_fraction": 0.25, "relative_increase": 0.9},
                    {"variant": "plain/int4/gate", "feasible": False, "slots": 1}]}}}
     q = ResidencyQuality.from_quality_memory(record, "small", "plain/int4/gate")
     assert q.fractions == (15 / 16, 1.0) and q.loss == (0.01, 0.0)  # a gain counts as 0
@@ -52,6 +52,12 @@ def test_from_quality_memory_reads_one_method():
         ResidencyQuality.from_quality_memory(record, "small", "residency/int4/gate")
     with pytest.raises(ValueError, match="model 'big'"):
         ResidencyQuality.from_quality_memory(record, "big", "plain/int4/gate")
+    old = {"models": {"small": {"points": [{"variant": "plain/int4/gate", "feasible": True,
+                                            "slots": 15, "relative_increase": 0.01}]}}}
+    with pytest.raises(ValueError, match="lack 'resident_fraction'.*rerun ec2moe bench-qua"):
+        ResidencyQuality.from_quality_memory(old, "small", "plain/int4/gate")
+    with pytest.raises(ValueError, match="int3"):
+        ResidencyQuality((1.0,), (0.0,), experts="int3")
 
 
 def _costs(experts=8):
@@ -60,13 +66,13 @@ def _costs(experts=8):
     return cfg, model_costs(cfg, "bfloat16")
 
 
-def _instance(memory, *, quality=TABLE, end_expert_bytes=None, budget=0.03):
+def _instance(memory, *, quality=TABLE, end_experts=None, budget=0.03):
     cfg, costs = _costs()
     end = DeviceProfile("end", memory_bytes=memory, peak_flops=2e12, mem_bandwidth=5e10)
     return build_instance(costs, zipf_frequencies(3, 8, 1.2), [end],
                           device("t4").with_load(0.95), [LinkProfile("lte", 2e7, 0.05)],
                           [2.0], min_end_layers=1, quality=quality, quality_budget=budget,
-                          end_expert_bytes=end_expert_bytes)
+                          end_experts=end_experts)
 
 
 def _plan(split, resident):
@@ -87,6 +93,11 @@ def test_a_plan_over_the_measured_budget_is_refused():
     assert float(evaluate_jit(tight, _plan(1, [6]))["terms"].penalty[0]) > 0
     assert float(evaluate_jit(tight, _plan(1, [8]))["terms"].penalty[0]) == 0
     # The heuristic's plan keeps its end layers within the budget.
+    # Nothing dropped (or nothing on the end) is charged no loss, never a negative one.
+    from ec2moe_jax.scheduler.plan import describe
+
+    assert describe(inst, _plan(0, []))["quality_loss"] == [0.0]
+    assert describe(inst, _plan(1, [6]))["quality_loss"] == pytest.approx([0.02])
     plan, info = schedule(inst)
     s = int(plan.split[0])
     assert bool(info["feasible"]) and s >= 1
@@ -96,14 +107,40 @@ def test_a_plan_over_the_measured_budget_is_refused():
 
 def test_int4_experts_fit_more_in_the_same_memory():
     cfg, costs = _costs()
-    int4 = model_costs(cfg, experts=QuantSpec(4)).expert_bytes
     fixed = costs.embed_bytes + costs.fixed_bytes[:1].sum()
     memory = fixed + 3.2 * costs.expert_bytes  # 3 bf16 experts, 12 int4 ones
     kv_room = 4e6
     bf16 = _instance(memory + kv_room, quality=None)
-    quant = _instance(memory + kv_room, quality=None, end_expert_bytes=int4)
+    quant = _instance(memory + kv_room, quality=None, end_experts="int4")
+    # The instance counts the int4 format's exact bytes, as model_costs does.
+    assert float(quant.end_expert_bytes) == pytest.approx(
+        model_costs(cfg, experts=QuantSpec(4)).expert_bytes)
+    assert quant.end_experts == "int4" and bf16.end_experts == "bf16"
     plan = _plan(1, [8])
     # All 8 experts of layer 0: over the memory in bf16, within it in int4.
     assert float(evaluate_jit(bf16, plan)["terms"].end_bytes[0]) > memory + kv_room
     assert float(evaluate_jit(quant, plan)["terms"].end_bytes[0]) < memory + kv_room
     assert float(evaluate_jit(quant, plan)["terms"].penalty[0]) == 0
+
+
+def test_the_evaluation_plans_on_the_measured_budget():
+    from ec2moe_jax.bench import evaluation as ev
+    from ec2moe_jax.bench.strategies import EC2MOE
+    from ec2moe_jax.scheduler import Calibration
+
+    sweep = {"sweep": [{"rank": 64, "bits": "int8", "relative_increase_vs_bf16": 0.004}]}
+    table = ResidencyQuality((0.9375, 1.0), (0.015, 0.001), experts="int4")
+    ctx = ev.Context.default(Calibration(), sweep, quality=table, quality_budget=0.02,
+                             codec_budget=0.01)
+    assert ctx.end_experts == "int4"
+    s = ev.setting(ctx, ev.Regime("private-score-512", "t4", 2, 20.0), 5.0, 30.0, seed=0)
+    assert (s.live.score_kind, s.live.end_experts) == ("quality_loss", "int4")
+    assert (s.lossless.score_kind, s.lossless.end_experts) == ("coverage", "bf16")
+    assert float(s.live.end_expert_bytes) < 0.3 * float(s.live.expert_bytes)
+    run = ev.run_strategy(ctx, EC2MOE, s, 4, 30.0, window=(9.0, 30.0))
+    for plan in run.plans:  # every end layer within the 2% budget (or swapping)
+        for d in range(2):
+            split, res = int(plan.split[d]), np.asarray(plan.resident[d])
+            moe = [i for i in range(split) if ctx.costs.is_moe[i]]
+            if moe and not bool(plan.swap[d]):
+                assert (table.loss_at(res[moe], ctx.costs.num_experts) <= 0.02).all()

@@ -83,11 +83,35 @@ def test_stored_bytes_are_what_costs_and_selection_count(tiny_pipeline):
     assert slots["bf16"] == 3 and slots["int8"] == 5 and slots["int4"] == 8  # E = 8: all
 
 
+def test_extreme_magnitudes_and_refusals_of_quantised_trees(tiny_pipeline):
+    # The search compares errors relative to each group's range: tiny weights keep the
+    # unclipped scale on ties instead of halving every value.
+    w = jnp.full((1, 4, 2), 1e-20).at[0, 0, 0].set(-1e-20)
+    q = quantize(w, QuantSpec(8))
+    np.testing.assert_allclose(np.asarray(q.dequantize()), np.asarray(w), rtol=1e-2)
+    params = tiny_pipeline["params"]
+    from ec2moe_jax.layers.moe import unstack_experts
+    from ec2moe_jax.models import cast_params
+
+    with pytest.raises(ValueError, match="per-expert buffers"):
+        quantize_experts(unstack_experts(params), QuantSpec(4), range(1))
+    once = quantize_experts(params, QuantSpec(4), range(1))
+    with pytest.raises(ValueError, match="quantised experts already"):
+        quantize_experts(once, QuantSpec(8), range(1))
+    # bf16 casting leaves the integer experts alone; the model still runs.
+    cast = cast_params(once, "float32")
+    assert cast["layer_0"]["moe"][QUANTIZED]["w_up"].q.dtype == jnp.uint8
+    tiny_pipeline["model"].apply({"params": cast}, np.zeros((1, 3), np.int32))
+
+
 def test_bad_specs_are_refused():
     with pytest.raises(ValueError, match="int3"):
         QuantSpec.parse("int3")
     with pytest.raises(ValueError, match="bits=5"):
         QuantSpec(5)
+    with pytest.raises(ValueError, match="group_size=3 must be >= 1 \\(even for 4 bits"):
+        QuantSpec(4, 3)
+    assert QuantSpec.parse("int8-g3").groups(6) == 2  # int8 needs no even group
     with pytest.raises(ValueError, match="group_size=48 does not divide"):
         QuantSpec(4, 48).groups(64)
     with pytest.raises(ValueError, match="nothing to quantise"):

@@ -33,8 +33,19 @@ def test_step_masks_are_reproducible_and_bounded():
     assert all(step_residency(off.train, off.model, s).all() for s in range(20))
 
 
+def test_dense_layers_are_skipped():
+    # Layer 0 dense, layer 1 MoE: "the leading MoE layer" is layer 1, never the dense one.
+    cfg = fixture_config(model__moe_layers=(1,), train__residency_prob=1.0,
+                         train__residency_layers=1)
+    masks = [step_residency(cfg.train, cfg.model, s) for s in range(20)]
+    assert all(m[0].all() and not m[1].all() for m in masks)
+    with pytest.raises(ValueError, match="exceeds the model's 1 MoE layers"):
+        fixture_config(model__moe_layers=(1,), train__residency_prob=1.0,
+                       train__residency_layers=2)
+
+
 def test_bad_residency_options_are_refused():
-    with pytest.raises(ValueError, match="residency_layers=3 exceeds model.num_layers=2"):
+    with pytest.raises(ValueError, match="residency_layers=3 exceeds the model's 2 MoE"):
         fixture_config(train__residency_prob=0.5, train__residency_layers=3)
     with pytest.raises(ValueError, match="residency_prob"):
         fixture_config(train__residency_prob=1.5)
@@ -68,3 +79,21 @@ def test_masked_steps_skip_dropped_experts_and_compile_once(fixture_splits):
         jax.block_until_ready(metrics)
     assert len(_COMPILES) == before, "a new mask must not recompile the train step"
     assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.slow
+def test_adapt_residency_writes_a_new_workdir_and_never_overwrites(tmp_path):
+    from conftest import random_workdir
+
+    from ec2moe_jax.cli import main
+    from ec2moe_jax.training import load_params
+
+    wd, _, params = random_workdir(str(tmp_path / "run"))
+    out = str(tmp_path / "adapted")
+    main(["adapt-residency", "--workdir", wd, "--out", out, "--steps", "2", "--no-progress"])
+    _, adapted = load_params(out)
+    moved = jax.tree.map(lambda a, b: bool(np.any(np.asarray(a) != np.asarray(b))),
+                         params, adapted)
+    assert any(jax.tree.leaves(moved)), "the fine-tune must change the LM"
+    with pytest.raises(SystemExit, match="exists"):
+        main(["adapt-residency", "--workdir", wd, "--out", out, "--steps", "2"])

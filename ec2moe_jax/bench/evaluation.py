@@ -39,7 +39,6 @@ from ec2moe_jax.bench import sim, strategies
 from ec2moe_jax.bench.bounds import throughput_bound
 from ec2moe_jax.bench.traces import Drop, LteParams, lte_trace
 from ec2moe_jax.config import load_config
-from ec2moe_jax.layers import QuantSpec
 from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.profiles import DeviceProfile, LinkProfile, device
 from ec2moe_jax.scheduler import (
@@ -123,16 +122,15 @@ class Context:
     target_decode_requests: int = 120
     # The quality budget: None, the routing-mass proxy (resident experts cover >= 90% of each
     # end layer's routing mass); else the measured loss of holding fewer experts, each end
-    # layer within quality_budget (relative bits/char), experts stored as end_experts.
+    # layer within quality_budget (relative bits/char), experts stored in quality's format.
     quality: ResidencyQuality | None = None
-    quality_budget: float = 0.03
-    end_experts: str = "bf16"
+    quality_budget: float = 0.02
     codec_budget: float = 0.02
 
     @classmethod
     def default(cls, calibration: Calibration | str | os.PathLike,
                 codec_sweep: dict | str | os.PathLike, seed: int = 0, *,
-                quality: ResidencyQuality | None = None, quality_budget: float = 0.03,
+                quality: ResidencyQuality | None = None, quality_budget: float = 0.02,
                 codec_budget: float = 0.02) -> Context:
         """The base model with Zipf(1) statistics, a calibration (or ``ec2moe calibrate``'s
         file, read with :func:`~ec2moe_jax.scheduler.load_calibration`: clamped for presets)
@@ -151,15 +149,12 @@ class Context:
         if not isinstance(calibration, Calibration):
             calibration = load_calibration(calibration)
         return cls(costs, freq, calibration, codecs, seed, quality=quality,
-                   quality_budget=quality_budget,
-                   end_experts=quality.experts if quality is not None else "bf16",
-                   codec_budget=codec_budget)
+                   quality_budget=quality_budget, codec_budget=codec_budget)
 
     @property
-    def end_expert_bytes(self) -> float:
-        """One expert of the base model as the ends store it."""
-        return model_costs(load_config("base").model,
-                           experts=QuantSpec.parse(self.end_experts)).expert_bytes
+    def end_experts(self) -> str:
+        """How the ends store experts: the measured table's format, else bf16."""
+        return self.quality.experts if self.quality is not None else "bf16"
 
     @property
     def counts(self) -> np.ndarray:
@@ -175,10 +170,11 @@ def _instance(ctx: Context, regime: Regime, ends, rate: float, mbps: float | Non
     return build_instance(ctx.costs, ctx.freq, ends, device(regime.cloud), links, [rate] * n,
                           prompt_tokens=T, gen_tokens=G, calibration=ctx.calibration,
                           min_end_layers=1 if private else 0,
+                          # Lossless: every expert, stored as the model's own weights.
                           min_coverage=1.0 if lossless else 0.9,
                           quality=None if lossless else ctx.quality,
                           quality_budget=ctx.quality_budget, codec_budget=ctx.codec_budget,
-                          end_expert_bytes=ctx.end_expert_bytes,
+                          end_experts="bf16" if lossless else ctx.end_experts,
                           codecs=codecs if codecs is not None else ctx.codecs)
 
 

@@ -144,11 +144,14 @@ def plot_demo(result: dict, path: str) -> str:
 
 _QM_STYLE = {"plain/bf16/masked": ("masked top-k", "C7", "x--"),
              "plain/bf16/gate": ("group gate", "C0", "o-"),
+             "residency/bf16/masked": ("residency-trained LM, masked top-k", "C2", "x:"),
              "residency/bf16/gate": ("residency-trained LM + gate", "C2", "s-"),
              "residency/int8/gate": ("residency LM + int8 experts + gate", "C1", "^-"),
              "residency/int4/gate": ("residency LM + int4 experts + gate", "C3", "v-"),
+             "residency/int4/masked": ("residency LM + int4 experts, masked", "C3", "1:"),
              "plain/int8/gate": ("int8 experts + gate", "C1", "^:"),
-             "plain/int4/gate": ("int4 experts + gate", "C3", "v:")}
+             "plain/int4/gate": ("int4 experts + gate", "C4", "v:"),
+             "plain/int4/masked": ("int4 experts, masked top-k", "C4", "1--")}
 
 
 def plot_quality_memory(result: dict, path: str) -> str:
@@ -173,7 +176,10 @@ def plot_quality_memory(result: dict, path: str) -> str:
         if full is not None:
             ax.axhline(full, color="k", lw=1, label=f"full model {full:.3f}")
             ax.axhline(full * 1.03, color="k", ls=":", lw=1, label="full + 3%")
-            ax.set_ylim(full * 0.97, full * 1.6)
+            top = max([p["bits_per_char"] for p in entry["points"] if p["feasible"]]
+                      + [full * 1.1])
+            ax.set_yscale("log")
+            ax.set_ylim(full * 0.98, top * 1.05)
         c = entry["config"]
         ax.set_title(f"{name}: {c['num_experts']} experts top-{c['top_k']}"
                      + (f" + shared {c['shared_expert_dim']}" if c["shared_expert_dim"] else ""))

@@ -152,24 +152,41 @@ def run_model(name: str, workdirs: dict[str, str], out: str, *, variants=DEFAULT
       The model's entry: ``full`` bits/char per LM, ``points`` (one per variant and
       fraction) and the settings.
     """
+    from ec2moe_jax.bench.quality import checkpoint_fingerprint
+
     record = read_json(out, what="quality-memory results") if os.path.exists(out) else {}
     settings = {"num_end_layers": num_end_layers, "gate_steps": gate_steps,
                 "eval_batches": eval_batches}
+    present = {lm: wd for lm, wd in workdirs.items()
+               if wd and os.path.isdir(os.path.expanduser(wd))}
+    prints = {lm: checkpoint_fingerprint(wd) for lm, wd in present.items()}
     entry = record.get("models", {}).get(name, {})
-    if entry.get("settings") != settings or entry.get("workdirs") != workdirs:
+    # Points of another checkpoint (retrained in the same workdir) are measured again;
+    # entries from before fingerprints were recorded are kept.
+    stale = any(entry.get("fingerprints", {}).get(lm, fp) != fp for lm, fp in prints.items())
+    if entry.get("settings") != settings or entry.get("workdirs") != workdirs or stale:
         entry = {"settings": settings, "workdirs": workdirs, "full": {}, "points": []}
+    entry["fingerprints"] = {**entry.get("fingerprints", {}), **prints}
     done = {(p["variant"], p["fraction"]) for p in entry["points"]}
     runs, skipped = {}, []
-    for lm in LMS:
-        if workdirs.get(lm) and os.path.isdir(os.path.expanduser(workdirs[lm])):
-            runs[lm] = load_run(workdirs[lm], progress=progress)
+    for lm, wd in present.items():
+        runs[lm] = load_run(wd, progress=progress)
+    if "plain" not in runs and progress:
+        print(f"{name}: no plain workdir; relative increases are over the {list(runs)} LM's "
+              "own full model", flush=True)
+    if not runs:
+        raise FileNotFoundError(f"{name}: none of the workdirs {workdirs} exists")
+    cfg = next(iter(runs.values()))[0].cfg.model
+    m_end = sum(cfg.is_moe_layer(i) for i in range(num_end_layers))
+    if not 1 <= num_end_layers < cfg.num_layers or m_end == 0:
+        raise ValueError(f"num_end_layers={num_end_layers}: the end must run at least one MoE "
+                         f"layer and leave the cloud one of the model's {cfg.num_layers}")
     for lm, run in runs.items():
         if lm not in entry["full"]:
             entry["full"][lm] = _full(run, num_end_layers, eval_batches)
-    cfg = next(iter(runs.values()))[0].cfg.model
     entry["config"] = {"num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
                        "expert_dim": cfg.moe.expert_dim,
-                       "shared_expert_dim": cfg.moe.shared_expert_dim}
+                       "shared_expert_dim": cfg.moe.shared_expert_dim, "end_moe_layers": m_end}
     for v in variants:
         if v.lm not in runs:
             skipped.append(v.name)
@@ -182,7 +199,8 @@ def run_model(name: str, workdirs: dict[str, str], out: str, *, variants=DEFAULT
             slots = budget_slots(cfg, f, spec, num_end_layers)
             allowed = resident_mask(cfg, run[3], slots, num_end_layers)
             point = {"variant": v.name, "lm": v.lm, "experts": v.experts, "router": v.router,
-                     "fraction": f, "slots": slots}
+                     "fraction": f, "slots": slots,
+                     "resident_fraction": slots / (m_end * cfg.moe.num_experts)}
             if allowed is None:
                 point.update(feasible=False, reason=f"{slots} {v.experts} experts cannot give "
                              f"each of the {num_end_layers} end layers one")
@@ -207,6 +225,10 @@ def run_model(name: str, workdirs: dict[str, str], out: str, *, variants=DEFAULT
                       + (f"{point['bits_per_char']:.4f} bits/char ({slots} experts)"
                          if point["feasible"] else "infeasible"), flush=True)
     entry["skipped"] = skipped
+    if skipped and progress:
+        missing = sorted({v.split("/")[0] for v in skipped})
+        print(f"{name}: skipped {len(skipped)} methods: no workdir for the {missing} LM "
+              f"({ {lm: workdirs.get(lm) for lm in missing} })", flush=True)
     record.setdefault("models", {})[name] = entry
     write_json_atomic(out, record)
     return entry
@@ -222,17 +244,25 @@ def best_by_fraction(entry: dict) -> dict[float, dict]:
     return dict(sorted(best.items()))
 
 
-def quality_table(record: dict) -> list[dict]:
-    """The measured quality budget table the scheduler reads: per model, LM, expert format
-    and router, the relative bits/char increase at each measured resident fraction of the
-    end layers' experts (the *count* share, so a scheduler can look up a plan's)."""
-    rows = []
-    for model, entry in record.get("models", {}).items():
-        e = entry["config"]["num_experts"] * sum(
-            1 for _ in range(entry["settings"]["num_end_layers"]))
+def finish(record: dict) -> dict:
+    """Completes a record: every feasible point's ``resident_fraction`` (points written
+    before it was recorded get it from their slots), ``best`` per model and budget, and
+    ``quality_table``: per model and method, the loss the scheduler is charged at each
+    resident fraction (:class:`~ec2moe_jax.scheduler.ResidencyQuality`)."""
+    from ec2moe_jax.scheduler import ResidencyQuality
+
+    record["best"], record["quality_table"] = {}, []
+    for name, entry in record.get("models", {}).items():
+        c = entry["config"]
+        per_end = c.get("end_moe_layers", entry["settings"]["num_end_layers"]) * c["num_experts"]
         for p in entry["points"]:
-            if p["feasible"]:
-                rows.append({"model": model, "variant": p["variant"],
-                             "resident_fraction": p["slots"] / e,
-                             "relative_increase": p["relative_increase"]})
-    return rows
+            p.setdefault("resident_fraction", p["slots"] / per_end)
+        record["best"][name] = {
+            str(f): {k: p[k] for k in ("variant", "bits_per_char", "relative_increase", "slots")}
+            for f, p in best_by_fraction(entry).items()}
+        for variant in sorted({p["variant"] for p in entry["points"] if p["feasible"]}):
+            q = ResidencyQuality.from_quality_memory(record, name, variant)
+            record["quality_table"].append({"model": name, "variant": variant,
+                                            "resident_fraction": list(q.fractions),
+                                            "charged_loss": list(q.loss)})
+    return record

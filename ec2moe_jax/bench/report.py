@@ -147,7 +147,8 @@ def quality_keys(ctx: ev.Context, rows: list[dict], small_cfg) -> dict:
                                [int(x) for x in np.asarray(p.resident)[d]],
                                bool(np.asarray(p.swap)[d]), names[int(np.asarray(p.codec)[d])],
                                gate=gate, base_cfg=base, small_cfg=small_cfg,
-                               experts=ctx.end_experts, by_slots=ctx.quality is not None)
+                               experts="bf16" if m == strategies.LOSSLESS else ctx.end_experts,
+                               by_slots=ctx.quality is not None and m != strategies.LOSSLESS)
                 weights[key] = weights.get(key, 0) + k
             out[(row["label"], m)] = list(weights.items())
     return out
@@ -549,9 +550,9 @@ def run(workdir: str, *, calibration, codec_sweep, regimes=None, quality: bool =
              "quality_budget_per_end_layer": ctx.quality_budget,
              "codec_budget": ctx.codec_budget, "end_experts": ctx.end_experts,
              "note": "each end MoE layer of a plan is charged the loss measured on the small "
-                     "model when its whole end (2 layers) held that share of its experts "
-                     "(the pessimistic step function of ResidencyQuality); the lossless "
-                     "variant keeps every expert (coverage 1)"}),
+                     "model when its whole end held that share of its experts (the "
+                     "pessimistic step function of ResidencyQuality); the lossless variant "
+                     "keeps every expert, stored as the model's own weights (coverage 1)"}),
     })
     record["headline"] = headline(rows)
     record["wall_seconds"] = round(time.time() - t0, 1)

@@ -105,8 +105,9 @@ def register(sub) -> None:
                         "the ends store experts in that format (use --workdir of that LM)")
     b.add_argument("--quality-budget", type=float, default=0.02,
                    help="largest relative bits/char increase of an end layer's experts")
-    b.add_argument("--codec-budget", type=float, default=0.01,
-                   help="largest relative bits/char increase of a codec")
+    b.add_argument("--codec-budget", type=float, default=None,
+                   help="largest relative bits/char increase of a codec (default: 0.01 with "
+                        "the measured budget, so the two stay within 3%%; 0.02 with the proxy)")
     _common.add_calibration_arg(b)
     _common.add_codec_sweep_arg(b)
     b.set_defaults(handler=bench)
@@ -241,12 +242,15 @@ def _quality_budget(args: argparse.Namespace) -> dict:
     """``Context.default``'s budget keywords from ``ec2moe bench``'s flags."""
     from ec2moe_jax.scheduler import ResidencyQuality
 
+    measured = args.quality_memory != "none"
+    if args.codec_budget is None:
+        args.codec_budget = 0.01 if measured else 0.02
     for flag in ("quality_budget", "codec_budget"):
         if not 0 <= getattr(args, flag) < 1:
             raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a relative "
                              "bits/char increase in [0, 1)")
     budget = {"quality_budget": args.quality_budget, "codec_budget": args.codec_budget}
-    if args.quality_memory == "none":
+    if not measured:
         return budget
     model, sep, variant = args.quality_method.partition(":")
     if not sep:
@@ -320,8 +324,14 @@ def bench_quality_memory(args: argparse.Namespace) -> dict:
     from ec2moe_jax.bench.plots import plot_quality_memory
     from ec2moe_jax.files import read_json
 
-    variants = (qm.DEFAULT_VARIANTS if args.variants is None
-                else tuple(qm.Variant.parse(v) for v in args.variants.split(",")))
+    for flag in ("gate_steps", "eval_batches", "end_layers"):
+        if getattr(args, flag) < 1:
+            raise SystemExit(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be >= 1")
+    try:
+        variants = (qm.DEFAULT_VARIANTS if args.variants is None
+                    else tuple(qm.Variant.parse(v) for v in args.variants.split(",")))
+    except ValueError as e:
+        raise SystemExit(f"--variants {args.variants!r}: {e}") from None
     try:
         fractions = tuple(float(f) for f in args.fractions.split(","))
     except ValueError:
@@ -350,11 +360,7 @@ def bench_quality_memory(args: argparse.Namespace) -> dict:
         f" the first {args.end_layers} layers on the end hold the experts that fit, the cloud "
         "every expert; codec lossless (float32 hidden state), so only the end's experts differ")
     record["command"] = _common.command_line("bench-quality-memory", args.argv)
-    record["best"] = {name: {str(f): {k: p[k] for k in ("variant", "bits_per_char",
-                                                        "relative_increase", "slots")}
-                             for f, p in qm.best_by_fraction(entry).items()}
-                      for name, entry in record["models"].items()}
-    record["quality_table"] = qm.quality_table(record)
+    record = qm.finish(record)
     _common.write_json(args.out, record)
     png = plot_quality_memory(record, os.path.splitext(args.out)[0] + ".png")
     for name, best in record["best"].items():

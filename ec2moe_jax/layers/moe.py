@@ -220,7 +220,8 @@ def quantize_experts(params, spec: QuantSpec, layers: range | None = None, searc
     equal a model whose float experts were replaced by their dequantised copies.
 
     Raises:
-      ValueError: for ``spec`` bf16 (see :func:`~ec2moe_jax.layers.quant.quantize`).
+      ValueError: for ``spec`` bf16 (see :func:`~ec2moe_jax.layers.quant.quantize`), or a
+        block in ``layers`` already unstacked or quantised.
     """
     if spec.bits == 16:
         raise ValueError("spec is bf16: keep the float parameters")
@@ -228,6 +229,12 @@ def quantize_experts(params, spec: QuantSpec, layers: range | None = None, searc
     def walk(tree, inside: bool):
         if not isinstance(tree, dict):
             return tree
+        if inside and (UNSTACKED in tree or QUANTIZED in tree):
+            held = ("per-expert buffers (unstack_experts)" if UNSTACKED in tree
+                    else "quantised experts already")
+            raise ValueError(f"quantize_experts needs the stacked float experts; this MoE block"
+                             f" holds {held}: quantise the checkpoint's parameters before "
+                             "unstacking or placing them")
         if _is_moe_block(tree) and inside:
             out = {k: v for k, v in tree.items() if k not in _WEIGHTS}
             out[QUANTIZED] = {k: quantize(tree[k], spec, search) for k in _WEIGHTS}

@@ -25,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 SCALE_BYTES = 2  # bfloat16 scales
-_CLIP_RATIOS = np.linspace(0.5, 1.0, 11)  # grid of the MSE scale search (1.0: no clipping)
+# Grid of the MSE scale search, from 1.0 (no clipping) down: a tie keeps the larger scale.
+_CLIP_RATIOS = np.linspace(1.0, 0.5, 11)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,9 +46,11 @@ class QuantSpec:
         if self.bits not in (16, 8, 4):
             raise ValueError(f"bits={self.bits}: expert weights are stored in 16 (bf16), 8 or "
                              "4 bits")
-        if self.group_size is not None and (self.group_size < 2 or self.group_size % 2):
-            raise ValueError(f"group_size={self.group_size} must be an even number >= 2 or "
-                             "None (one scale per output channel)")
+        if self.group_size is not None and (
+                self.group_size < 1 or (self.bits == 4 and self.group_size % 2)):
+            raise ValueError(f"group_size={self.group_size} must be >= 1 (even for 4 bits, "
+                             "whose values pack two per byte) or None (one scale per output "
+                             "channel)")
 
     @property
     def name(self) -> str:
@@ -138,7 +141,8 @@ def quantize(w: jax.Array, spec: QuantSpec, search: bool = True) -> QuantizedWei
 
     Raises:
       ValueError: ``spec`` is bf16, ``w`` is not 3-D, or the group size does not divide I
-        (or I is odd for 4 bits).
+        (or I is odd for 4 bits). Scales are bfloat16: weights beyond its range (about
+        3e38) or below its smallest normal (about 1e-38) do not survive.
     """
     if spec.bits == 16:
         raise ValueError("QuantSpec(bits=16) is the unquantised reference: nothing to quantise")
@@ -151,6 +155,9 @@ def quantize(w: jax.Array, spec: QuantSpec, search: bool = True) -> QuantizedWei
     qmin, qmax = -(2 ** (spec.bits - 1)), 2 ** (spec.bits - 1) - 1
     wg = jnp.asarray(w, jnp.float32).reshape(e, g, i // g, o)
     absmax = jnp.max(jnp.abs(wg), axis=2, keepdims=True)  # [E, G, 1, O]
+    # Errors compared relative to the group's range, so tiny or huge weights neither
+    # underflow nor overflow into ties.
+    unit = jnp.where(absmax > 0, absmax, 1.0)
 
     def rounded(scale):
         scale = scale.astype(jnp.bfloat16).astype(jnp.float32)  # the scale as stored
@@ -161,7 +168,7 @@ def quantize(w: jax.Array, spec: QuantSpec, search: bool = True) -> QuantizedWei
     best_err = best_scale = None
     for r in ratios:
         q, scale = rounded(absmax * (r / qmax))
-        err = jnp.sum(jnp.square(wg - q * scale), axis=2, keepdims=True)
+        err = jnp.sum(jnp.square((wg - q * scale) / unit), axis=2, keepdims=True)
         if best_err is None:
             best_err, best_scale = err, scale
         else:

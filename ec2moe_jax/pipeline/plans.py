@@ -92,6 +92,8 @@ class PipelinePlan:
             raise ValueError(f"plan {self.name!r}: micro_batch={self.micro_batch} must be >= 1")
         try:
             self.spec.check(cfg.d_model)
+            experts = QuantSpec.parse(self.experts)
+            experts.groups(cfg.d_model), experts.groups(cfg.moe.expert_dim)
         except ValueError as e:
             raise ValueError(f"plan {self.name!r}: {e}") from None
         return self
@@ -180,13 +182,13 @@ def from_scheduler(plan: Plan, inst: Instance, cfg: ModelConfig, name: str = "ec
                    device: int = 0) -> PipelinePlan:
     """Device ``device`` of a scheduler :class:`~ec2moe_jax.scheduler.Plan` on ``inst``,
     realised: the codec option index becomes its name (``inst.codec_specs``), the micro-batch
-    option its size."""
+    option its size, the end's expert format the instance's."""
     ci = int(np.asarray(plan.codec)[device])
     return PipelinePlan(
         name, int(np.asarray(plan.split)[device]),
         tuple(int(n) for n in np.asarray(plan.resident)[device]), inst.codec_name(ci),
         int(np.asarray(inst.batch)[int(np.asarray(plan.batch)[device])]),
-        bool(np.asarray(plan.swap)[device])).validate(cfg)
+        bool(np.asarray(plan.swap)[device]), inst.end_experts).validate(cfg)
 
 
 def baseline(name: str, cfg: ModelConfig, inst: Instance | None = None) -> PipelinePlan:

@@ -96,7 +96,9 @@ def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh,
     plan.validate(cfg)
     allowed = plan.allowed(frequencies, cfg)
     experts = QuantSpec.parse(plan.experts)
-    # The end's gate and codec see the hidden states of the end it runs: quantised experts.
+    # Quantised once: the stages take it (only the end's layers changed), and a gate or a PCA
+    # codec made here sees the hidden states of the end it runs. A codec fine-tuned and saved
+    # for this split is loaded as it is, whatever the end's expert format.
     end_params = (quantize_experts(params, experts, range(plan.split)) if experts.bits < 16
                   else params)
     codec, source = link_codec(model, end_params, plan, workdir=workdir,
@@ -105,10 +107,9 @@ def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh,
                                      workdir=workdir, train_tokens=train_tokens,
                                      steps=gate_steps, use_gate=use_gate,
                                      init_only=gate_init_only, experts=experts.name)
-    stages = build_stages(model, params, end_mesh, cloud_mesh, split=plan.split,
+    stages = build_stages(model, end_params, end_mesh, cloud_mesh, split=plan.split,
                           transport=plan.spec, allowed=allowed, codec=codec,
-                          gates=gates, temperature=temperature, side=side,
-                          end_experts=experts)
+                          gates=gates, temperature=temperature, side=side)
     moe = [i for i in range(plan.split) if cfg.is_moe_layer(i)]
     freq = np.asarray(frequencies, np.float64)
     freq = freq / freq.sum(-1, keepdims=True)

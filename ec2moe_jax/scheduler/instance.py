@@ -16,6 +16,7 @@ import numpy as np
 
 from ec2moe_jax.codec import BF16, CodecSpec
 from ec2moe_jax.files import read_json
+from ec2moe_jax.layers.quant import QuantSpec
 from ec2moe_jax.models.costs import ModelCosts
 from ec2moe_jax.profiles import DeviceProfile, LinkProfile
 from ec2moe_jax.scheduler.calibrate import Calibration
@@ -126,6 +127,7 @@ class ResidencyQuality:
         if np.any(np.diff(f) <= 0) or f[0] <= 0 or f[-1] > 1 or not np.all(np.isfinite(q)):
             raise ValueError(f"fractions {self.fractions} must increase within (0, 1] and "
                              f"loss {self.loss} be finite")
+        QuantSpec.parse(self.experts)
 
     def loss_at(self, resident: np.ndarray, num_experts: int) -> np.ndarray:
         """<float64>[...] charged loss of holding ``resident`` [...] of ``num_experts``
@@ -149,14 +151,17 @@ class ResidencyQuality:
         if not isinstance(record, dict):
             record = read_json(record, what="the quality-memory results",
                                command=QUALITY_MEMORY_COMMAND)
-        entry = record.get("models", {}).get(model)
+        entry = record.get("models", {}).get(model) if isinstance(record, dict) else None
         if entry is None:
+            models = sorted(record.get("models", {})) if isinstance(record, dict) else []
             raise ValueError(f"model {model!r} not in the quality-memory results; it has "
-                             f"{sorted(record.get('models', {}))}")
-        e = entry["config"]["num_experts"]
-        m_end = entry["settings"]["num_end_layers"]  # every end layer of these models is MoE
-        pts = sorted({p["slots"] / (e * m_end): p["relative_increase"] for p in entry["points"]
-                      if p["variant"] == variant and p["feasible"]}.items())
+                             f"{models} (rerun {QUALITY_MEMORY_COMMAND})")
+        try:
+            pts = sorted({p["resident_fraction"]: p["relative_increase"] for p in entry["points"]
+                          if p["variant"] == variant and p["feasible"]}.items())
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"the quality-memory results of {model!r} lack {e} (written by an "
+                             f"older version? rerun {QUALITY_MEMORY_COMMAND})") from None
         if not pts:
             names = sorted({p["variant"] for p in entry["points"]})
             raise ValueError(f"method {variant!r} has no measured point for {model!r}; "
@@ -208,7 +213,7 @@ def build_instance(
     min_coverage: float = 0.9,
     quality: ResidencyQuality | None = None,
     quality_budget: float = 0.03,
-    end_expert_bytes: float | None = None,
+    end_experts: str | None = None,
     codec_budget: float = 0.02,
     storage_bw: float = 1e9,
     codecs: Sequence[CodecOption] | None = None,
@@ -230,8 +235,9 @@ def build_instance(
       quality: the measured loss of holding fewer experts (:class:`ResidencyQuality`);
         with it a plan's end layers must each stay within ``quality_budget`` (relative
         bits/char increase) instead of covering ``min_coverage``.
-      end_expert_bytes: one expert as the end stores it (default ``costs.expert_bytes``);
-        e.g. ``model_costs(cfg, experts=QuantSpec(4)).expert_bytes`` for int4 experts.
+      end_experts: how the ends store experts: None (as ``costs`` counts them), "bf16",
+        "int8" or "int4" (:class:`~ec2moe_jax.layers.QuantSpec`, exact bytes with scales);
+        default: ``quality``'s format when given, else None.
       codec_budget: largest allowed relative bits/char increase of a codec.
       storage_bw: bytes/s at which an end swaps experts in from storage.
       codecs: the codec options, bf16 first (:func:`codec_options` of the model width and
@@ -256,9 +262,14 @@ def build_instance(
         raise ValueError(f"{min_coverage=} must lie in (0, 1]")
     if quality_budget < 0:
         raise ValueError(f"{quality_budget=} must be >= 0 (a relative bits/char increase)")
-    end_eb = costs.expert_bytes if end_expert_bytes is None else float(end_expert_bytes)
-    if not end_eb > 0:
-        raise ValueError(f"end_expert_bytes={end_expert_bytes} must be > 0")
+    if end_experts is None and quality is not None:
+        end_experts = quality.experts
+    end_eb = costs.expert_bytes
+    if end_experts is not None:
+        d = costs.d_model
+        f = round(costs.expert_flops / (6 * d))  # 3 matrices of D x F, 2 FLOPs each
+        spec = QuantSpec.parse(end_experts)
+        end_eb = float(2 * spec.bytes_per_matrix(d, f) + spec.bytes_per_matrix(f, d))
     if codec_budget < 0 or storage_bw <= 0:
         raise ValueError(f"{codec_budget=} must be >= 0 and {storage_bw=} > 0")
     priv = np.broadcast_to(np.asarray(min_end_layers, np.int32), (n,))
@@ -304,6 +315,7 @@ def build_instance(
         end_expert_bytes=f32(end_eb),
         codec_budget=f32(codec_budget), codec_specs=tuple(c.spec for c in codecs),
         score_kind="coverage" if quality is None else "quality_loss",
+        end_experts=end_experts or "bf16",
     )
 
 

@@ -94,9 +94,10 @@ class Instance:
     Options: codec_bytes [C] bytes per token on the wire (index 0 = bf16, no codec),
       codec_rank [C], codec_quality [C] relative bits/char increase; batch [B] micro-batch
       sizes (index 0 = 1).
-    end_expert_bytes: scalar, one expert as the end stores it (bf16, or int8/int4 weight-only:
-      :class:`~ec2moe_jax.layers.QuantSpec`), for the end's memory; ``expert_bytes`` is the
-      cloud's and the rooflines' figure.
+    end_expert_bytes: scalar, one expert as the end stores it (``end_experts``, static: the
+      model's own weights "bf16", or "int8"/"int4" weight-only,
+      :class:`~ec2moe_jax.layers.QuantSpec`), for the end's memory and what swapping reads
+      from storage; ``expert_bytes`` is the cloud's and the rooflines' figure.
     Quality: resident_score [L, E+1], the quality of an end MoE layer holding its top-n
       experts, n = 0..E, non-decreasing in n: the routing mass covered (the proxy,
       ``score_kind`` "coverage") or minus the measured relative bits/char increase
@@ -149,7 +150,14 @@ class Instance:
     codec_budget: jax.Array
     codec_specs: tuple = flax.struct.field(pytree_node=False, default=())
     score_kind: str = flax.struct.field(pytree_node=False, default="coverage")
+    end_experts: str = flax.struct.field(pytree_node=False, default="bf16")
     max_utilisation: jax.Array = flax.struct.field(default=np.float32(MAX_UTILISATION))
+
+    @property
+    def best_score(self) -> float:
+        """The score of a layer that drops nothing (all coverage, or no loss): what a cloud
+        layer, a dense layer or a swapping plan counts as."""
+        return 1.0 if self.score_kind == "coverage" else 0.0
 
     def codec_name(self, index: int) -> str:
         """The name of codec option ``index`` ("bf16", "int8-r64", ...)."""
@@ -256,7 +264,7 @@ def _layer_work(inst: Instance, mask, tokens, seqs, context, res_touched, all_to
     flops = jnp.sum(mask * flops, -1)
     kv = inst.kv_bytes * (context * seqs)[..., None]  # the job reads its KV cache once
     nbytes = jnp.sum(mask * (inst.fixed_bytes + moe * inst.expert_bytes * res_touched + kv), -1)
-    fetched = jnp.sum(mask * moe * inst.expert_bytes * (all_touched - res_touched), -1)
+    fetched = jnp.sum(mask * moe * inst.end_expert_bytes * (all_touched - res_touched), -1)
     return flops, nbytes, jnp.where(swap, fetched, 0.0)
 
 
@@ -438,7 +446,7 @@ def _constraints(inst: Instance, plan: Plan, dev, b):
     layers = jnp.arange(inst.num_layers)
     end_moe = (layers < plan.split[..., None]) & (inst.is_moe > 0)
     cov = inst.resident_score.reshape(-1)[layers * (inst.num_experts + 1) + plan.resident]
-    min_cov = jnp.min(jnp.where(end_moe & ~plan.swap[..., None], cov, 1.0), -1)
+    min_cov = jnp.min(jnp.where(end_moe & ~plan.swap[..., None], cov, inst.best_score), -1)
     too_few = jnp.any(end_moe & (plan.resident < inst.top_k), -1)
     mem = end_memory(inst, plan, b)
     mid = (plan.split > 0) & (plan.split < inst.num_layers)

@@ -65,7 +65,8 @@ def _phase_work(inst: Instance, fr: FitRanks, cover, tokens_per_option, context)
     swap = (jnp.arange(NUM_RESIDENCY) == SWAP)[:, None, None]
     exp = lambda x: x[None, :, None, None, :]  # noqa: E731  [S, B] -> [1, S, 1, 1, B]
     e_fl, e_by, a_end = exp(f_p), exp(b_p) + eb * res, exp(a_p)
-    e_sw = jnp.where(swap, a_end - eb * res, 0.0)
+    # Swapping reads experts from storage as the end stores them (end_expert_bytes).
+    e_sw = jnp.where(swap, (a_end - eb * res) * (inst.end_expert_bytes / eb), 0.0)
     c_fl = exp(f_p[-1:] - f_p)
     c_by = exp(b_p[-1:] - b_p + a_p[-1:] - a_p)
     return e_fl, e_by, e_sw, c_fl, c_by
@@ -90,7 +91,8 @@ def _violations(inst: Instance, fr: FitRanks, cover):
     cov = inst.resident_score
     need_cov = jnp.clip(jnp.sum(cov < inst.min_score - 1e-6, -1), 1, E)
     cov_at = jnp.take_along_axis(cov, cover[:, None], -1)[:, 0]
-    cover_min = jnp.concatenate([jnp.ones(1), jax.lax.cummin(jnp.where(moe, cov_at, 1.0))])
+    top = inst.best_score
+    cover_min = jnp.concatenate([jnp.full(1, top), jax.lax.cummin(jnp.where(moe, cov_at, top))])
     cover_few = _prefix((moe & (cover < k)).astype(jnp.int32)) > 0
     rank = fr.rank  # [N, S, B, 2]
     fit_cov = rank[..., 0] < _thresholds(inst, fr, need_cov)[:, None]
@@ -113,7 +115,7 @@ def _violations(inst: Instance, fr: FitRanks, cover):
     dev_mem = inst.end_mem[:, None, None, None, None]
     viol = ((mem > dev_mem) + quality[:, :, :, None, :] + codec[None, :, None, :, None]
             + (splits < inst.min_end_layers[:, None])[:, :, None, None, None])
-    coverage = jnp.stack([cover_min, jnp.full(L + 1, jnp.nan), jnp.ones(L + 1)], -1)
+    coverage = jnp.stack([cover_min, jnp.full(L + 1, jnp.nan), jnp.full(L + 1, top)], -1)
     return viol.astype(jnp.float32), coverage[None, :, :, None, None], mem
 
 

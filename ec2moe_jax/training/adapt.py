@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ec2moe_jax import data as data_lib
 from ec2moe_jax.config import MoEConfig
 from ec2moe_jax.models import MoELM
-from ec2moe_jax.training.residency import random_residency
+from ec2moe_jax.training.residency import moe_layer_indices, random_residency
 from ec2moe_jax.training.steps import token_nll
 from ec2moe_jax.training.workdir import calibration_window
 
@@ -63,7 +63,8 @@ def adapt_to_residency(model: MoELM, params, tokens: np.ndarray, *, steps: int =
     for i in tqdm(range(steps), disable=not progress, desc="residency fine-tune", leave=False):
         batch = data_lib.train_batch(tokens, i, batch_size=batch_size, seq_len=seq_len,
                                      seed=seed)
-        allowed = random_residency(rng, model.cfg.num_layers, moe.num_experts,
+        allowed = random_residency(rng, moe_layer_indices(model.cfg), model.cfg.num_layers,
+                                   moe.num_experts,
                                    min_resident=moe.top_k)
         params, opt_state, nll = step(params, opt_state, batch, jnp.asarray(allowed))
         if i % 25 == 0 or i == steps - 1:
