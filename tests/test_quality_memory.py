@@ -35,6 +35,21 @@ def test_resident_mask_hands_out_slots_by_routing_mass():
     assert one[0].sum() == 3 and one[1].all()  # the cloud layer keeps every expert
 
 
+def test_mixed_layout_stores_every_expert_before_adding_bits():
+    cfg = fixture_config().model
+    freq = np.array([[0.3, 0.2, 0.1, 0.1, 0.1, 0.1, 0.05, 0.05],
+                     [0.125] * 8])
+    allowed, bits, stored = qm.end_layout(cfg, freq, 0.25, "mixed", 1)
+    # 25% of 8 bf16 experts: all 8 fit in int2 (1/8 + scales each), the rest upgrades the
+    # most-used to int4: the budget is never exceeded and nothing is dropped.
+    assert allowed[0].all() and set(bits[0].tolist()) <= {2, 4} and (bits[0] == 4).any()
+    assert bits[0][0] == 4 and bits[1].tolist() == [16] * 8  # cloud layer untouched
+    bf16 = QuantSpec().expert_bytes(cfg.d_model, cfg.moe.expert_dim)
+    assert stored <= 0.25 * 8 * bf16
+    uniform = qm.end_layout(cfg, freq, 0.25, "int4", 1)
+    assert uniform[0][0].sum() == 7 and stored > uniform[2]
+
+
 def test_variant_names_are_checked():
     assert qm.Variant.parse("plain/int4/gate").experts == "int4"
     with pytest.raises(ValueError, match="lm='big'"):
@@ -48,13 +63,16 @@ def test_run_is_resumable_and_the_full_budget_is_the_full_model(tmp_path, monkey
     wd = random_workdir(str(tmp_path / "run"))[0]
     out = str(tmp_path / "qm.json")
     variants = (qm.Variant.parse("plain/bf16/masked"), qm.Variant.parse("plain/int4/gate"),
-                qm.Variant.parse("residency/bf16/gate"))
+                qm.Variant.parse("residency/bf16/gate"), qm.Variant.parse("plain/mixed/gate"))
     kw = {"variants": variants, "fractions": (0.1, 0.25, 1.0), "num_end_layers": 1,
           "gate_steps": 2, "eval_batches": 1, "progress": False}
     entry = qm.run_model("tiny", {"plain": wd, "residency": None}, out, **kw)
     assert entry["skipped"] == ["residency/bf16/gate"]  # no residency-trained workdir
     points = {(p["variant"], p["fraction"]): p for p in entry["points"]}
-    assert len(points) == 6
+    assert len(points) == 9
+    mixed = points[("plain/mixed/gate", 0.25)]  # every expert stored: no gate to train
+    assert mixed["resident_per_layer"] == [8] and mixed["gate_train_seconds"] == 0
+    assert set(mixed["experts_by_bits"]) <= {"2", "4", "8"}
     # 10% of 8 bf16 experts is none: infeasible, and said so.
     assert not points[("plain/bf16/masked", 0.1)]["feasible"]
     assert "cannot give each" in points[("plain/bf16/masked", 0.1)]["reason"]

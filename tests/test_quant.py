@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from conftest import assert_close
 
-from ec2moe_jax.layers import QuantSpec, quantize, quantize_experts
+from ec2moe_jax.layers import QuantSpec, quantize, quantize_experts, quantize_mixed
 from ec2moe_jax.layers.moe import QUANTIZED
 from ec2moe_jax.layers.quant import relative_error
 from ec2moe_jax.models.costs import model_costs
@@ -158,3 +158,45 @@ def test_quantized_end_stage_equals_dequantize_then_float(tiny_pipeline, name):
     # And it differs from the float model (the test would notice a no-op quantiser).
     full = model.apply({"params": params}, tokens[:, :-1])
     assert np.abs(np.asarray(full) - np.asarray(ref_logits)).max() > 1e-3
+
+
+def test_int2_packing_and_mixed_precision_stacks():
+    # int2: four values per byte, offset 2; the hand case: one output, four inputs.
+    w = jnp.array([[[1.0], [-1.0], [0.4], [-2.0]]])  # absmax 2: step 2 (qmax 1)
+    q = quantize(w, QuantSpec(2), search=False)
+    assert q.q.shape == (1, 1, 1) and q.values().tolist() == [[[0], [0], [0], [-1]]]
+    assert int(q.q[0, 0, 0]) == (0 + 2) | ((0 + 2) << 2) | ((0 + 2) << 4) | ((-1 + 2) << 6)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        quantize(jnp.ones((1, 6, 2)), QuantSpec(2))
+    # A mixed stack: expert 0 in int4, 1 in int2, 2 not stored (zero), 3 kept in bf16.
+    x = jax.random.normal(jax.random.key(1), (4, 32, 8)) * 0.02
+    mixed = quantize_mixed(x, [4, 2, 0, 16])
+    d = np.asarray(mixed.dequantize())
+    np.testing.assert_array_equal(d[0], np.asarray(quantize(x[:1], QuantSpec(4)).dequantize())[0])
+    np.testing.assert_array_equal(d[1], np.asarray(quantize(x[1:2], QuantSpec(2)).dequantize())[0])
+    assert not d[2].any()
+    np.testing.assert_allclose(d[3], np.asarray(x[3]), rtol=1e-2, atol=1e-4)
+    spec4, spec2 = QuantSpec(4), QuantSpec(2)
+    assert mixed.nbytes == (spec4.bytes_per_matrix(32, 8) + spec2.bytes_per_matrix(32, 8)
+                            + 2 * 32 * 8)
+    with pytest.raises(ValueError, match="must hold 4 values"):
+        quantize_mixed(x, [4, 3, 0, 16])
+    with pytest.raises(ValueError, match="no expert"):
+        quantize_mixed(x, [0, 0, 0, 0])
+
+
+def test_mixed_precision_end_runs_as_its_dequantised_floats(tiny_pipeline):
+    from ec2moe_jax.layers import quantize_experts_mixed
+
+    model, params = tiny_pipeline["model"], tiny_pipeline["params"]
+    bits = np.array([4, 4, 2, 2, 8, 16, 0, 0])
+    mixed = quantize_experts_mixed(params, {0: bits})
+    ref = jax.tree.map(lambda a: a, params)
+    block = mixed["layer_0"]["moe"][QUANTIZED]
+    ref["layer_0"]["moe"] = {**params["layer_0"]["moe"],
+                             **{k: v.dequantize() for k, v in block.items()}}
+    allowed = np.ones((2, 8), bool)
+    allowed[0] = bits > 0
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), (2, 9), 0, 256))
+    assert_close(model.apply({"params": mixed}, tokens, allowed=allowed),
+                 model.apply({"params": ref}, tokens, allowed=allowed))

@@ -133,3 +133,24 @@ def test_compute_budget_limits_end_layers_and_load_lowers_it():
     assert layers_within_budget(pi.with_load(0.6), SMALL, 2.5 * per_layer) == 1
     sel = select_for_profile(pi, _random_freq(3), SMALL, seconds_per_token=2.5 * per_layer)
     assert sel.num_end_layers == 2
+
+
+def test_mixed_precision_counts_first_then_upgrades_the_most_used():
+    from ec2moe_jax.selection import mixed_precision
+
+    f = np.array([[0.4, 0.3, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]])
+    sizes = {2: 1.0, 4: 2.0, 8: 4.0}
+    # 8 bytes: every expert in int2, nothing left.
+    assert mixed_precision(f, 8.0, sizes).tolist() == [[2] * 4, [2] * 4]
+    # 11: all in int2, 3 left: the three most-used (0.4, 0.3, then layer 1's first 0.25)
+    # move to int4.
+    assert mixed_precision(f, 11.0, sizes).tolist() == [[4, 4, 2, 2], [4, 2, 2, 2]]
+    # 5: only 5 fit; each layer's most-used first, then by routing mass.
+    assert mixed_precision(f, 5.0, sizes).tolist() == [[2, 2, 0, 0], [2, 2, 2, 0]]
+    # Plenty: everything at the top of the ladder. Never more bytes than the budget.
+    assert mixed_precision(f, 100.0, sizes).tolist() == [[8] * 4, [8] * 4]
+    for budget in (0.0, 3.5, 9.0, 17.0, 23.0):
+        bits = mixed_precision(f, budget, sizes)
+        assert sum(sizes[b] for b in bits.reshape(-1) if b) <= budget
+    with pytest.raises(ValueError, match="positive sizes"):
+        mixed_precision(f, 1.0, {})

@@ -151,7 +151,9 @@ _QM_STYLE = {"plain/bf16/masked": ("masked top-k", "C7", "x--"),
              "residency/int4/masked": ("residency LM + int4 experts, masked", "C3", "1:"),
              "plain/int8/gate": ("int8 experts + gate", "C1", "^:"),
              "plain/int4/gate": ("int4 experts + gate", "C4", "v:"),
-             "plain/int4/masked": ("int4 experts, masked top-k", "C4", "1--")}
+             "plain/int4/masked": ("int4 experts, masked top-k", "C4", "1--"),
+             "plain/mixed/gate": ("mixed int2/4/8 experts (count first) + gate", "C5", "D-"),
+             "residency/mixed/gate": ("residency LM + mixed int2/4/8 + gate", "C6", "D:")}
 
 
 def plot_quality_memory(result: dict, path: str) -> str:

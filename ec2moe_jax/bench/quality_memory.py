@@ -11,7 +11,9 @@ parts (attention, router, a shared expert) are fixed weights outside the budget,
 * the LM: ``plain`` (the main recipe) or ``residency`` (trained with
   ``train.residency_prob``, :mod:`ec2moe_jax.training.residency`);
 * how the end stores experts: ``bf16``, ``int8`` or ``int4`` (weight-only,
-  :mod:`ec2moe_jax.layers.quant`; quantised experts are smaller, so more fit);
+  :mod:`ec2moe_jax.layers.quant`; quantised experts are smaller, so more fit), or
+  ``mixed``: as many experts as fit in int2, the most-used upgraded to int4, then int8, with
+  what is left (:func:`~ec2moe_jax.selection.mixed_precision`);
 * how it routes among the resident ones: ``masked`` (the router restricted to them) or
   ``gate`` (the HL-GGN group gate, trained for that resident set with the LM frozen).
 
@@ -32,15 +34,16 @@ import time
 import numpy as np
 
 from ec2moe_jax.files import read_json, write_json_atomic
-from ec2moe_jax.layers import QuantSpec, quantize_experts
+from ec2moe_jax.layers import QuantSpec, quantize_experts, quantize_experts_mixed
 from ec2moe_jax.models.costs import model_costs
-from ec2moe_jax.selection import select_experts
+from ec2moe_jax.selection import mixed_precision, select_experts
 from ec2moe_jax.training import gate as gate_lib
 from ec2moe_jax.training.workdir import load_run
 
 FRACTIONS = (0.10, 0.25, 0.50, 0.75, 1.00)
 LMS = ("plain", "residency")
-EXPERTS = ("bf16", "int8", "int4")
+EXPERTS = ("bf16", "int8", "int4", "mixed")
+MIXED = {"mixed": (2, 4, 8)}  # mixed formats: the ladder of bits, count first (selection)
 ROUTERS = ("masked", "gate")
 
 
@@ -71,11 +74,12 @@ class Variant:
 
 # The issue's four lines (masked top-k, group gate, residency-trained LM + gate, quantised
 # experts + gate), int8 too, then quantised experts on the plain LM and with the bare router
-# (cheap: no gate to train), which is what a plan that drops one or two experts may prefer.
+# (cheap: no gate to train), which is what a plan that drops one or two experts may prefer,
+# and the mixed-precision ladder on both LMs.
 DEFAULT_VARIANTS = tuple(Variant.parse(n) for n in (
     "plain/bf16/masked", "plain/bf16/gate", "residency/bf16/gate", "residency/int4/gate",
     "residency/int8/gate", "plain/int4/gate", "plain/int4/masked", "residency/int4/masked",
-    "residency/bf16/masked"))
+    "residency/bf16/masked", "plain/mixed/gate", "residency/mixed/gate"))
 
 
 def budget_slots(cfg, fraction: float, experts: QuantSpec, num_end_layers: int) -> int:
@@ -103,13 +107,43 @@ def resident_mask(cfg, frequencies: np.ndarray, slots: int, num_end_layers: int
     return allowed
 
 
-def _evaluate(run, allowed, variant: Variant, num_end_layers, gate_steps, eval_batches,
+def end_layout(cfg, frequencies: np.ndarray, fraction: float, experts: str,
+               num_end_layers: int) -> tuple[np.ndarray | None, np.ndarray, float]:
+    """What the end stores for a budget of ``fraction`` of its layers' bf16 expert bytes:
+    ``(allowed <bool>[L, E] or None if some end MoE layer gets no expert, bits <int>[L, E]
+    (0: not stored; 16 in cloud layers), exact stored expert bytes)``."""
+    e = cfg.moe.num_experts
+    end_rows = [i for i in range(num_end_layers) if cfg.is_moe_layer(i)]
+    bits = np.full((cfg.num_layers, e), 16, np.int64)
+    if experts in MIXED:
+        d, f = cfg.d_model, cfg.moe.expert_dim
+        sizes = {b: QuantSpec(b).expert_bytes(d, f) for b in MIXED[experts]}
+        budget = fraction * len(end_rows) * e * QuantSpec().expert_bytes(d, f)
+        sub = mixed_precision(frequencies[:len(end_rows)], budget, sizes,
+                              min_per_layer=cfg.moe.top_k)
+        bits[end_rows] = sub
+        allowed = np.ones_like(bits, bool)
+        allowed[end_rows] = sub > 0
+        stored = float(sum(sizes[b] for b in sub.reshape(-1) if b))
+        return (None if not allowed[end_rows].any(-1).all() else allowed), bits, stored
+    spec = QuantSpec.parse(experts)
+    slots = budget_slots(cfg, fraction, spec, num_end_layers)
+    allowed = resident_mask(cfg, frequencies, slots, num_end_layers)
+    if allowed is not None:
+        bits[end_rows] = np.where(allowed[end_rows], spec.bits, 0)
+    return allowed, bits, slots * model_costs(cfg, experts=spec).expert_bytes
+
+
+def _evaluate(run, allowed, bits, variant: Variant, num_end_layers, gate_steps, eval_batches,
               progress) -> dict:
     setup, params, splits, freq = run
     model = setup.model
-    spec = QuantSpec.parse(variant.experts)
-    if spec.bits < 16:
-        params = quantize_experts(params, spec, range(num_end_layers))
+    end_rows = [i for i in range(num_end_layers) if setup.cfg.model.is_moe_layer(i)]
+    if variant.experts in MIXED:
+        params = quantize_experts_mixed(params, {i: bits[i] for i in end_rows})
+    elif QuantSpec.parse(variant.experts).bits < 16:
+        params = quantize_experts(params, QuantSpec.parse(variant.experts),
+                                  range(num_end_layers))
     eval_kw = {"max_batches": eval_batches}
     gspec, gates = gate_lib.init_gates(model, params, (allowed, num_end_layers), freq,
                                        splits.train)
@@ -191,13 +225,15 @@ def run_model(name: str, workdirs: dict[str, str], out: str, *, variants=DEFAULT
         if v.lm not in runs:
             skipped.append(v.name)
             continue
-        spec = QuantSpec.parse(v.experts)
         run = runs[v.lm]
         for f in fractions:
             if (v.name, f) in done:
                 continue
-            slots = budget_slots(cfg, f, spec, num_end_layers)
-            allowed = resident_mask(cfg, run[3], slots, num_end_layers)
+            allowed, bits, stored_bytes = end_layout(cfg, run[3], f, v.experts, num_end_layers)
+            end_bits = bits[[i for i in range(num_end_layers) if cfg.is_moe_layer(i)]]
+            slots = int((end_bits > 0).sum()) if allowed is not None else int(
+                budget_slots(cfg, f, QuantSpec.parse(v.experts), num_end_layers)
+                if v.experts not in MIXED else 0)
             point = {"variant": v.name, "lm": v.lm, "experts": v.experts, "router": v.router,
                      "fraction": f, "slots": slots,
                      "resident_fraction": slots / (m_end * cfg.moe.num_experts)}
@@ -205,12 +241,14 @@ def run_model(name: str, workdirs: dict[str, str], out: str, *, variants=DEFAULT
                 point.update(feasible=False, reason=f"{slots} {v.experts} experts cannot give "
                              f"each of the {num_end_layers} end layers one")
             else:
-                res = _evaluate(run, allowed, v, num_end_layers, gate_steps, eval_batches,
-                                progress)
+                res = _evaluate(run, allowed, bits, v, num_end_layers, gate_steps,
+                                eval_batches, progress)
                 point.update(
                     feasible=True,
                     resident_per_layer=allowed[:num_end_layers].sum(-1).tolist(),
-                    expert_bytes=slots * model_costs(cfg, experts=spec).expert_bytes,
+                    experts_by_bits={str(b): int((end_bits == b).sum())
+                                     for b in sorted(set(end_bits.reshape(-1).tolist()) - {0})},
+                    expert_bytes=stored_bytes,
                     bits_per_char=res["bits_per_char"],
                     relative_increase=res["bits_per_char"] / entry["full"]["plain" if "plain"
                                                                             in runs else v.lm]
@@ -218,8 +256,7 @@ def run_model(name: str, workdirs: dict[str, str], out: str, *, variants=DEFAULT
                     covered_mass=res["covered_mass"], recall_at_k=res["recall_at_k"],
                     gate_train_seconds=res["gate_train_seconds"])
             entry["points"].append(point)
-            record.setdefault("models", {})[name] = entry
-            write_json_atomic(out, record)
+            _save(out, name, entry)
             if progress:
                 print(f"{name} {v.name:>24} @ {f:.2f}: "
                       + (f"{point['bits_per_char']:.4f} bits/char ({slots} experts)"
@@ -229,9 +266,16 @@ def run_model(name: str, workdirs: dict[str, str], out: str, *, variants=DEFAULT
         missing = sorted({v.split("/")[0] for v in skipped})
         print(f"{name}: skipped {len(skipped)} methods: no workdir for the {missing} LM "
               f"({ {lm: workdirs.get(lm) for lm in missing} })", flush=True)
+    _save(out, name, entry)
+    return entry
+
+
+def _save(out: str, name: str, entry: dict) -> None:
+    """Writes ``entry`` as model ``name`` of ``out``, re-reading the file first so a run of
+    another model into the same file loses nothing (atomic replace)."""
+    record = read_json(out, what="quality-memory results") if os.path.exists(out) else {}
     record.setdefault("models", {})[name] = entry
     write_json_atomic(out, record)
-    return entry
 
 
 def best_by_fraction(entry: dict) -> dict[float, dict]:
@@ -260,7 +304,9 @@ def finish(record: dict) -> dict:
         record["best"][name] = {
             str(f): {k: p[k] for k in ("variant", "bits_per_char", "relative_increase", "slots")}
             for f, p in best_by_fraction(entry).items()}
-        for variant in sorted({p["variant"] for p in entry["points"] if p["feasible"]}):
+        uniform = {p["variant"] for p in entry["points"]
+                   if p["feasible"] and p["experts"] not in MIXED}  # the scheduler's formats
+        for variant in sorted(uniform):
             q = ResidencyQuality.from_quality_memory(record, name, variant)
             record["quality_table"].append({"model": name, "variant": variant,
                                             "resident_fraction": list(q.fractions),

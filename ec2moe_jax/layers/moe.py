@@ -15,10 +15,11 @@ from collections.abc import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ec2moe_jax.config import MoEConfig
 from ec2moe_jax.layers.basic import SwiGLU, default_init, dense, param_with_axes
-from ec2moe_jax.layers.quant import QuantSpec, quantize
+from ec2moe_jax.layers.quant import QuantSpec, quantize, quantize_mixed
 from ec2moe_jax.routing import dispatch as dispatch_lib
 from ec2moe_jax.routing.topk import Route, top_k_route
 from ec2moe_jax.sharding import active_mesh, unbox
@@ -215,7 +216,7 @@ def _is_moe_block(tree) -> bool:
 def quantize_experts(params, spec: QuantSpec, layers: range | None = None, search: bool = True):
     """``params`` with the routed expert weights of the MoE layers in ``layers`` (default:
     all; the keys ``layer_<i>``) stored as :class:`~ec2moe_jax.layers.quant.QuantizedWeight`
-    (weight-only int8/int4; biases, router and shared expert stay float). The MoE block
+    (weight-only int8/int4/int2; biases, router and shared expert stay float). The MoE block
     dequantises them where it uses them, so every dispatch path runs unchanged; the values
     equal a model whose float experts were replaced by their dequantised copies.
 
@@ -225,29 +226,51 @@ def quantize_experts(params, spec: QuantSpec, layers: range | None = None, searc
     """
     if spec.bits == 16:
         raise ValueError("spec is bf16: keep the float parameters")
+    return _map_blocks(params, lambda i, w: quantize(w, spec, search),
+                       lambda i: layers is None or i in layers)
 
-    def walk(tree, inside: bool):
+
+def quantize_experts_mixed(params, bits: dict[int, np.ndarray], group_size: int | None = None):
+    """``params`` with layer ``i``'s routed experts stored in ``bits[i]`` <int>[E] bits each
+    (16, 8, 4, 2, or 0: not stored; :func:`~ec2moe_jax.layers.quant.quantize_mixed`), for
+    every layer ``i`` in ``bits``. Experts not stored dequantise to zero: route with an
+    ``allowed`` mask that excludes them.
+
+    Raises:
+      ValueError: a bad ``bits`` row, or a block already unstacked or quantised.
+    """
+    return _map_blocks(params, lambda i, w: quantize_mixed(w, bits[i], group_size),
+                       lambda i: i in bits)
+
+
+def _map_blocks(params, quantise, selected):
+    """Replaces the expert weights of the selected layers' MoE blocks by
+    ``quantise(layer, stacked weight)`` under :data:`QUANTIZED`."""
+
+    def walk(tree, layer: int | None):
         if not isinstance(tree, dict):
             return tree
-        if inside and (UNSTACKED in tree or QUANTIZED in tree):
+        if layer is not None and (UNSTACKED in tree or QUANTIZED in tree):
             held = ("per-expert buffers (unstack_experts)" if UNSTACKED in tree
                     else "quantised experts already")
-            raise ValueError(f"quantize_experts needs the stacked float experts; this MoE block"
-                             f" holds {held}: quantise the checkpoint's parameters before "
-                             "unstacking or placing them")
-        if _is_moe_block(tree) and inside:
+            raise ValueError(f"quantising needs the stacked float experts; the MoE block of "
+                             f"layer {layer} holds {held}: quantise the checkpoint's parameters "
+                             "before unstacking or placing them")
+        if _is_moe_block(tree) and layer is not None:
             out = {k: v for k, v in tree.items() if k not in _WEIGHTS}
-            out[QUANTIZED] = {k: quantize(tree[k], spec, search) for k in _WEIGHTS}
+            out[QUANTIZED] = {k: quantise(layer, tree[k]) for k in _WEIGHTS}
             return out
-        return {k: walk(v, inside or _in_layers(k, layers)) for k, v in tree.items()}
+        return {k: walk(v, layer if layer is not None else _selected_layer(k, selected))
+                for k, v in tree.items()}
 
-    return walk(unbox(params), False)
+    return walk(unbox(params), None)
 
 
-def _in_layers(key: str, layers: range | None) -> bool:
+def _selected_layer(key: str, selected) -> int | None:
     if not key.startswith("layer_"):
-        return False
-    return layers is None or int(key.split("_", 1)[1]) in layers
+        return None
+    i = int(key.split("_", 1)[1])
+    return i if selected(i) else None
 
 
 def unstack_experts(params):

@@ -113,7 +113,7 @@ def model_costs(cfg: ModelConfig, weight_dtype: str | None = None,
     expert_bytes = float(expert_params * wb)
     if experts is not None:
         f = moe.expert_dim
-        expert_bytes = float(2 * experts.bytes_per_matrix(d, f) + experts.bytes_per_matrix(f, d))
+        expert_bytes = float(experts.expert_bytes(d, f))
     head_params = 0 if cfg.tie_embeddings else d * cfg.vocab_size
     return ModelCosts(
         num_layers=cfg.num_layers,

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from ec2moe_jax.config import ModelConfig
 from ec2moe_jax.layers.basic import RMSNorm, default_init, dense, param_with_axes
 from ec2moe_jax.layers.block import DecoderBlock
-from ec2moe_jax.layers.quant import QuantizedWeight
+from ec2moe_jax.layers.quant import QuantizedExperts, QuantizedWeight
 from ec2moe_jax.routing.stats import stats_from_routes
 from ec2moe_jax.routing.topk import Route
 
@@ -209,11 +209,11 @@ def cast_params(params, dtype="bfloat16"):
     dtype = jnp.dtype(dtype)
 
     def one(path, x):
-        if isinstance(x, QuantizedWeight):  # integer values and their own scales: as they are
+        if isinstance(x, QuantizedWeight | QuantizedExperts):  # stored as the end stores them
             return x
         if x.ndim < 2 or any(getattr(k, "key", None) == "router" for k in path):
             return x
         return x.astype(dtype)
 
     return jax.tree_util.tree_map_with_path(
-        one, params, is_leaf=lambda x: isinstance(x, QuantizedWeight))
+        one, params, is_leaf=lambda x: isinstance(x, QuantizedWeight | QuantizedExperts))

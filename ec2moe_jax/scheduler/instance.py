@@ -269,7 +269,7 @@ def build_instance(
         d = costs.d_model
         f = round(costs.expert_flops / (6 * d))  # 3 matrices of D x F, 2 FLOPs each
         spec = QuantSpec.parse(end_experts)
-        end_eb = float(2 * spec.bytes_per_matrix(d, f) + spec.bytes_per_matrix(f, d))
+        end_eb = float(spec.expert_bytes(d, f))
     if codec_budget < 0 or storage_bw <= 0:
         raise ValueError(f"{codec_budget=} must be >= 0 and {storage_bw=} > 0")
     priv = np.broadcast_to(np.asarray(min_end_layers, np.int32), (n,))

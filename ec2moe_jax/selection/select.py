@@ -178,3 +178,39 @@ def select_for_profile(
     return Selection(allowed, n_end, coverage, slots,
                      float(fixed - reserve_bytes + sub.sum() * costs.expert_bytes),
                      float(sub.mean()) if sub.size else 0.0)
+
+
+def mixed_precision(frequencies: np.ndarray, budget_bytes: float,
+                    bytes_per_expert: dict[int, float], min_per_layer: int = 1) -> np.ndarray:
+    """<int64>[M, E] bits to store each expert in (0: not stored) within ``budget_bytes``,
+    from a ladder of formats ``bytes_per_expert`` {bits: bytes of one expert} (*ours*).
+
+    Count first, then precision: as many experts as fit in the lowest format, handed out in
+    :func:`selection_order` (each layer's ``min_per_layer`` most-used first, then by routing
+    mass); once every expert fits, the most-used are upgraded one format at a time while the
+    budget lasts. Measured on the small model (``results/quality_memory.json``), dropping an
+    expert costs far more than storing it in fewer bits, hence count first.
+
+    Raises:
+      ValueError: an empty ladder, a non-positive size, or a negative budget.
+    """
+    levels = sorted(bytes_per_expert)
+    if not levels or any(bytes_per_expert[b] <= 0 for b in levels) or budget_bytes < 0:
+        raise ValueError(f"bytes_per_expert={bytes_per_expert} needs positive sizes and "
+                         f"budget_bytes={budget_bytes} must be >= 0")
+    freq = np.asarray(frequencies, np.float64)
+    order = np.asarray(selection_order(jnp.asarray(freq), min_per_layer)).reshape(-1)
+    ranked = np.argsort(order, kind="stable")  # flat (layer, expert) ids, hottest first
+    bits = np.zeros(freq.size, np.int64)
+    low = bytes_per_expert[levels[0]]
+    stored = min(int(budget_bytes // low + 1e-9), freq.size)
+    bits[ranked[:stored]] = levels[0]
+    left = budget_bytes - stored * low
+    for prev, level in zip(levels, levels[1:], strict=False):
+        step = bytes_per_expert[level] - bytes_per_expert[prev]
+        n = min(int(left // step + 1e-9), stored) if step > 0 else stored
+        bits[ranked[:n]] = level
+        left -= n * step
+        if n < stored:
+            break
+    return bits.reshape(freq.shape)
