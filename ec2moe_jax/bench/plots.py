@@ -182,13 +182,17 @@ def plot_quality_memory(result: dict, path: str) -> str:
                       + [full * 1.1])
             ax.set_yscale("log")
             ax.set_ylim(full * 0.98, top * 1.05)
+            from matplotlib.ticker import FormatStrFormatter
+
+            ax.yaxis.set_major_formatter(FormatStrFormatter("%.1f"))
+            ax.yaxis.set_minor_formatter(FormatStrFormatter("%.1f"))
         c = entry["config"]
         ax.set_title(f"{name}: {c['num_experts']} experts top-{c['top_k']}"
                      + (f" + shared {c['shared_expert_dim']}" if c["shared_expert_dim"] else ""))
         ax.set_xlabel("end memory for expert weights, % of its layers' bf16 expert bytes")
         ax.set_ylabel("bits/char, held-out test text (measured)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
