@@ -35,7 +35,6 @@ import numpy as np
 
 from ec2moe_jax.files import read_json, write_json_atomic
 from ec2moe_jax.layers import QuantSpec, quantize_experts, quantize_experts_mixed
-from ec2moe_jax.models.costs import model_costs
 from ec2moe_jax.selection import mixed_precision, select_experts
 from ec2moe_jax.training import gate as gate_lib
 from ec2moe_jax.training.workdir import load_run
@@ -86,9 +85,9 @@ def budget_slots(cfg, fraction: float, experts: QuantSpec, num_end_layers: int) 
     """Experts of the end layers that fit ``fraction`` of their bf16 expert bytes when
     stored as ``experts`` (exact stored bytes, scales included)."""
     m_end = sum(cfg.is_moe_layer(i) for i in range(num_end_layers))
-    bf16 = model_costs(cfg, "bfloat16").expert_bytes
-    each = model_costs(cfg, experts=experts).expert_bytes
+    d, f = cfg.d_model, cfg.moe.expert_dim
     total = m_end * cfg.moe.num_experts
+    bf16, each = QuantSpec().expert_bytes(d, f), experts.expert_bytes(d, f)
     return min(int(fraction * total * bf16 / each + 1e-9), total)
 
 
@@ -131,7 +130,7 @@ def end_layout(cfg, frequencies: np.ndarray, fraction: float, experts: str,
     allowed = resident_mask(cfg, frequencies, slots, num_end_layers)
     if allowed is not None:
         bits[end_rows] = np.where(allowed[end_rows], spec.bits, 0)
-    return allowed, bits, slots * model_costs(cfg, experts=spec).expert_bytes
+    return allowed, bits, float(slots * spec.expert_bytes(cfg.d_model, cfg.moe.expert_dim))
 
 
 def _evaluate(run, allowed, bits, variant: Variant, num_end_layers, gate_steps, eval_batches,
