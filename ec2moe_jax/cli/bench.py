@@ -177,7 +177,7 @@ def register(sub) -> None:
                            help="bits/char against end memory per method (measured)",
                            description=_QUALITY_MEMORY)
     q.add_argument("--models", default="small=runs/small+runs/small-resident,"
-                   "small_fine=runs/small-fine+runs/small-fine-resident",
+                   "small_fine=runs/small-fine+runs/small-fine-adapted",
                    help="comma-separated NAME=PLAIN_WORKDIR[+RESIDENCY_WORKDIR]; a missing "
                         "workdir skips its variants")
     q.add_argument("--variants", default=None,
@@ -360,6 +360,8 @@ def bench_quality_memory(args: argparse.Namespace) -> dict:
         f" the first {args.end_layers} layers on the end hold the experts that fit, the cloud "
         "every expert; codec lossless (float32 hidden state), so only the end's experts differ")
     record["command"] = _common.command_line("bench-quality-memory", args.argv)
+    # Every invocation that added points, in order (a model may be measured in several).
+    record["commands"] = [*record.get("commands", []), record["command"]]
     record = qm.finish(record)
     _common.write_json(args.out, record)
     png = plot_quality_memory(record, os.path.splitext(args.out)[0] + ".png")
