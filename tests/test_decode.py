@@ -93,6 +93,39 @@ def test_cached_generation_equals_recomputation_in_every_bucket(world, prompt_le
     assert_close(np.concatenate(logits), full, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_per_expert_buffers_and_grouped_queries_decode_like_recomputation(world, kv_heads):
+    # One buffer per expert (unstack_experts): a 40-token prompt's 80 choices over 8 experts
+    # take the looped prefill path, each step the decode-shaped switch; with 1 key/value
+    # head for 2 query heads the grouped queries attend to the cache as stored. Tokens equal
+    # full recomputation at batch 2.
+    from ec2moe_jax.layers.moe import uses_looped
+    from ec2moe_jax.models import unstack_experts
+
+    model, params = world
+    if kv_heads != model.cfg.kv_heads:
+        model = MoELM(dataclasses.replace(model.cfg, num_kv_heads=kv_heads).validate())
+        params = _sharpen(unbox(init_params(model, jax.random.key(1))))
+    assert uses_looped(40, 2, 8)
+    prompt = np.asarray(jax.random.randint(jax.random.key(5), (2, 40), 0, 256), np.int32)
+    tokens = np.asarray(generate(model, unstack_experts(params), prompt, 20))
+    np.testing.assert_array_equal(tokens, generate_recompute(model, params, prompt, 20))
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_a_decode_step_writes_the_cache_in_place(world, batch):
+    # The compiled step holds no copy of any layer's [B, Hk, M, Dh] cache: each step reads
+    # the cache before writing the new keys/values into it (models.DECODE_COMPILER_OPTIONS).
+    model, params = world
+    cache = init_cache(model, batch, 64)
+    hlo = make_decoder(model).step.lower(params, cache, np.zeros((batch,), np.int32),
+                                         jax.random.key(0)).compile().as_text()
+    kv = cache["layer_0"]["attn"]["cached_key"].shape
+    shape = "f32[" + ",".join(map(str, kv)) + "]"
+    copies = [line for line in hlo.splitlines() if shape in line and " copy(" in line]
+    assert not copies, copies[:3]
+
+
 def test_a_second_request_of_a_similar_length_compiles_nothing(world, tiny_pipeline):
     # models.generate: prompts of 5 and 9 tokens (one 16-token prompt bucket), 10 and 20 new
     # tokens (one 64-position cache): the second request runs the first one's programs.

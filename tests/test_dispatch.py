@@ -1,5 +1,5 @@
-"""The dispatch implementations (einsum, gather, ragged and the decode-shaped gathered path)
-agree with each other and with a per-token loop."""
+"""The dispatch implementations (einsum, gather, ragged, the decode-shaped gathered path and
+the prefill-shaped looped path) agree with each other and with a per-token loop."""
 
 import dataclasses
 
@@ -11,8 +11,15 @@ from conftest import assert_close
 
 from ec2moe_jax.config import MoEConfig
 from ec2moe_jax.layers import MoEBlock
-from ec2moe_jax.layers.moe import uses_gathered
-from ec2moe_jax.routing import einsum_moe, gather_moe, gathered_moe, ragged_moe, top_k_route
+from ec2moe_jax.layers.moe import uses_gathered, uses_looped
+from ec2moe_jax.routing import (
+    einsum_moe,
+    gather_moe,
+    gathered_moe,
+    looped_moe,
+    ragged_moe,
+    top_k_route,
+)
 
 G, S, D, F, E, K = 3, 10, 8, 12, 4, 2
 
@@ -60,6 +67,25 @@ def test_einsum_and_gather_match_loop_reference(factor, masked):
     assert_close(gathered_moe(x, route, wg, wu, wd), ref, atol=1e-4, rtol=1e-4)
     if factor is None:
         assert_close(ragged_moe(x, route, wg, wu, wd), ref, atol=1e-4, rtol=1e-4)
+    # The looped path on one buffer per expert, chunks that divide the runs or not.
+    per_expert = [tuple(w[e] for e in range(E)) for w in (wg, wu, wd)]
+    for chunk in (1, 3, 8):
+        assert_close(looped_moe(x, route, *per_expert, chunk=chunk), ref, atol=1e-4, rtol=1e-4)
+
+
+def test_looped_skips_unchosen_experts_and_dropped_choices():
+    # Expert 1 is never chosen and expert 3's weights are NaN but every choice of it is
+    # dropped (masked): neither is computed, so the output stays finite and equals the loop.
+    wg, wu, wd, x = _weights()
+    wg = wg.at[3].set(jnp.nan)
+    logits = jax.random.normal(jax.random.key(2), (G, S, E)).at[..., 1].set(-1e9)
+    route = top_k_route(logits, top_k=K, capacity_factor=None,
+                        allowed=jnp.array([True, True, True, False]))
+    assert not bool((route.expert_index == 1).any())
+    per_expert = [tuple(w[e] for e in range(E)) for w in (wg, wu, wd)]
+    got = looped_moe(x, route, *per_expert, chunk=4)
+    assert bool(jnp.isfinite(got).all())
+    assert_close(got, loop_reference(x, route, wg.at[3].set(0.0), wu, wd), atol=1e-4, rtol=1e-4)
 
 
 def test_dropped_tokens_get_zero_output():
@@ -146,8 +172,13 @@ def test_unstacked_experts_equal_stacked(oss, dispatch):
     split = {"params": unstack_experts(params["params"])}
     assert "w_gate" not in split["params"] and len(split["params"]["experts"]["w_gate"]) == 16
     assert unstack_experts(split["params"]).keys() == split["params"].keys()  # idempotent
-    for x in (seqs[:, :1], seqs):
-        assert uses_gathered(x.shape[0] * x.shape[1], 2, 16) == (x.shape[1] == 1)
+    # Decode-shaped (2 tokens), looped (2 x 8 tokens: 32 choices <= 16 per expert) and the
+    # capacity-slot dispatch (2 x 160 tokens: 640 choices).
+    long = jax.random.normal(jax.random.key(10), (2, 160, D))
+    for x in (seqs[:, :1], seqs, long):
+        n = x.shape[0] * x.shape[1]
+        assert uses_gathered(n, 2, 16) == (x.shape[1] == 1)
+        assert uses_looped(n, 2, 16) == (x.shape[1] <= 8)
         want, _ = block.apply(params, x)
         got, _ = block.apply(split, x)
         assert_close(got, want, atol=1e-5)

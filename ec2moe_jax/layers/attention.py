@@ -67,25 +67,50 @@ class Attention(nn.Module):
         q = rope(proj("wq", h), positions, cfg.rope_theta, yarn)
         k = rope(proj("wk", hk), positions, cfg.rope_theta, yarn)
         v = proj("wv", hk)
-        q_pos, k_pos = positions, positions
         # [B, H, T, Dh] layout: plain batched matmuls are the fastest form on XLA:CPU. The
-        # cache is stored head-major, so a decode step reads it without a transposed copy.
+        # cache is stored head-major, so a decode step reads it as stored.
         q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-        if decode:
-            k, v = self._update_cache(k, v, idx)
-            k_pos = jnp.arange(k.shape[2], dtype=jnp.int32)[None]  # slot j holds position j
-
-        if hk != h:  # grouped-query attention: each key/value head serves h // hk queries
-            k, v = jnp.repeat(k, h // hk, axis=1), jnp.repeat(v, h // hk, axis=1)
+        # Grouped-query attention: the h // hk queries of a key/value head attend as one
+        # [B, Hk, G * T, Dh] block, so keys and values are read as stored (repeating them
+        # copied the whole cache per layer and step).
+        g = h // hk
+        q = q.reshape(b, hk, g * t, dh)
         scale = dh**-0.5 if cfg.attention_multiplier is None else cfg.attention_multiplier
-        scores = (q @ k.transpose(0, 1, 3, 2)).astype(jnp.float32) * scale
-        causal = k_pos[:, None, :] <= q_pos[:, :, None]  # [B, T, S] (B may broadcast)
-        if self.window is not None:
-            # Sliding window as transformers' sliding_window_overlay: kv > q - W. The cache
-            # keeps every position (slot j = position j), so cached decoding masks the same
-            # keys as a recomputation.
-            causal &= k_pos[:, None, :] > q_pos[:, :, None] - self.window
-        scores = jnp.where(causal[:, None], scores, jnp.finfo(jnp.float32).min)
+
+        def scores_over(keys, k_pos, visible):
+            """q against keys [B, Hk, S, Dh] at positions k_pos [B|1, S] -> masked
+            <float32>[B, H, T, S]; ``visible(k_pos [.., 1, S], q_pos [B, T, 1])`` -> bool."""
+            # Contracting both on Dh: no transposed copy of the keys.
+            sc = jnp.einsum("bkqd,bksd->bkqs", q, keys).astype(jnp.float32) * scale
+            sc = sc.reshape(b, h, t, -1)
+            mask = visible(k_pos[:, None, :], positions[:, :, None])  # [B, T, S]
+            if self.window is not None:
+                # Sliding window as transformers' sliding_window_overlay: kv > q - W. The
+                # cache keeps every position (slot j = position j), so cached decoding
+                # masks the same keys as a recomputation.
+                mask &= k_pos[:, None, :] > positions[:, :, None] - self.window
+            return jnp.where(mask[:, None], sc, jnp.finfo(jnp.float32).min)
+
+        def causal(kp, qp):
+            return kp <= qp
+
+        if decode:
+            # The new tokens attend to the cache as it was (slot j holds position j; slots
+            # at or past a row's index are unwritten or stale, so masked) and, causally, to
+            # each other; then their keys/values are written. Reading the cache before the
+            # write lets XLA update it in place (with models.DECODE_COMPILER_OPTIONS):
+            # attending over the written cache kept a copy of each layer's cache per batch-1
+            # step (measured on XLA:CPU).
+            ck, cv = self._cache(b, hk, dh, k.dtype)
+            k, v = k.astype(ck.value.dtype), v.astype(cv.value.dtype)
+            slots = jnp.arange(ck.value.shape[2], dtype=jnp.int32)[None]
+            old_len = idx.value[:, None, None]
+            scores = jnp.concatenate([
+                scores_over(ck.value, slots, lambda kp, qp: kp < old_len),
+                scores_over(k, positions, causal)], axis=-1)
+            values = (cv.value, v)
+        else:
+            scores, values = scores_over(k, positions, causal), (v,)
         if cfg.attention_sinks:
             # GPT-OSS: a learned logit per head joins every softmax and takes its share of
             # the probability; its column is then dropped (the sink attends to nothing).
@@ -96,7 +121,16 @@ class Attention(nn.Module):
             probs = probs.astype(dtype)
         else:
             probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-        out = (probs @ v).transpose(0, 2, 1, 3)  # [B, T, H, Dh]
+        probs = probs.reshape(b, hk, g * t, -1)
+        out, at = 0, 0
+        for vals in values:  # [B, Hk, S, Dh] each: the cache, then the new tokens
+            s_len = vals.shape[2]
+            out = out + (probs[..., at:at + s_len] @ vals).astype(dtype)
+            at += s_len
+        if decode:
+            self._write(ck, cv, k, v, idx)
+        out = out.reshape(b, h, t, dh)
+        out = out.transpose(0, 2, 1, 3)  # [B, T, H, Dh]
         wo = self.param("wo", param_with_axes(default_init, ("heads", "head_dim", "embed")),
                         (h, dh, d))
         y = dense(out.reshape(b, t, h * dh), wo.astype(dtype).reshape(h * dh, d))
@@ -105,19 +139,21 @@ class Attention(nn.Module):
                                (d,)).astype(dtype)
         return y
 
-    def _update_cache(self, k, v, idx):
-        """Writes each row's new keys/values [B, Hk, T, Dh] at its own index and advances
-        it; returns the whole cache (k, v) [B, Hk, M, Dh] in the cache's dtype."""
-        b, hk, t, dh = k.shape
+    def _cache(self, b, hk, dh, dtype):
+        """The 'cache' variables ``cached_key``/``cached_value`` [B, Hk, M, Dh]."""
         m = self.cfg.max_seq_len
-        ck = self.variable("cache", "cached_key", jnp.zeros, (b, hk, m, dh), k.dtype)
-        cv = self.variable("cache", "cached_value", jnp.zeros, (b, hk, m, dh), v.dtype)
+        ck = self.variable("cache", "cached_key", jnp.zeros, (b, hk, m, dh), dtype)
+        cv = self.variable("cache", "cached_value", jnp.zeros, (b, hk, m, dh), dtype)
+        return ck, cv
 
+    def _write(self, ck, cv, k, v, idx):
+        """Writes each row's new keys/values [B, Hk, T, Dh] at its own index and advances
+        the index by T."""
         # One dynamic_update_slice per row (a scatter after vmap): rows start anywhere.
         def write(cache, new, start):
-            return jax.lax.dynamic_update_slice(cache, new.astype(cache.dtype), (0, start, 0))
+            return jax.lax.dynamic_update_slice(cache, new, (0, start, 0))
 
         ck.value = jax.vmap(write)(ck.value, k, idx.value)
         cv.value = jax.vmap(write)(cv.value, v, idx.value)
-        idx.value = idx.value + t
-        return ck.value, cv.value
+        idx.value = idx.value + k.shape[2]
+

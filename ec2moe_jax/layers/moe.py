@@ -59,6 +59,20 @@ def uses_gathered(tokens: int, top_k: int, num_experts: int) -> bool:
     return tokens * top_k <= DECODE_CHOICES_PER_EXPERT * num_experts
 
 
+# The prefill-shaped path (:func:`~ec2moe_jax.routing.dispatch.looped_moe`: the choices
+# sorted by expert, a loop over chunks of 8 rows with each expert's own buffers) replaces
+# the capacity-slot dispatch of per-expert buffers when the B*T*K choices number at most
+# this many per expert: the slot dispatches compute all E experts on C slots each (dropless:
+# C = every token), the loop reads each chosen expert once per chunk of its tokens.
+LOOPED_CHOICES_PER_EXPERT = 16
+
+
+def uses_looped(tokens: int, top_k: int, num_experts: int) -> bool:
+    """Whether per-expert buffers (:func:`unstack_experts`) run ``tokens`` through the
+    prefill-shaped path (few tokens, but more than a decode step's)."""
+    return tokens * top_k <= LOOPED_CHOICES_PER_EXPERT * num_experts
+
+
 def _expert_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
     """[E, N, D] x [E, D, F] -> [E, N, F]: every expert's tokens through its own weight."""
     return jnp.einsum("end,edf->enf", a, w)
@@ -91,7 +105,9 @@ class MoEBlock(nn.Module):
     ``__call__(x [B, T, D], deterministic, allowed, gate) -> (y [B, T, D], Route)``;
     ``allowed`` is a <bool>[E] mask of experts that may be chosen (hardware-aware selection
     uses it). Few tokens (a decode step: ``uses_gathered``) take the decode-shaped path,
-    which computes only the chosen experts; otherwise ``cfg.dispatch``. ``gate``, if given,
+    which computes only the chosen experts; with one buffer per expert (``unstack_experts``)
+    a prompt's tokens (``uses_looped``) take the prefill-shaped loop over chosen experts;
+    otherwise ``cfg.dispatch``. ``gate``, if given,
     replaces the router: ``gate(x [G, S, D] float32, router
     [D, E]) -> logits [G, S, E]`` (the HL-GGN group gate on an end device). Routing, top-k
     among allowed experts and renormalisation stay the same.
@@ -153,6 +169,8 @@ class MoEBlock(nn.Module):
             ffn = functools.partial(oss_swiglu, alpha=cfg.swiglu_alpha, limit=cfg.swiglu_limit)
         if uses_gathered(b * t, cfg.top_k, e):
             y = dispatch_lib.gathered_moe(xg, route, *ws, extra=biases, ffn=ffn)
+        elif isinstance(wg, (tuple, list)) and uses_looped(b * t, cfg.top_k, e):
+            y = dispatch_lib.looped_moe(xg, route, *ws, extra=biases, ffn=ffn)
         elif cfg.dispatch == "ragged":  # MoEConfig.validate keeps it to plain SwiGLU
             y = dispatch_lib.ragged_moe(xg, route, *ws)
         elif isinstance(wg, (tuple, list)):  # one buffer per expert: one matmul each

@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from ec2moe_jax.config import ModelConfig
 from ec2moe_jax.layers.basic import RMSNorm, default_init, dense, param_with_axes
@@ -178,7 +179,9 @@ def init_cache(model: MoELM, batch_size: int, length: int | None = None, dtype=N
     request), keys/values in ``dtype`` (default the model's activation dtype; bfloat16
     halves the cache). See :func:`cache_shapes`."""
     shapes = cache_shapes(model.cfg, batch_size, length, dtype)
-    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    # Host zeros placed in one transfer: a jnp.zeros per leaf cost one dispatch each (about
+    # 1.5 ms per request of a 4-layer model on this CPU, measured).
+    return jax.device_put(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
 
 
 def cache_length(cache) -> int | None:

@@ -37,7 +37,7 @@ from ec2moe_jax.config import ModelConfig
 from ec2moe_jax.layers.group_gate import make_gates
 from ec2moe_jax.layers.moe import quantize_experts, unstack_experts
 from ec2moe_jax.layers.quant import QuantSpec
-from ec2moe_jax.models.generate import last_valid, sample_token
+from ec2moe_jax.models.generate import decode_jit, last_valid, sample_token
 from ec2moe_jax.models.lm import MoELM, cache_positions, cache_shapes, set_cache_positions
 from ec2moe_jax.sharding import hop, param_shardings, unbox, use_mesh
 
@@ -343,15 +343,15 @@ def build_stages(
                  "gates": None if gates is None else gates[1]}
         end = {"end_params": place_params(model, params, end_mesh, range(split), end_experts),
                "end_extra": jax.device_put(extra, NamedSharding(end_mesh, PartitionSpec())),
-               "score_end": jax.jit(score_end), "prefill_end": jax.jit(dec_end),
-               "step_end": jax.jit(dec_end, donate_argnums=2)}
+               "score_end": jax.jit(score_end), "prefill_end": decode_jit(dec_end),
+               "step_end": decode_jit(dec_end, donate_argnums=2)}
     if side != "end":
         cloud_codec = None if codec is None else jax.device_put(
             {k: codec[k] for k in ("mean", "w_dec")}, NamedSharding(cloud_mesh, PartitionSpec()))
         cloud = {"cloud_params": place_params(model, params, cloud_mesh, range(split, L)),
                  "cloud_codec": cloud_codec, "score_cloud": jax.jit(score_cloud),
-                 "prefill_cloud": jax.jit(dec_cloud),
-                 "step_cloud": jax.jit(dec_cloud, donate_argnums=2)}
+                 "prefill_cloud": decode_jit(dec_cloud),
+                 "step_cloud": decode_jit(dec_cloud, donate_argnums=2)}
     none = dict.fromkeys(("end_params", "end_extra", "score_end", "prefill_end", "step_end",
                           "cloud_params", "cloud_codec", "score_cloud", "prefill_cloud",
                           "step_cloud"))

@@ -1,6 +1,12 @@
 """Pure routing and dispatch functions."""
 
-from ec2moe_jax.routing.dispatch import einsum_moe, gather_moe, gathered_moe, ragged_moe
+from ec2moe_jax.routing.dispatch import (
+    einsum_moe,
+    gather_moe,
+    gathered_moe,
+    looped_moe,
+    ragged_moe,
+)
 from ec2moe_jax.routing.masks import expert_rank, top_n_mask
 from ec2moe_jax.routing.stats import (
     RoutingStats,
@@ -25,6 +31,7 @@ __all__ = [
     "expert_rank",
     "gather_moe",
     "gathered_moe",
+    "looped_moe",
     "load_balance_loss",
     "load_stats",
     "ragged_moe",

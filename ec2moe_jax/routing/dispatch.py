@@ -17,6 +17,9 @@ kept choices of a :class:`~ec2moe_jax.routing.topk.Route`:
   single-token SwiGLUs. Touches only the chosen experts: for a decode step (few tokens) it
   reads K experts' weights per token where the others compute every expert's slots. Same
   drops as the route (a dropped choice has weight 0). The MoE block picks it by token count.
+* ``looped`` (prefill-shaped, one buffer per expert): the kept choices sorted by expert and
+  padded to chunks, a loop over the filled chunks with each chunk's expert. Work follows the
+  choices made; the MoE block picks it for few tokens beyond a decode step's.
 
 ``einsum`` and ``gather`` produce expert inputs laid out [E, G * C, D] so the expert weights
 [E, D, F] apply as one batched matmul, sharded on the logical 'expert' axis.
@@ -190,3 +193,76 @@ def gathered_moe(
     ys = jax.lax.fori_loop(0, n, one, jnp.zeros((n, dim), x.dtype))
     ys = ys.reshape(num_groups, num_tokens, top_k, dim)
     return jnp.einsum("gskd,gsk->gsd", ys, route.combine_weights.astype(ys.dtype))
+
+
+def looped_moe(
+    x: jax.Array,
+    route: Route,
+    w_gate: tuple[jax.Array, ...],
+    w_up: tuple[jax.Array, ...],
+    w_down: tuple[jax.Array, ...],
+    *,
+    extra: tuple[tuple[jax.Array, ...], ...] = (),
+    ffn: Callable[..., jax.Array] = swiglu,
+    chunk: int = 8,
+) -> jax.Array:
+    """Prefill-shaped experts: the kept choices sorted by expert, each expert's run padded to
+    a multiple of ``chunk`` rows, and a loop over the filled chunks (a traced trip count)
+    that multiplies each chunk by its expert's own weights. Work follows the choices actually
+    made: an expert is read once per ``chunk`` of its tokens and not at all if unchosen,
+    where a dropless capacity-slot dispatch computes every expert on every token (E / K
+    times the needed rows: 4x for 16 experts top-4, 16x for 128 experts top-8).
+
+    Args:
+      x: [G, S, D] tokens.
+      route: any routing decision; choices not kept are skipped (they contribute nothing
+        in the other dispatches either: combine weight 0).
+      w_gate, w_up: E arrays [D, F]; w_down: E arrays [F, D] (one buffer per expert:
+        :func:`~ec2moe_jax.layers.moe.unstack_experts`).
+      extra: further per-expert tuples (expert biases), passed to ``ffn`` after the weights.
+      ffn: ``ffn(x [chunk, D], w_gate [D, F], w_up, w_down, *extra) -> [chunk, D]``.
+      chunk: rows per expert call (static).
+
+    Returns:
+      [G, S, D].
+    """
+    num_groups, num_tokens, dim = x.shape
+    top_k = route.expert_index.shape[-1]
+    num_experts = len(w_gate)
+    n = num_groups * num_tokens * top_k
+    # Skipped choices take the sentinel expert E: sorted last, never computed.
+    expert = jnp.where(route.kept, route.expert_index, num_experts).reshape(n)
+    order = jnp.argsort(expert, stable=True)  # [N] choice ids, grouped by expert
+    sorted_expert = expert[order]
+    counts = jnp.bincount(expert, length=num_experts + 1)[:num_experts]
+    padded = (counts + chunk - 1) // chunk * chunk  # rows of each expert after padding
+    padded_end = jnp.cumsum(padded)
+    padded_start = padded_end - padded
+    start = jnp.cumsum(counts) - counts
+    kept = sorted_expert < num_experts
+    safe = jnp.minimum(sorted_expert, num_experts - 1)
+    rows = n + num_experts * (chunk - 1)
+    rows += -rows % chunk  # static bound on the padded rows
+    dest = jnp.where(kept, padded_start[safe] + jnp.arange(n) - start[safe], rows)
+    # Row r of the padded layout holds token src[r] (num_tokens * G: a zero row if padding).
+    src = jnp.full((rows,), num_groups * num_tokens, jnp.int32)
+    src = src.at[dest].set((order // top_k).astype(jnp.int32), mode="drop")
+    flat = jnp.concatenate([x.reshape(-1, dim), jnp.zeros((1, dim), x.dtype)])
+    xs = flat[src]  # [R, D]
+    chunk_expert = jnp.searchsorted(padded_end, jnp.arange(rows // chunk) * chunk,
+                                    side="right").astype(jnp.int32)
+    weights = (w_gate, w_up, w_down, *extra)
+    branches = [lambda xc, e=e: ffn(xc, *(w[e] for w in weights)).astype(x.dtype)
+                for e in range(num_experts)]
+
+    def one(j, ys):
+        xc = jax.lax.dynamic_slice_in_dim(xs, j * chunk, chunk)
+        e = jnp.minimum(chunk_expert[j], num_experts - 1)
+        return jax.lax.dynamic_update_slice_in_dim(ys, jax.lax.switch(e, branches, xc),
+                                                   j * chunk, 0)
+
+    ys = jax.lax.fori_loop(0, padded_end[-1] // chunk, one, jnp.zeros((rows + 1, dim), x.dtype))
+    # Choice i's result: row dest of its sorted position (the zero row rows when skipped).
+    at = jnp.zeros((n,), jnp.int32).at[order].set(jnp.minimum(dest, rows))
+    y = ys[at].reshape(num_groups, num_tokens, top_k, dim)
+    return jnp.einsum("gskd,gsk->gsd", y, route.combine_weights.astype(y.dtype))
