@@ -67,12 +67,14 @@ class FixedTiming:
         return self.down
 
 
-def _simulate(kind, arrivals, gen=0, devices=1, batch=1, timing=None, bps=8e4, rtt=0.02):
+def _simulate(kind, arrivals, gen=0, devices=1, batch=1, timing=None, bps=8e4, rtt=0.02,
+              stream_after_first=False):
     timing = timing or FixedTiming()
     plans = [sim.DevicePlan({"split": 2, "cloud-only": 0, "end-only": 4}[kind], batch, kind)
              ] * devices
     s = sim.Simulator(timing, sim.StaticController(plans), [BandwidthTrace.constant(bps)] *
-                      devices, [BandwidthTrace.constant(bps)] * devices, [rtt] * devices, gen)
+                      devices, [BandwidthTrace.constant(bps)] * devices, [rtt] * devices, gen,
+                      stream_after_first=stream_after_first)
     return s.run([np.asarray(a, float) for a in arrivals], 10.0), timing
 
 
@@ -99,6 +101,24 @@ def test_shared_cloud_is_fifo_across_devices():
     assert done == pytest.approx([arrive + 0.3 + 0.02, arrive + 0.6 + 0.02])
 
 
+@dataclasses.dataclass
+class BatchedTiming(FixedTiming):
+    wait_s: float = 0.5
+
+    def cloud_wait(self, job, step):
+        return self.wait_s
+
+
+def test_cloud_wait_delays_the_job_without_occupying_the_cloud():
+    # Two split devices, requests at 0: both end stages 0-0.2, uplinks to 0.31; the cloud
+    # serves them 0.31-0.61 and 0.61-0.91 as without a wait (its time is not taken), and
+    # each reply leaves the cloud 0.5 s after its share ends (a batched step's whole length).
+    res, _ = _simulate("split", [[0.0], [0.0]], devices=2, timing=BatchedTiming())
+    done = sorted(r.done for r in res.requests)
+    assert done == pytest.approx([0.61 + 0.5 + 0.02, 0.91 + 0.5 + 0.02])
+    assert res.busy["cloud"] == pytest.approx(0.6)
+
+
 def test_decoding_round_trips_and_cloud_only_streaming():
     # Split decoding: each of G=3 tokens is a full round trip (prefill + 2 steps).
     res, timing = _simulate("split", [[0.0]], gen=3)
@@ -114,6 +134,11 @@ def test_decoding_round_trips_and_cloud_only_streaming():
     assert r.ttft == pytest.approx(0.11 + 0.3 + 0.02)
     assert r.done == pytest.approx(0.11 + 3 * 0.3 + 0.02)
     assert not [c for c in timing.calls if c[0] == "end"]
+    # A client that asks for the stream after its first token: one more uplink (0.11 s).
+    res, _ = _simulate("cloud-only", [[0.0]], gen=3, stream_after_first=True)
+    (r,) = res.requests
+    assert r.ttft == pytest.approx(0.11 + 0.3 + 0.02)
+    assert r.done == pytest.approx(0.11 + 0.3 + 0.02 + 0.11 + 2 * 0.3 + 0.02)
     # End-only never touches the link.
     res, _ = _simulate("end-only", [[0.0, 0.0]], gen=2)
     # Both prefills queue at t=0 (0-0.2, 0.2-0.4); the steps follow in FIFO order.

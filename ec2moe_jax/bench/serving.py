@@ -18,9 +18,11 @@ What is measured and what is emulated (stated in the JSON next to every figure):
 The discrete-event simulator (:mod:`ec2moe_jax.bench.sim`) is configured for each run: the
 same clients, tokens and link (the preset's bandwidth and RTT), the plan's kind, the
 measured bytes per message, the server's measured prefill time and service cycle per
-batched step at that concurrency (compute plus its own handling; shared by the sessions of
-a step), and the clients' measured time per step between a reply and the next request (end
-stage, codec, serialisation); its mean request latency is compared with the measured one.
+batched step at that concurrency (compute plus its own handling; its time shared by the
+sessions of a step, each of which, in a split plan, waits for the whole step), and the
+clients' measured time per step between a reply and the next request (end stage, codec,
+serialisation), a cloud-only client's stream request after its prefill's reply (one more
+uplink); its mean request latency is compared with the measured one.
 """
 
 from __future__ import annotations
@@ -420,7 +422,8 @@ class _RunTiming:
         # for it: compute and the hand-over to the compute thread).
         per_step = row["server_cycle_s_median" if kind == "cloud-only"
                        else "server_step_wall_s_median"]
-        self.step = max(per_step, row["server_step_s_median"]) / occ
+        self.whole_step = max(per_step, row["server_step_s_median"])
+        self.step = self.whole_step / occ
         b = row["bytes_per_token"]
         self.up_b, self.down_b = b["up"], b["down"]
 
@@ -434,6 +437,14 @@ class _RunTiming:
 
     def cloud(self, job, step: int) -> float:
         return self.row["server_prefill_s_median"] if step == 0 else self.step
+
+    def cloud_wait(self, job, step: int) -> float:
+        # A split session's step returns when its whole batched step ends; the server's
+        # time is shared by the batch (cloud() above). A cloud-only session is fed back at
+        # once, so its steps are the cycles themselves.
+        if self.kind == "cloud-only" or step == 0:
+            return 0.0
+        return self.whole_step - self.step
 
     def up_bytes(self, job, step: int) -> float:
         if self.kind == "cloud-only" and step > 0:
@@ -460,8 +471,9 @@ def simulate(row: dict, kind: str, link, tokens: int) -> float:
     plan = DevicePlan(*{"cloud-only": (0, 1, CLOUD_ONLY), "split": (1, 1, SPLIT),
                         "end-only": (1, 1, END_ONLY)}[kind])
     trace = BandwidthTrace.constant(link.bandwidth_bps)
+    # The client opens its decode stream once the prefill has answered: one more uplink.
     sim = Simulator(_RunTiming(row, kind, tokens), StaticController([plan] * n), [trace] * n,
-                    [trace] * n, [link.rtt_s] * n, tokens)
+                    [trace] * n, [link.rtt_s] * n, tokens, stream_after_first=True)
     res = sim.run([np.zeros(1)] * n, horizon_s=1e-9)
     return float(np.mean([r.done - r.arrival for r in res.requests]))
 

@@ -82,6 +82,11 @@ class Timing(Protocol):
 
     def down_bytes(self, job: Job, step: int) -> float: ...
 
+    # Optional: ``cloud_wait(job, step) -> float``, seconds the job's step takes beyond its
+    # share ``cloud(job, step)`` of the cloud's time without occupying the cloud (a batched
+    # step: the server's time is shared by the batch's jobs, each of which waits for the
+    # whole step). Absent: 0.
+
 
 class Controller(Protocol):
     """Current plan of each device; ``tick(t, sim)`` may change it (re-planning)."""
@@ -162,7 +167,12 @@ class Simulator:
     """One run: devices, links, the shared cloud, the event queue."""
 
     def __init__(self, timing: Timing, controller: Controller, up: Sequence[BandwidthTrace],
-                 down: Sequence[BandwidthTrace], rtt: Sequence[float], gen_tokens: int):
+                 down: Sequence[BandwidthTrace], rtt: Sequence[float], gen_tokens: int,
+                 *, stream_after_first: bool = False):
+        """``stream_after_first``: a cloud-only decoding request streams its tokens after
+        one more uplink that follows the first token's arrival (a client that asks for the
+        stream once its prefill has answered, as the gRPC client does); default: the cloud
+        goes on decoding at once."""
         n = len(up)
         if not (len(down) == len(rtt) == n):
             raise ValueError(f"need one uplink, downlink and RTT per device: {len(up)}, "
@@ -170,6 +180,7 @@ class Simulator:
         if gen_tokens < 0:
             raise ValueError(f"{gen_tokens=} must be >= 0")
         self.timing, self.ctrl, self.gen = timing, controller, gen_tokens
+        self.stream_after_first = stream_after_first
         self.up = [Link(f"up{i}", t, r) for i, (t, r) in enumerate(zip(up, rtt, strict=True))]
         self.down = [Link(f"down{i}", t, r) for i, (t, r) in enumerate(zip(down, rtt,
                                                                           strict=True))]
@@ -235,8 +246,10 @@ class Simulator:
         start = max(t, self.cloud_free)
         self.cloud_free = start + dt
         self.busy["cloud"] += dt
-        self._push(start + dt, self._downlink, job, step)
-        if job.plan.kind == CLOUD_ONLY and step + 1 < max(self.gen, 1):
+        wait = getattr(self.timing, "cloud_wait", None)
+        self._push(start + dt + (wait(job, step) if wait else 0.0), self._downlink, job, step)
+        if (job.plan.kind == CLOUD_ONLY and step + 1 < max(self.gen, 1)
+                and not (step == 0 and self.stream_after_first)):
             # The cloud keeps its own token and queues the next step at once; this token
             # streams down meanwhile.
             self._push(start + dt, self._cloud, job, step + 1)
@@ -252,6 +265,8 @@ class Simulator:
         if step < max(self.gen, 1) - 1:
             if job.plan.kind != CLOUD_ONLY:
                 self._start_step(t, job, step + 1)
+            elif step == 0 and self.stream_after_first:  # the client asks for the stream
+                self._uplink(t, job, 1)
             return
         b = len(job.ids)
         tpot = (t - job.first) / (self.gen - 1) if self.gen > 1 else None

@@ -47,8 +47,9 @@ def register(sub) -> None:
     p.add_argument("--slots", type=int, default=8, help="sessions (KV cache rows) held at once")
     p.add_argument("--ttl", type=float, default=30.0,
                    help="seconds without a request after which a session's slot is freed")
-    p.add_argument("--batch-wait-ms", type=float, default=3.0,
-                   help="how long a decode step may wait for the other sessions of its batch")
+    p.add_argument("--batch-wait-ms", type=float, default=0.0,
+                   help="how long a decode step may wait for the other sessions of its batch "
+                        "(0: none; steps arriving during a step join the next one)")
     p.add_argument("--max-score-batch", type=int, default=4, help="rows per scoring request")
     p.add_argument("--cache-len", type=int, default=None,
                    help="positions a session may hold, prompt included (default: the model's "
