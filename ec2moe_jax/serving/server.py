@@ -12,8 +12,8 @@ soon as the compute thread is free, and steps that arrive during a step join the
 (continuous batching as vLLM and JetStream do it; split sessions' steps arrive out of
 phase, one round trip apart, and a 3 ms window cost each of them up to 3 ms while the
 measured batches stayed small: 1.0-2.4 sessions per step at 2-8 wifi clients,
-results/serving_batch_wait_3ms.json). A prompt therefore delays decoding by at most one prefill, and a
-slow client never blocks the others.
+results/serving_batch_wait_3ms.json). A prompt therefore delays decoding by at most one
+prefill, and a slow client never blocks the others.
 
 Limits: at most ``slots`` sessions (``RESOURCE_EXHAUSTED`` beyond, never a queue);
 messages up to :func:`~.protocol.message_limit`; payload sizes checked against the model's
