@@ -232,6 +232,8 @@ def test_relay_delays_caps_and_resets(echo):
         sock = socket.create_connection(("127.0.0.1", relay.port))
         rtt = min(_rtt(sock) for _ in range(3))
         assert 0.06 <= rtt < 0.06 + 0.05  # two one-way delays of 30 ms, plus overhead
+        late = relay.lateness()  # 3 round trips: 6 chunks, each delivered after its arrival
+        assert late["chunks"] == 6 and 0.0 <= late["late_s"] < 6 * 0.05, late
         # 4 Mbit/s each way: 200 kB up and echoed back down pipeline through two capped
         # links, so the transfer takes at least 200e3 * 8 / 4e6 = 0.4 s.
         relay.set_shape(Shape(rate_bps=4e6))

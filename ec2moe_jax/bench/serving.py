@@ -13,7 +13,9 @@ What is measured and what is emulated (stated in the JSON next to every figure):
   bytes per token are counted at the relay's sockets (HTTP/2 frames: gRPC framing and
   protobuf included); batch occupancy is the server's (sessions per batched step);
 * emulated: the link's one-way delay and bandwidth, by an asyncio relay in this process
-  (:mod:`ec2moe_jax.serving.relay`), with the presets' figures.
+  (:mod:`ec2moe_jax.serving.relay`), with the presets' figures; the relay measures how late
+  it delivers each chunk past its emulated arrival (``relay_late_s_mean``: its own delay
+  when the CPU is busy), and the simulation's links carry it on top of the presets' delay.
 
 The discrete-event simulator (:mod:`ec2moe_jax.bench.sim`) is configured for each run: the
 same clients, tokens and link (the preset's bandwidth and RTT), the plan's kind, the
@@ -22,7 +24,8 @@ batched step at that concurrency (compute plus its own handling; its time shared
 sessions of a step, each of which, in a split plan, waits for the whole step), and the
 clients' measured time per step between a reply and the next request (end stage, codec,
 serialisation), a cloud-only client's stream request after its prefill's reply (one more
-uplink); its mean request latency is compared with the measured one.
+uplink), and the link's preset delay plus the relay's measured lateness; its mean request
+latency is compared with the measured one.
 """
 
 from __future__ import annotations
@@ -267,9 +270,12 @@ def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) 
     prompt = [(7 * i + 65) % 256 for i in range(PROMPT_LEN)]
     command = {"address": address, "plan": plan.to_json(), "prompt": prompt}
     pool.run(n, {**command, "tokens": 2})  # connect, compile, first session (not measured)
-    before, bytes0 = stub.Stats(pb.StatsRequest(), timeout=30), relay.bytes()
+    before, bytes0, late0 = stub.Stats(pb.StatsRequest(), timeout=30), relay.bytes(), \
+        relay.lateness()
     out = pool.run(n, {**command, "tokens": tokens, "start_at": time.time() + 0.5})
-    after, bytes1 = stub.Stats(pb.StatsRequest(), timeout=30), relay.bytes()
+    after, bytes1, late1 = stub.Stats(pb.StatsRequest(), timeout=30), relay.bytes(), \
+        relay.lateness()
+    chunks = late1["chunks"] - late0["chunks"]
     start = min(r["start"] for r in out)
     last = max(r["times"][-1] for r in out)
     # Steady state: from the moment every client has its first token to the moment the first
@@ -299,6 +305,9 @@ def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) 
         "client_step_s": float(np.mean([r["client_step_s"] for r in out])),
         "client_end_prefill_s": float(np.mean([r["end_prefill_s"] for r in out])),
         "reconnects": sum(r["reconnects"] for r in out),
+        # The relay's own delay past each chunk's emulated arrival (the emulated link was
+        # this much slower than its preset; the simulation adds it to the preset's delay).
+        "relay_late_s_mean": (late1["late_s"] - late0["late_s"]) / chunks if chunks else None,
     }
 
 
@@ -471,9 +480,12 @@ def simulate(row: dict, kind: str, link, tokens: int) -> float:
     plan = DevicePlan(*{"cloud-only": (0, 1, CLOUD_ONLY), "split": (1, 1, SPLIT),
                         "end-only": (1, 1, END_ONLY)}[kind])
     trace = BandwidthTrace.constant(link.bandwidth_bps)
+    # The link the clients had: the preset's delay plus what the relay itself added per chunk
+    # (measured; 0.2-1.3 ms when the CPU is shared with 16 clients).
+    rtt = link.rtt_s + 2 * (row.get("relay_late_s_mean") or 0.0)
     # The client opens its decode stream once the prefill has answered: one more uplink.
     sim = Simulator(_RunTiming(row, kind, tokens), StaticController([plan] * n), [trace] * n,
-                    [trace] * n, [link.rtt_s] * n, tokens, stream_after_first=True)
+                    [trace] * n, [rtt] * n, tokens, stream_after_first=True)
     res = sim.run([np.zeros(1)] * n, horizon_s=1e-9)
     return float(np.mean([r.done - r.arrival for r in res.requests]))
 
@@ -554,12 +566,15 @@ def run(workdir: str, *, clients: list[int], tokens: int, quick: bool, out: str,
                         rows.append(row)
                         occ, rate = (row["server_batch_occupancy"],
                                      row["aggregate_decode_tokens_per_s"])
+                        late = row["relay_late_s_mean"]
                         print(f"bench-serving: {row['link']} {plan_name} ({kind}) {n} clients: "
                               f"{'-' if rate is None else f'{rate:.0f}'} decode tok/s (steady), "
                               f"{row['aggregate_tokens_per_s']:.0f} tok/s (run), "
                               f"TPOT p50 {row['tpot_s']['p50'] * 1e3:.1f} ms, occupancy "
                               f"{'-' if occ is None else f'{occ:.2f}'}, sim error "
-                              f"{row['simulator_error']:+.0%}", file=sys.stderr, flush=True)
+                              f"{row['simulator_error']:+.0%}, relay late "
+                              f"{'-' if late is None else f'{late * 1e3:.2f} ms'}",
+                              file=sys.stderr, flush=True)
     result = _summarise(rows, workdir, cfg, tokens, command)
     result["server_devices"] = server_devices
     # Other jobs on this machine share its 2 cores: the 1-minute load average says how much.

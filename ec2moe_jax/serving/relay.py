@@ -100,6 +100,10 @@ class _Direction:
             wait = arrival - time.monotonic()
             if wait > 0:
                 await asyncio.sleep(wait)
+            # How far behind its emulated arrival the chunk leaves (the relay's own delay:
+            # a busy event loop or CPU makes the link slower than its shape).
+            self.relay.lateness["chunks"] += 1
+            self.relay.lateness["late_s"] += max(time.monotonic() - arrival, 0.0)
             self.writer.write(data)
             self.relay.bytes[self.counter] += len(data)
             self.held -= len(data)
@@ -117,6 +121,8 @@ class Relay:
     Attributes:
       shape: the emulated link (may be replaced while running: new chunks use the new one).
       bytes: {"up": client->server bytes, "down": server->client bytes} delivered so far.
+      lateness: {"chunks": chunks delivered, "late_s": their summed delay past the emulated
+        arrival time} (measured: what the relay itself added to the shaped link).
       connections: connections accepted so far.
     """
 
@@ -125,6 +131,7 @@ class Relay:
         self.upstream, self.shape, self.listen = upstream, shape, listen
         self.rng = random.Random(shape.seed)
         self.bytes = {"up": 0, "down": 0}
+        self.lateness = {"chunks": 0, "late_s": 0.0}
         self.connections = 0
         self._server: asyncio.base_events.Server | None = None
         self._live: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = set()
@@ -239,6 +246,10 @@ class RelayThread:
 
     def bytes(self) -> dict[str, int]:
         return asyncio.run_coroutine_threadsafe(_copy(self.relay.bytes), self.loop).result(5)
+
+    def lateness(self) -> dict[str, float]:
+        """A copy of :attr:`Relay.lateness`."""
+        return asyncio.run_coroutine_threadsafe(_copy(self.relay.lateness), self.loop).result(5)
 
     def reset(self) -> int:
         """Drops every live connection (see :meth:`Relay.reset`); returns how many."""
