@@ -44,6 +44,8 @@ from ec2moe_jax.bench.sim import (
     poisson_arrivals,
 )
 from ec2moe_jax.files import write_text_atomic
+from ec2moe_jax.models.generate import CACHE_BUCKET_MIN
+from ec2moe_jax.models.lm import cache_bucket
 from ec2moe_jax.pipeline import executor
 from ec2moe_jax.pipeline.engine import CloudEngine, EndEngine, Message, Scores, Timer, measured
 from ec2moe_jax.pipeline.link import BandwidthTrace, Channel
@@ -124,9 +126,19 @@ class RealTiming:
         if st is None:
             rows = self.texts[np.asarray(job.ids) % len(self.texts)]
             st = self._jobs[job] = _JobState(rows)
-            if self.gen:
-                st.end_cache, st.cloud_cache = (e.init_cache(len(rows)) for e in self._pair(job))
+            if self.gen:  # sized as the executor sizes them, so warm_up compiled these
+                m = self._cache_length(self._pair(job)[0].stages)
+                st.end_cache, st.cloud_cache = (e.init_cache(len(rows), m)
+                                                for e in self._pair(job))
         return st
+
+    def _cache_length(self, stages: Stages) -> int:
+        """The KV cache length of a request (its prompt plus the generated tokens, in the
+        bucket :func:`~ec2moe_jax.pipeline.executor.generate` uses): a cache of
+        ``max_seq_len`` has other shapes than the warmed-up ones and compiled inside the
+        first measured run (seconds of stalls in its real latencies)."""
+        return cache_bucket(self.texts.shape[1] + self.gen, stages.model.cfg.max_seq_len,
+                            CACHE_BUCKET_MIN)
 
     def _message(self, job: Job, st: _JobState) -> Message:
         if st.msg is None:  # split 0: the end sends the raw ids, computing nothing
@@ -208,9 +220,11 @@ class RealTiming:
             for b in batch_sizes:
                 rows = self.texts[np.arange(b) % len(self.texts)]
                 for _ in range(repeats):
-                    runtime.warm_up(s, texts=None if self.gen else rows,
-                                    prompts=rows if self.gen else None, micro_batch=b,
-                                    link=LINK)
+                    if self.gen:  # the request's own length: the caches' bucket
+                        executor.generate(s, rows, self.gen, channel=Channel.from_profile(LINK),
+                                          micro_batch=b)
+                    else:
+                        runtime.warm_up(s, texts=rows, micro_batch=b, link=LINK)
 
 
 # -- plans, loads, runs -------------------------------------------------------------------
