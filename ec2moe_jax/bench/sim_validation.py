@@ -44,8 +44,7 @@ from ec2moe_jax.bench.sim import (
     poisson_arrivals,
 )
 from ec2moe_jax.files import write_text_atomic
-from ec2moe_jax.models.generate import CACHE_BUCKET_MIN
-from ec2moe_jax.models.lm import cache_bucket
+from ec2moe_jax.models.generate import request_cache_length
 from ec2moe_jax.pipeline import executor
 from ec2moe_jax.pipeline.engine import CloudEngine, EndEngine, Message, Scores, Timer, measured
 from ec2moe_jax.pipeline.link import BandwidthTrace, Channel
@@ -137,8 +136,7 @@ class RealTiming:
         bucket :func:`~ec2moe_jax.pipeline.executor.generate` uses): a cache of
         ``max_seq_len`` has other shapes than the warmed-up ones and compiled inside the
         first measured run (seconds of stalls in its real latencies)."""
-        return cache_bucket(self.texts.shape[1] + self.gen, stages.model.cfg.max_seq_len,
-                            CACHE_BUCKET_MIN)
+        return request_cache_length(stages.model.cfg, self.texts.shape[1], self.gen)
 
     def _message(self, job: Job, st: _JobState) -> Message:
         if st.msg is None:  # split 0: the end sends the raw ids, computing nothing
@@ -219,12 +217,10 @@ class RealTiming:
         for s in (end.stages for end, _ in self._engines.values()):
             for b in batch_sizes:
                 rows = self.texts[np.arange(b) % len(self.texts)]
-                for _ in range(repeats):
-                    if self.gen:  # the request's own length: the caches' bucket
-                        executor.generate(s, rows, self.gen, channel=Channel.from_profile(LINK),
-                                          micro_batch=b)
-                    else:
-                        runtime.warm_up(s, texts=rows, micro_batch=b, link=LINK)
+                for _ in range(repeats):  # generation at the request's length: its bucket
+                    runtime.warm_up(s, texts=None if self.gen else rows,
+                                    prompts=rows if self.gen else None, micro_batch=b,
+                                    link=LINK, new_tokens=max(self.gen, 1))
 
 
 # -- plans, loads, runs -------------------------------------------------------------------

@@ -33,8 +33,8 @@ from ec2moe_jax.models.lm import (
 
 # XLA:CPU's copy insertion, without region analysis, could not prove that a decode step
 # reads each layer's KV cache before writing it in place, and copied every layer's cache per
-# step (16 copies of [1, 8, 128, 64] per step of a 4-layer OLMoE-shaped model, about a fifth
-# of its batch-1 step, measured on this CPU). The option is on by default on GPU.
+# step (16 copies of [1, 8, 128, 64] per step of a 4-layer OLMoE-shaped model, counted in
+# its compiled HLO; tests/test_decode.py checks there are none).
 DECODE_COMPILER_OPTIONS = {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
@@ -48,6 +48,17 @@ def decode_jit(fn: Callable, **kwargs) -> Callable:
 
 PROMPT_BUCKET_MIN = 16  # smallest padded prompt: prefill of <= 16 tokens compiles once
 CACHE_BUCKET_MIN = 64  # smallest KV cache: every request of <= 64 positions shares it
+
+
+def request_cache_length(cfg: ModelConfig, prompt_len: int, new_tokens: int) -> int:
+    """KV cache positions of a request of ``prompt_len`` + ``new_tokens`` tokens: the bucket
+    (:func:`~.lm.cache_bucket`, from :data:`CACHE_BUCKET_MIN`) every generation path sizes
+    its caches to, so requests of similar lengths share one compiled program.
+
+    Raises:
+      ValueError: the request exceeds ``cfg.max_seq_len``.
+    """
+    return cache_bucket(prompt_len + new_tokens, cfg.max_seq_len, CACHE_BUCKET_MIN)
 
 
 def sample_token(logits: jax.Array, rng: jax.Array, temperature: float) -> jax.Array:
@@ -173,7 +184,7 @@ def generate(
     _check_request(model, prompt, max_new_tokens)
     b, p = prompt.shape
     limit = model.cfg.max_seq_len
-    m = cache_bucket(p + max_new_tokens, limit, CACHE_BUCKET_MIN)
+    m = request_cache_length(model.cfg, p, max_new_tokens)
     padded = np.zeros((b, cache_bucket(p, limit, PROMPT_BUCKET_MIN)), np.int32)
     padded[:, :p] = prompt
     rng = jax.random.key(0) if rng is None else rng

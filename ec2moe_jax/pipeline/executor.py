@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ec2moe_jax.models.generate import CACHE_BUCKET_MIN, PROMPT_BUCKET_MIN
+from ec2moe_jax.models.generate import PROMPT_BUCKET_MIN, request_cache_length
 from ec2moe_jax.models.lm import cache_bucket
 from ec2moe_jax.pipeline.engine import (
     CloudEngine,
@@ -262,7 +262,7 @@ def generate(stages: Stages, prompts: np.ndarray, max_new_tokens: int, *, channe
     end, cloud = EndEngine(stages, clock.run), CloudEngine(stages, clock.run)
     # Caches sized to the request and prompts right-padded to a bucket: requests of similar
     # lengths reuse the compiled stages (padding is not sent: bytes count valid positions).
-    m = cache_bucket(plen + max_new_tokens, limit, CACHE_BUCKET_MIN)
+    m = request_cache_length(stages.model.cfg, plen, max_new_tokens)
     padded = np.zeros((n, cache_bucket(plen, limit, PROMPT_BUCKET_MIN)), np.int32)
     padded[:, :plen] = prompts
     streams = [_Stream(idx, end.init_cache(len(idx), m), cloud.init_cache(len(idx), m))

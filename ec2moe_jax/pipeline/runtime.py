@@ -121,14 +121,17 @@ def prepare(model: MoELM, params, plan: PipelinePlan, end_mesh: Mesh,
 
 
 def warm_up(stages: Stages, *, prompts: np.ndarray | None = None,
-            texts: np.ndarray | None = None, micro_batch: int = 1, link=None) -> None:
+            texts: np.ndarray | None = None, micro_batch: int = 1, link=None,
+            new_tokens: int = 2) -> None:
     """Compiles every stage at the shapes a run will use (untimed), so measured stage
-    times exclude compilation: one generation of 2 tokens, one scoring pass."""
+    times exclude compilation: one generation of ``new_tokens`` tokens (pass the run's
+    count when its prompt + tokens fall in another KV cache bucket:
+    :func:`~ec2moe_jax.models.generate.request_cache_length`), one scoring pass."""
     from ec2moe_jax.profiles import link as link_preset
 
     profile = link or link_preset("wifi")
     if prompts is not None:
-        executor.generate(stages, prompts, 2, channel=Channel.from_profile(profile),
+        executor.generate(stages, prompts, new_tokens, channel=Channel.from_profile(profile),
                           micro_batch=micro_batch)
     if texts is not None:
         executor.score(stages, texts, channel=Channel.from_profile(profile),

@@ -142,6 +142,14 @@ def ragged_moe(
     return jnp.einsum("gskd,gsk->gsd", y, route.combine_weights.astype(y.dtype))
 
 
+def _expert_branches(weights, ffn, dtype) -> list[Callable[[jax.Array], jax.Array]]:
+    """One ``lax.switch`` branch per expert of per-expert buffers ``weights`` (tuples of E
+    arrays): ``rows -> ffn(rows, *expert e's arrays)`` in ``dtype``; a switch reads the
+    chosen expert's own buffers, with no slice or copy."""
+    return [lambda xs, e=e: ffn(xs, *(w[e] for w in weights)).astype(dtype)
+            for e in range(len(weights[0]))]
+
+
 def gathered_moe(
     x: jax.Array,
     route: Route,
@@ -178,8 +186,7 @@ def gathered_moe(
 
     if isinstance(w_gate, (tuple, list)):  # one buffer per expert: unstack_experts
         # A switch over the experts reads the chosen one's own buffers: no slice, no copy.
-        branches = [lambda xi, e=e: ffn(xi, *(w[e] for w in weights))
-                    for e in range(len(w_gate))]
+        branches = _expert_branches(weights, ffn, x.dtype)
 
         def one(i, out):
             y = jax.lax.switch(expert[i], branches, jax.lax.dynamic_index_in_dim(xs, i))
@@ -252,8 +259,7 @@ def looped_moe(
     chunk_expert = jnp.searchsorted(padded_end, jnp.arange(rows // chunk) * chunk,
                                     side="right").astype(jnp.int32)
     weights = (w_gate, w_up, w_down, *extra)
-    branches = [lambda xc, e=e: ffn(xc, *(w[e] for w in weights)).astype(x.dtype)
-                for e in range(num_experts)]
+    branches = _expert_branches(weights, ffn, x.dtype)
 
     def one(j, ys):
         xc = jax.lax.dynamic_slice_in_dim(xs, j * chunk, chunk)
