@@ -18,6 +18,7 @@ PACKAGE = ROOT / "ec2moe_jax"
 LAYERS = [
     {"config", "files"},
     {"sharding", "data"},
+    {"kernels"},  # compute kernels the layers call (the CPU matvec)
     {"routing", "codec", "profiles"},
     {"layers"},
     {"models"},
@@ -93,8 +94,8 @@ def test_the_check_catches_an_upward_import(tmp_path):
     (pkg / "scheduler" / "plan.py").write_text("def f():\n    from ec2moe_jax.bench import sim\n")
     (pkg / "bench" / "sim.py").write_text("from ec2moe_jax.scheduler import plan\n")
     bad = upward_imports(pkg)
-    assert bad == ["ec2moe_jax/scheduler/plan.py:2: scheduler (layer 6) imports bench "
-                   "(layer 10): imports must point down"]
+    assert bad == ["ec2moe_jax/scheduler/plan.py:2: scheduler (layer 7) imports bench "
+                   "(layer 11): imports must point down"]
 
 
 def test_every_subpackage_is_installed():

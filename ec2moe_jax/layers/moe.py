@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ec2moe_jax import kernels
 from ec2moe_jax.config import MoEConfig
 from ec2moe_jax.layers.basic import SwiGLU, default_init, dense, param_with_axes
 from ec2moe_jax.layers.quant import QuantSpec, quantize, quantize_mixed
@@ -81,7 +82,7 @@ def _expert_matmul(a: jax.Array, w: jax.Array) -> jax.Array:
 def oss_swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
                b_gate: jax.Array, b_up: jax.Array, b_down: jax.Array, *,
                alpha: float = 1.702, limit: float = 7.0,
-               matmul=jnp.matmul) -> jax.Array:
+               matmul=kernels.matmul) -> jax.Array:
     """GPT-OSS's expert: ``g = x W_g + b_g`` clamped to ``<= limit``, ``u = x W_u + b_u``
     clamped to ``[-limit, limit]``, ``(g * sigmoid(alpha g) * (u + 1)) W_d + b_d``
     (transformers' ``GptOssExperts._apply_gate``; OpenAI's gpt-oss ``swiglu``).

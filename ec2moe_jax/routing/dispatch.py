@@ -32,6 +32,7 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+from ec2moe_jax import kernels
 from ec2moe_jax.routing.topk import Route
 from ec2moe_jax.sharding.mesh import constrain
 
@@ -39,14 +40,15 @@ Matmul = Callable[[jax.Array, jax.Array], jax.Array]
 
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
-           matmul: Matmul = jnp.matmul) -> jax.Array:
+           matmul: Matmul = kernels.matmul) -> jax.Array:
     """The SwiGLU feed-forward ``(silu(x W_g) * (x W_u)) W_d`` (Shazeer 2020, "GLU Variants
     Improve Transformer", eq. 6 with Swish_1 = SiLU), the one definition every expert and
     dense layer uses.
 
     ``matmul(a, w)`` applies one weight: a plain matmul for a dense layer ([..., D] @ [D, F]),
     a batched einsum over stacked experts ([E, N, D] x [E, D, F]), or a grouped
-    ``ragged_dot``. Shapes follow ``matmul``; the output has ``x``'s leading shape.
+    ``ragged_dot``. The default, :func:`ec2moe_jax.kernels.matmul`, is ``jnp.matmul`` with
+    one-row float32 products on a CPU (a decode-shaped choice) in a threaded kernel. Shapes follow ``matmul``; the output has ``x``'s leading shape.
     """
     h = jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up)
     return matmul(h, w_down)
