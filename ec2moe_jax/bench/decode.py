@@ -10,7 +10,8 @@ Method (measured on this CPU, one process per implementation family):
   declaring 262,144, and a Qwen3-MoE-shaped one (d=512, 4 layers, 128 experts top-8, GQA
   8/2 heads, qk-norm, expert width 192, 262,144 positions). Greedy decoding of 64 new
   tokens after a 32-token random prompt at batch 1 and 8: ours is
-  :func:`ec2moe_jax.models.generate` (whole loop on the device), theirs is
+  :func:`ec2moe_jax.models.generate` (whole loop on the device; one-row products in the
+  threaded CPU kernel of :mod:`ec2moe_jax.kernels`, recorded as ``cpu_matvec_kernel``), theirs is
   ``model.generate(do_sample=False)`` under ``torch.inference_mode`` with no EOS. The new
   tokens of both are compared. Each case runs once to compile/warm up, then ``repeats``
   rounds time every case and implementation in turn (interleaved, so load drifts hit all
@@ -41,6 +42,8 @@ import time
 
 import jax
 import numpy as np
+
+from ec2moe_jax import kernels
 
 TORCH_INSTALL = ("pip install torch==2.13.0 && pip install transformers  (torch first: it is "
                  "a CPU wheel; transformers first would pull a multi-GB CUDA torch)")
@@ -357,6 +360,9 @@ def run(*, repo: str, olmoe_ffn: int = 256, repeats: int = 5, batches=(1, 8),
                    f"{PROMPT_LEN} tokens, {NEW_TOKENS} new tokens; medians of {repeats} "
                    "interleaved rounds after a warm-up run; tokens/s = batch * new tokens / "
                    "wall seconds of the whole request (prefill included)"),
+        # Ours runs one-row float32 products in ec2moe_jax.kernels' threaded matvec where it
+        # could be built (False: XLA's matmul, as before it existed).
+        "cpu_matvec_kernel": kernels.available(),
         "shapes": {"olmoe": f"d=512, 4 layers, 8 heads, 16 experts top-4, expert width "
                             f"{olmoe_ffn}, vocab 4096, fp32",
                    "qwen3_moe": "d=512, 4 layers, 8/2 heads (head_dim 64), 128 experts top-8, "

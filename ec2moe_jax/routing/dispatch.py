@@ -171,8 +171,8 @@ def gathered_moe(
         combine weight is 0), as in the other dispatches.
       w_gate, w_up: [E, D, F]; w_down: [E, F, D].
       extra: further per-expert arrays [E, ...] sliced like the weights (expert biases).
-      ffn: ``ffn(x [1, D], w_gate [D, F], w_up, w_down, *extra) -> [1, D]``, one choice on
-        its expert's slices; default :func:`swiglu`.
+      ffn: ``ffn(x [1, D], w_gate [D, F], w_up, w_down, *extra, matmul=...) -> [1, D]``,
+        one choice on its expert's slices; default :func:`swiglu`.
 
     Returns:
       [G, S, D]. The choices run in a ``fori_loop`` that slices one expert's matrices at a
@@ -196,7 +196,9 @@ def gathered_moe(
     else:
         def one(i, out):
             w = [jax.lax.dynamic_index_in_dim(a, expert[i], keepdims=False) for a in weights]
-            y = ffn(jax.lax.dynamic_index_in_dim(xs, i), *w)  # [1, D]
+            # XLA's own matmul: the kernel's operands would be materialised copies of the
+            # slices (the small model's generate on stacked experts ran slower with it).
+            y = ffn(jax.lax.dynamic_index_in_dim(xs, i), *w, matmul=jnp.matmul)  # [1, D]
             return jax.lax.dynamic_update_index_in_dim(out, y.astype(out.dtype), i, 0)
 
     ys = jax.lax.fori_loop(0, n, one, jnp.zeros((n, dim), x.dtype))
