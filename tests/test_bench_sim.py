@@ -308,3 +308,26 @@ def test_report_writes_json_with_infinite_ratios(tmp_path):
                        str(tmp_path / "b.png"))
     assert json.load(open(tmp_path / "b.json"))["ratio"] == "inf" == out["ratio"]
     assert (tmp_path / "b.md").read_text().startswith("# Evaluation tables")
+
+
+def test_serving_runs_are_simulated_with_the_round_trip_their_clients_measured():
+    # bench-serving's configuration of the simulator for one measured run: a split run
+    # takes the clients' measured round trip per step, a cloud-only run the preset's delay
+    # plus the relay's lateness. One client, 4 tokens, hand-computed timelines.
+    from ec2moe_jax.bench.serving import simulate
+    from ec2moe_jax.profiles import LinkProfile
+
+    row = {"clients": 1, "server_batch_occupancy": 1.0, "server_cycle_s_median": 0.002,
+           "server_step_wall_s_median": 0.002, "server_step_s_median": 0.002,
+           "bytes_per_token": {"up": 125.0, "down": 125.0}, "client_end_prefill_s": 0.003,
+           "client_step_s": 0.001, "server_prefill_s_median": 0.004,
+           "relay_late_s_mean": 0.0005, "client_rtt_s_mean": 0.03}
+    link = LinkProfile("test", bandwidth_bps=1e6, rtt_s=0.01)
+    wire = 125 * 8 / 1e6  # one message's transfer, each way
+
+    def split(rtt):  # prefill (end, up, cloud, down), then 3 steps (end, up, cloud, down)
+        return (0.003 + 0.004 + 2 * (rtt / 2 + wire)) + 3 * (0.001 + 0.002 + 2 * (rtt / 2 + wire))
+
+    assert simulate(row, "split", link, 4) == pytest.approx(split(0.03), abs=1e-9)
+    assert simulate({**row, "client_rtt_s_mean": None}, "split", link, 4) == pytest.approx(
+        split(0.01 + 2 * 0.0005), abs=1e-9)

@@ -24,8 +24,11 @@ batched step at that concurrency (compute plus its own handling; its time shared
 sessions of a step, each of which, in a split plan, waits for the whole step), and the
 clients' measured time per step between a reply and the next request (end stage, codec,
 serialisation), a cloud-only client's stream request after its prefill's reply (one more
-uplink), and the link's preset delay plus the relay's measured lateness; its mean request
-latency is compared with the measured one.
+uplink), and the link's round trip: for a split, as its clients measured it per decode step
+(reply wall time minus the server's reported queue wait and compute: the emulated link plus
+both gRPC stacks and the wait for a core of the shared CPU, which the simulator's independent
+end devices do not otherwise see); for cloud-only, the preset's delay plus the relay's
+measured lateness. Its mean request latency is compared with the measured one.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def _client_main() -> None:
         time.sleep(max(0.0, cmd.get("start_at", 0.0) - time.time()))
         times, t0, stream = [], time.time(), cmd.get("stream", False)
         up0, down0 = c.stats.bytes_up, c.stats.bytes_down
+        rtt0 = (c.stats.rtt_sum_s, c.stats.rtt_count)
 
         def on_token(token, times=times, stream=stream):
             times.append(time.time())
@@ -109,6 +113,8 @@ def _client_main() -> None:
                           "client_step_s": c.stats.client_step_s,
                           "bytes_up": c.stats.bytes_up - up0,
                           "bytes_down": c.stats.bytes_down - down0,
+                          "rtt_sum_s": c.stats.rtt_sum_s - rtt0[0],
+                          "rtt_count": c.stats.rtt_count - rtt0[1],
                           "reconnects": c.stats.reconnects}), flush=True)
     for c in clients.values():
         c.close()
@@ -139,14 +145,19 @@ class _Local:
             cache, np.asarray([prompt], np.int32), self.rng)
         token = np.asarray(out.token)
         on_token(int(token[0]))
-        steps, tokens = [], [int(token[0])]
+        steps, walls, tokens = [], [], [int(token[0])]
         for _ in range(n - 1):
+            t0 = time.monotonic()
             cache, out, dt = self.end.step(cache, token, self.rng)
             token = np.asarray(out.token)
             steps.append(dt)
             tokens.append(int(token[0]))
             on_token(tokens[-1])
-        self.stats.end_s = self.stats.client_step_s = float(np.mean(steps)) if steps else 0.0
+            walls.append(time.monotonic() - t0)
+        # end_s: the stage's compute; client_step_s: the device's whole share of a step (the
+        # stage, fetching its token, the caller's on_token), as a split client measures it.
+        self.stats.end_s = float(np.mean(steps)) if steps else 0.0
+        self.stats.client_step_s = float(np.mean(walls)) if walls else 0.0
         jax.block_until_ready(cache)
         return tokens
 
@@ -305,6 +316,12 @@ def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) 
         "client_step_s": float(np.mean([r["client_step_s"] for r in out])),
         "client_end_prefill_s": float(np.mean([r["end_prefill_s"] for r in out])),
         "reconnects": sum(r["reconnects"] for r in out),
+        # A split client's round trip per decode step as it measured it: reply wall time
+        # minus the server's reported queue wait and compute (the link, both gRPC stacks,
+        # waiting for a core). None without such steps (cloud-only streams, end-only).
+        "client_rtt_s_mean": (sum(r.get("rtt_sum_s", 0.0) for r in out)
+                              / sum(r.get("rtt_count", 0) for r in out)
+                              if sum(r.get("rtt_count", 0) for r in out) else None),
         # The relay's own delay past each chunk's emulated arrival (the emulated link was
         # this much slower than its preset; the simulation adds it to the preset's delay).
         "relay_late_s_mean": (late1["late_s"] - late0["late_s"]) / chunks if chunks else None,
@@ -480,9 +497,13 @@ def simulate(row: dict, kind: str, link, tokens: int) -> float:
     plan = DevicePlan(*{"cloud-only": (0, 1, CLOUD_ONLY), "split": (1, 1, SPLIT),
                         "end-only": (1, 1, END_ONLY)}[kind])
     trace = BandwidthTrace.constant(link.bandwidth_bps)
-    # The link the clients had: the preset's delay plus what the relay itself added per chunk
-    # (measured; 0.2-1.3 ms when the CPU is shared with 16 clients).
-    rtt = link.rtt_s + 2 * (row.get("relay_late_s_mean") or 0.0)
+    # The link the clients had: a split client's round trip as it measured it per step (the
+    # link, both gRPC stacks and the wait for a core of this shared CPU); otherwise (a
+    # cloud-only stream has no per-step round trip) the preset's delay plus what the relay
+    # itself added per chunk (measured; 0.2-1.4 ms when the CPU is shared with 16 clients).
+    rtt = row.get("client_rtt_s_mean") if kind == "split" else None
+    if rtt is None:
+        rtt = link.rtt_s + 2 * (row.get("relay_late_s_mean") or 0.0)
     # The client opens its decode stream once the prefill has answered: one more uplink.
     sim = Simulator(_RunTiming(row, kind, tokens), StaticController([plan] * n), [trace] * n,
                     [trace] * n, [rtt] * n, tokens, stream_after_first=True)
@@ -610,8 +631,10 @@ def _summarise(rows: list[dict], workdir: str, cfg, tokens: int, command: str) -
                         "an asyncio relay (presets wifi: 100 Mbit/s, 10 ms RTT; lte: "
                         "20 Mbit/s, 50 ms RTT)",
             "simulated": "bench.sim configured with each run's measured step, prefill and "
-                         "end-stage times and bytes per message; error = simulated / "
-                         "measured mean latency - 1",
+                         "end-device times per step and bytes per message, and the link the "
+                         "clients had (split: their measured round trip per decode step, "
+                         "client_rtt_s_mean; cloud-only: the preset's RTT plus twice the "
+                         "relay's lateness); error = simulated / measured mean latency - 1",
         },
         "batching_pays": {"link": LINKS[0], "one_client_decode_tokens_per_s": one,
                           "eight_clients_decode_tokens_per_s": eight,

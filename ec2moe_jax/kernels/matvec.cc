@@ -121,7 +121,7 @@ class Pool {
       uint64_t g;
       for (int spins = 1; (g = generation_.load(std::memory_order_acquire)) == seen; ++spins) {
         if (spins % 512 == 0 &&
-            std::chrono::steady_clock::now() - start > std::chrono::microseconds(200)) {
+            std::chrono::steady_clock::now() - start > std::chrono::microseconds(50)) {
           std::unique_lock<std::mutex> lock(wake_mu_);
           wake_.wait(lock, [&] { return generation_.load() != seen; });
         }

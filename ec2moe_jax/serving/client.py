@@ -57,6 +57,8 @@ class LinkStats:
     Attributes:
       rtt_s: reply wall time minus the server's queue and compute time (one round trip plus
         serialisation).
+      rtt_sum_s, rtt_count: the total and number of those round trips (not averaged: a
+        benchmark takes the mean over a request from their differences).
       up_bps: uplink throughput measured on prefills (payload bits over their transfer time).
       queue_s, compute_s: the server's last reported queue wait and step time.
       bytes_up, bytes_down: protobuf bytes of requests and replies (payloads included).
@@ -78,6 +80,8 @@ class LinkStats:
     end_s: float = 0.0
     end_prefill_s: float = 0.0
     client_step_s: float = 0.0
+    rtt_sum_s: float = 0.0
+    rtt_count: int = 0
     reconnects: int = 0
     events: list = dataclasses.field(default_factory=list)
 
@@ -89,6 +93,8 @@ class LinkStats:
             self.up_bps = bps if self.up_bps is None else (1 - alpha) * self.up_bps + alpha * bps
         elif up_bytes <= 4096:
             self.rtt_s = net if self.rtt_s is None else (1 - alpha) * self.rtt_s + alpha * net
+            self.rtt_sum_s += net
+            self.rtt_count += 1
 
 
 class _History:
