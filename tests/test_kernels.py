@@ -43,6 +43,7 @@ def test_equals_the_matmul(k, n):
 def test_other_products_stay_in_xla():
     w = jnp.ones((8, 4), jnp.float32)
     assert not kernels.uses_kernel(jnp.ones((2, 8), jnp.float32), w)  # two rows
+    assert not kernels.uses_kernel(jnp.ones((2, 0), jnp.float32), jnp.ones((0, 4)))  # K = 0
     assert not kernels.uses_kernel(jnp.ones((1, 8), jnp.bfloat16), w.astype(jnp.bfloat16))
     assert not kernels.uses_kernel(jnp.ones((1, 8), jnp.float32), jnp.ones((2, 8, 4)))
     mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
@@ -122,5 +123,54 @@ def test_a_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
         assert "building the CPU matvec kernel failed" in message
         assert "/bin/false" in message and matvec.ENV_ENABLE in message
         assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    finally:
+        matvec.available.cache_clear()
+
+
+@needs_compiler
+def test_back_to_back_calls_from_several_threads_stay_correct():
+    # Jobs follow each other within microseconds and callers race for the pool (the loser
+    # runs alone): every result must still be its own product.
+    import threading
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for k, n in [(1, 7), (64, 65), (512, 256), (300, 1000), (5, 129)]:
+        x = rng.standard_normal((1, k)).astype(np.float32)
+        w = rng.standard_normal((k, n)).astype(np.float32)
+        cases.append((x, w, x.astype(np.float64) @ w.astype(np.float64)))
+    f = jax.jit(kernels.matmul)
+    wrong = []
+
+    def loop(calls):
+        for i in range(calls):
+            x, w, want = cases[i % len(cases)]
+            if not np.allclose(np.asarray(f(x, w)), want, rtol=1e-4, atol=1e-3):
+                wrong.append(i)
+
+    loop(500)
+    threads = [threading.Thread(target=loop, args=(300,)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
+@needs_compiler
+@pytest.mark.timeout(300)
+def test_a_damaged_cached_library_is_built_again(tmp_path, monkeypatch):
+    first, second = tmp_path / "a", tmp_path / "b"
+    lib = matvec._build(matvec._compiler(), first)
+    second.mkdir()
+    (second / lib.name).write_bytes(b"not a shared library")  # e.g. a full disk's leftovers
+    monkeypatch.setenv(matvec.ENV_CACHE, str(second))
+    matvec.available.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback warning: it was rebuilt
+            assert matvec.available()
+        assert (second / lib.name).read_bytes() != b"not a shared library"
+        assert (second / lib.name).stat().st_mode & 0o755 == 0o755  # loadable by others
     finally:
         matvec.available.cache_clear()

@@ -9,7 +9,7 @@
 // result does not depend on the number of threads.
 //
 // The caller takes part too and claims blocks until none is left, so a pool thread that
-// is not scheduled (an oversubscribed machine) delays nothing but its own block. A pool
+// is not scheduled (an oversubscribed machine) delays nothing but a block it claimed. A pool
 // already in use by another call (several XLA devices or processes' threads at once) is
 // not waited for: the call runs on its caller alone.
 
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <mutex>
+#include <system_error>
 #include <thread>
 #include <vector>
 #if defined(__linux__)
@@ -76,10 +77,21 @@ struct Job {
   int64_t k = 0, n = 0, blocks = 0;
 };
 
+// Blocks are claimed with tickets: the high 32 bits of ticket_ name the job (its
+// generation), the low 32 bits its next unclaimed block. A thread claims a block only by
+// advancing a ticket of the job it copied, so a thread that wakes late, after its job has
+// ended and another has begun, claims nothing of the new one with the old job's pointers.
+// A job ends when all its blocks are finished; every finished block was claimed in it.
 class Pool {
  public:
   explicit Pool(int threads) {
-    for (int i = 1; i < threads; ++i) workers_.emplace_back([this] { Work(); });
+    for (int i = 1; i < threads; ++i) {
+      try {
+        workers_.emplace_back([this] { Work(); });
+      } catch (const std::system_error&) {  // no more threads here: run with those we have
+        break;
+      }
+    }
   }
 
   // Runs the job on this thread and any pool threads that join; false if the pool is
@@ -87,15 +99,17 @@ class Pool {
   bool Run(const Job& job) {
     std::unique_lock<std::mutex> busy(run_mu_, std::try_to_lock);
     if (!busy.owns_lock() || workers_.empty()) return false;
-    job_ = job;
-    next_.store(0, std::memory_order_relaxed);
+    uint64_t generation;
     finished_.store(0, std::memory_order_relaxed);
     {
-      std::lock_guard<std::mutex> lock(wake_mu_);
-      generation_.fetch_add(1, std::memory_order_release);
+      std::lock_guard<std::mutex> lock(wake_mu_);  // workers copy job_ under this lock
+      job_ = job;
+      generation = generation_.load(std::memory_order_relaxed) + 1;
+      ticket_.store(generation << 32, std::memory_order_release);
+      generation_.store(generation, std::memory_order_release);
     }
     wake_.notify_all();
-    Claim();
+    Claim(generation, job);
     for (int spins = 0; finished_.load(std::memory_order_acquire) < job.blocks; ++spins) {
       if (spins > 256) std::this_thread::yield();
     }
@@ -103,13 +117,16 @@ class Pool {
   }
 
  private:
-  // Claims and computes blocks until none is left.
-  void Claim() {
-    const Job& j = job_;
-    for (int64_t b; (b = next_.fetch_add(1, std::memory_order_acq_rel)) < j.blocks;) {
-      const int64_t c0 = b * kColumnBlock;
+  // Claims and computes blocks of job `generation` until none is left (or it has ended).
+  void Claim(uint64_t generation, const Job& j) {
+    const uint64_t tag = generation & 0xffffffffu;
+    for (;;) {
+      uint64_t t = ticket_.load(std::memory_order_acquire);
+      if ((t >> 32) != tag || static_cast<int64_t>(t & 0xffffffffu) >= j.blocks) return;
+      if (!ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel)) continue;
+      const int64_t c0 = static_cast<int64_t>(t & 0xffffffffu) * kColumnBlock;
       MatvecColumns(j.x, j.w, j.k, j.n, c0, std::min(j.n, c0 + kColumnBlock), j.y);
-      finished_.fetch_add(1, std::memory_order_acq_rel);
+      finished_.fetch_add(1, std::memory_order_release);
     }
   }
 
@@ -118,24 +135,28 @@ class Pool {
     for (;;) {
       // Spin briefly (a decode step calls again within microseconds), then sleep.
       const auto start = std::chrono::steady_clock::now();
-      uint64_t g;
-      for (int spins = 1; (g = generation_.load(std::memory_order_acquire)) == seen; ++spins) {
+      for (int spins = 1; generation_.load(std::memory_order_acquire) == seen; ++spins) {
         if (spins % 512 == 0 &&
             std::chrono::steady_clock::now() - start > std::chrono::microseconds(50)) {
           std::unique_lock<std::mutex> lock(wake_mu_);
           wake_.wait(lock, [&] { return generation_.load() != seen; });
         }
       }
-      seen = g;
-      Claim();
+      Job job;
+      {
+        std::lock_guard<std::mutex> lock(wake_mu_);
+        job = job_;
+        seen = generation_.load(std::memory_order_relaxed);
+      }
+      Claim(seen, job);
     }
   }
 
   std::vector<std::thread> workers_;
   std::mutex run_mu_, wake_mu_;
   std::condition_variable wake_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_{0}, finished_{0};
+  std::atomic<uint64_t> generation_{0}, ticket_{0};
+  std::atomic<int64_t> finished_{0};
   Job job_;
 };
 
@@ -155,7 +176,7 @@ ffi::Error MatvecImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
   }
   Job job{x.typed_data(), w.typed_data(), y->typed_data(), k, n,
           (n + kColumnBlock - 1) / kColumnBlock};
-  if (job.blocks == 1 || !GetPool().Run(job)) {
+  if (job.blocks <= 1 || !GetPool().Run(job)) {
     MatvecColumns(job.x, job.w, k, n, 0, n, job.y);
   }
   return ffi::Error::Success();

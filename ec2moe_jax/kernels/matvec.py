@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -43,9 +44,11 @@ _NATIVE = ("-march=native",)  # retried without it where the compiler refuses it
 
 
 def _cpu_model() -> str:
+    """The CPU's model and instruction-set lines (``-march=native`` code depends on them)."""
+    keep = ("model name", "flags", "Features", "CPU implementer", "CPU part", "isa")
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith(("model name", "flags"))), "")
+            return "".join(dict.fromkeys(line for line in f if line.startswith(keep)))
     except OSError:
         return platform.processor()
 
@@ -57,8 +60,9 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(compiler: str, cache: Path) -> Path:
-    """Compiles ``matvec.cc`` into ``cache`` (once per key) -> the shared library's path.
+def _build(compiler: str, cache: Path, rebuild: bool = False) -> Path:
+    """Compiles ``matvec.cc`` into ``cache`` (once per key, or again with ``rebuild``) ->
+    the shared library's path.
 
     Raises:
       RuntimeError: the compiler failed (its output is in the message).
@@ -70,7 +74,7 @@ def _build(compiler: str, cache: Path) -> Path:
          jax.lib.__version__.encode(), platform.machine().encode(), _cpu_model().encode()]
     )).hexdigest()[:16]
     lib = cache / f"{TARGET}-{key}.so"
-    if lib.exists():
+    if lib.exists() and not rebuild:
         return lib
     cache.mkdir(parents=True, exist_ok=True)
     errors = []
@@ -80,6 +84,7 @@ def _build(compiler: str, cache: Path) -> Path:
         cmd = [compiler, *_FLAGS, *extra, f"-I{include}", str(SOURCE), "-o", tmp]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode == 0:
+            os.chmod(tmp, 0o755)  # mkstemp made it 0600: others sharing the cache load it too
             os.replace(tmp, lib)  # atomic: a concurrent build writes the same bytes
             return lib
         os.unlink(tmp)
@@ -93,22 +98,26 @@ def available() -> bool:
     if os.environ.get(ENV_ENABLE, "1") == "0":
         return False
     compiler = _compiler()
-    why = None
     if compiler is None:
-        why = "no C++ compiler found (tried $CXX, c++, g++, clang++)"
+        why, fix = "no C++ compiler found (tried $CXX, c++, g++, clang++)", "install one"
     else:
-        cache = Path(os.environ.get(ENV_CACHE) or
-                     Path.home() / ".cache" / "ec2moe_jax" / "kernels").expanduser()
+        fix = f"set {ENV_CACHE} to a writable folder"
         try:
-            handle = ctypes.cdll.LoadLibrary(str(_build(compiler, cache)))
+            cache = Path(os.environ.get(ENV_CACHE) or
+                         Path.home() / ".cache" / "ec2moe_jax" / "kernels").expanduser()
+            lib = _build(compiler, cache)
+            try:
+                handle = ctypes.CDLL(str(lib))
+            except OSError:  # a damaged file under our name (never loaded): build it again
+                handle = ctypes.CDLL(str(_build(compiler, cache, rebuild=True)))
             jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(handle.Ec2moeMatvec),
                                         platform="cpu")
             return True
-        except (OSError, RuntimeError) as err:
-            why = str(err)
+        except (OSError, RuntimeError, AttributeError) as err:  # AttributeError: no symbol
+            why = f"{type(err).__name__}: {err}"
     warnings.warn(f"ec2moe_jax.kernels: {why}; batch-1 CPU decoding uses XLA's matmul "
-                  f"(about 1.5x slower per step). Install a C++ compiler, or set "
-                  f"{ENV_ENABLE}=0 to silence this.", RuntimeWarning, stacklevel=3)
+                  f"(about 1.5x slower per step). To use the kernel, {fix}; to silence "
+                  f"this, set {ENV_ENABLE}=0.", RuntimeWarning, stacklevel=3)
     return False
 
 
@@ -124,14 +133,29 @@ def _matvec_jvp(primals, tangents):  # differentiable like the matmul it replace
     return _matvec(x, w), jnp.matmul(dx, w) + jnp.matmul(x, dw)
 
 
+def _manual(a: jax.Array) -> bool:
+    """Whether ``a`` varies over a ``shard_map`` axis (the custom call's result would not)."""
+    typeof = getattr(jax, "typeof", None)
+    if typeof is None:
+        return False
+    t = typeof(a)
+    m = getattr(t, "manual_axis_type", None)  # jax 0.10
+    if m is not None:
+        return bool(getattr(m, "varying", None) or getattr(m, "unreduced", None)
+                    or getattr(m, "reduced", None))
+    return bool(getattr(t, "vma", None))
+
+
 def uses_kernel(x: jax.Array, w: jax.Array) -> bool:
-    """Whether :func:`matmul` runs ``x @ w`` in the kernel (at trace time)."""
+    """Whether :func:`matmul` runs ``x @ w`` in the kernel (at trace time): one row of
+    float32 against a float32 matrix, on a CPU, outside a mesh of several devices and
+    outside ``shard_map``, with the kernel built."""
     from ec2moe_jax.sharding import active_mesh  # sharding imports nothing of ours back
 
     mesh = active_mesh()
-    return (x.ndim >= 1 and w.ndim == 2 and x.size == x.shape[-1] == w.shape[0]
-            and x.dtype == w.dtype == jnp.float32
-            and (mesh is None or mesh.size == 1)
+    return (x.ndim >= 1 and w.ndim == 2 and math.prod(x.shape[:-1]) == 1
+            and x.shape[-1] == w.shape[0] and x.dtype == w.dtype == jnp.float32
+            and (mesh is None or mesh.size == 1) and not (_manual(x) or _manual(w))
             and jax.default_backend() == "cpu" and available())
 
 
