@@ -60,20 +60,27 @@ def _compiler() -> str | None:
     return None
 
 
+def library_name(compiler: str) -> str:
+    """The file name the kernel is built to: keyed by the source, the flags, the compiler,
+    jaxlib's version and the CPU's model and instruction sets."""
+    include = jax.ffi.include_dir()
+    key = hashlib.sha256(b"\0".join(
+        [SOURCE.read_bytes(), " ".join(_FLAGS + _NATIVE).encode(), compiler.encode(),
+         include.encode(), jax.lib.__version__.encode(), platform.machine().encode(),
+         _cpu_model().encode()]
+    )).hexdigest()[:16]
+    return f"{TARGET}-{key}.so"
+
+
 def _build(compiler: str, cache: Path, rebuild: bool = False) -> Path:
-    """Compiles ``matvec.cc`` into ``cache`` (once per key, or again with ``rebuild``) ->
-    the shared library's path.
+    """Compiles ``matvec.cc`` into ``cache`` (once per :func:`library_name`, or again with
+    ``rebuild``) -> the shared library's path.
 
     Raises:
       RuntimeError: the compiler failed (its output is in the message).
     """
     include = jax.ffi.include_dir()
-    source = SOURCE.read_bytes()
-    key = hashlib.sha256(b"\0".join(
-        [source, " ".join(_FLAGS + _NATIVE).encode(), compiler.encode(), include.encode(),
-         jax.lib.__version__.encode(), platform.machine().encode(), _cpu_model().encode()]
-    )).hexdigest()[:16]
-    lib = cache / f"{TARGET}-{key}.so"
+    lib = cache / library_name(compiler)
     if lib.exists() and not rebuild:
         return lib
     cache.mkdir(parents=True, exist_ok=True)
