@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import importlib.metadata
 import math
 import os
 import platform
@@ -60,13 +61,20 @@ def _compiler() -> str | None:
     return None
 
 
+def _jaxlib_version() -> str:
+    try:
+        return importlib.metadata.version("jaxlib")
+    except importlib.metadata.PackageNotFoundError:
+        return jax.__version__
+
+
 def library_name(compiler: str) -> str:
     """The file name the kernel is built to: keyed by the source, the flags, the compiler,
     jaxlib's version and the CPU's model and instruction sets."""
     include = jax.ffi.include_dir()
     key = hashlib.sha256(b"\0".join(
         [SOURCE.read_bytes(), " ".join(_FLAGS + _NATIVE).encode(), compiler.encode(),
-         include.encode(), jax.lib.__version__.encode(), platform.machine().encode(),
+         include.encode(), _jaxlib_version().encode(), platform.machine().encode(),
          _cpu_model().encode()]
     )).hexdigest()[:16]
     return f"{TARGET}-{key}.so"
