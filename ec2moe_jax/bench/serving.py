@@ -300,6 +300,8 @@ def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) 
     steps = after.steps - before.steps
     step_tokens = (after.tokens - before.tokens) - n  # minus one prefill token each
     up, down = bytes1["up"] - bytes0["up"], bytes1["down"] - bytes0["down"]
+    rtt_total = sum(r.get("rtt_sum_s", 0.0) for r in out)
+    rtt_steps = sum(r.get("rtt_count", 0) for r in out)
     return {
         "clients": n,
         "aggregate_tokens_per_s": n * tokens / (last - start),
@@ -319,9 +321,7 @@ def _measure(pool: _Pool, stub, relay, n: int, plan, address: str, tokens: int) 
         # A split client's round trip per decode step as it measured it: reply wall time
         # minus the server's reported queue wait and compute (the link, both gRPC stacks,
         # waiting for a core). None without such steps (cloud-only streams, end-only).
-        "client_rtt_s_mean": (sum(r.get("rtt_sum_s", 0.0) for r in out)
-                              / sum(r.get("rtt_count", 0) for r in out)
-                              if sum(r.get("rtt_count", 0) for r in out) else None),
+        "client_rtt_s_mean": (rtt_total / rtt_steps) if rtt_steps else None,
         # The relay's own delay past each chunk's emulated arrival (the emulated link was
         # this much slower than its preset; the simulation adds it to the preset's delay).
         "relay_late_s_mean": (late1["late_s"] - late0["late_s"]) / chunks if chunks else None,

@@ -2,7 +2,7 @@
 
 A batch-1 decode step is a chain of matrix-vector products: every projection of every layer,
 each chosen expert's SwiGLU (``[1, D]`` per choice in the decode-shaped dispatch) and the LM
-head. XLA:CPU runs a product of that size (under about a million weights) on one core, so a
+head. XLA:CPU runs a product of that size on one core (seen in ``jax.profiler`` traces), so a
 step reads its weights at one core's rate. :func:`matmul` sends one-row float32 products on a
 CPU to ``matvec.cc``, which splits the output columns over a small thread pool (at most 4
 threads, the cores this process may use) and sums every output in the same order whatever
@@ -131,7 +131,7 @@ def available() -> bool:
         except (OSError, RuntimeError, AttributeError) as err:  # AttributeError: no symbol
             why = f"{type(err).__name__}: {err}"
     warnings.warn(f"ec2moe_jax.kernels: {why}; batch-1 CPU decoding uses XLA's matmul "
-                  f"(about 1.5x slower per step). To use the kernel, {fix}; to silence "
+                  f"(slower: one core per product). To use the kernel, {fix}; to silence "
                   f"this, set {ENV_ENABLE}=0.", RuntimeWarning, stacklevel=3)
     return False
 

@@ -48,7 +48,8 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
     ``matmul(a, w)`` applies one weight: a plain matmul for a dense layer ([..., D] @ [D, F]),
     a batched einsum over stacked experts ([E, N, D] x [E, D, F]), or a grouped
     ``ragged_dot``. The default, :func:`ec2moe_jax.kernels.matmul`, is ``jnp.matmul`` with
-    one-row float32 products on a CPU (a decode-shaped choice) in a threaded kernel. Shapes follow ``matmul``; the output has ``x``'s leading shape.
+    one-row float32 products on a CPU (a decode-shaped choice) in a threaded kernel. Shapes
+    follow ``matmul``; the output has ``x``'s leading shape.
     """
     h = jax.nn.silu(matmul(x, w_gate)) * matmul(x, w_up)
     return matmul(h, w_down)
